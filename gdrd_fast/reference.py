@@ -1,0 +1,219 @@
+"""Ground truth of every gdrd_fast op, in readable PyTorch.
+
+Each function materialises what the fast backends avoid (B x K scores, gathered rows, key relations),
+works in float64, and is what every backend is tested against. Formulas: shared/spec/ops.md and
+method.md. Float64 inputs compute in float64; anything else accumulates in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(rows: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """'none' keeps per-row values in the input dtype; 'mean'/'sum' give an fp32 (fp64) scalar."""
+    if reduction == "none":
+        return rows.to(out_dtype)
+    total = rows.sum()
+    return total / rows.shape[0] if reduction == "mean" else total
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. crd_nce_loss: CRD's NCE critic over gathered rows of an id-indexed memory bank (RepDistiller).
+# ----------------------------------------------------------------------------------------------------
+def crd_scores(anchor: Tensor, memory: Tensor, idx: Tensor) -> Tensor:
+    """s[b, k] = <memory[idx[b, k]], anchor[b]>, materialising the B x (K+1) x D gather."""
+    dt = compute_dtype(anchor)
+    rows = memory[idx.long()].to(dt)
+    return torch.einsum("bkd,bd->bk", rows, anchor.to(dt))
+
+
+def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
+                 log_z, n_data: int | None = None, eps: float = 1e-7,
+                 reduction: str = "mean") -> Tensor:
+    n_data = memory.shape[0] if n_data is None else n_data
+    c = (idx.shape[1] - 1) / n_data
+    s = crd_scores(anchor, memory.detach(), idx)
+    p = torch.exp(s / temperature - torch.as_tensor(log_z, dtype=s.dtype, device=s.device))
+    pos = -torch.log(p[:, 0] / (p[:, 0] + c + eps))
+    neg = -torch.log(c / (p[:, 1:] + c + eps)).sum(1)
+    return reduce_rows(pos + neg, reduction, anchor.dtype)
+
+
+def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
+              n_data: int | None = None) -> Tensor:
+    """log(n_data * mean(exp(s / T))) over all B(K+1) scores: the Z that CRD freezes on its first batch."""
+    n_data = memory.shape[0] if n_data is None else n_data
+    s = crd_scores(anchor.detach(), memory.detach(), idx) / temperature
+    return torch.logsumexp(s.flatten(), 0) - math.log(s.numel()) + math.log(n_data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. infonce_bank_loss: InfoNCE of each query against its positive and a shared bank (MoCo queue).
+# ----------------------------------------------------------------------------------------------------
+def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,
+                      reduction: str = "mean") -> Tensor:
+    dt = compute_dtype(query)
+    q, p, k = query.to(dt), positive.to(dt), bank.detach().to(dt)
+    logits = torch.cat([(q * p).sum(1, keepdim=True), q @ k.t()], 1) / temperature
+    rows = torch.logsumexp(logits, 1) - logits[:, 0]
+    return reduce_rows(rows, reduction, query.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. relational_contrastive_loss: CRRCD, both sides, rows (i, j) with i != j, frozen Z per side.
+# ----------------------------------------------------------------------------------------------------
+class RelationalParams(NamedTuple):
+    """Parameters of CRRCD's relation networks and critic heads (method.md section 3).
+
+    F_t(a, b)  = ft_w2 @ relu(ft_w1 @ a - ft_w1 @ b + ft_b1) + ft_b2
+    F_ts(a, b) = fts_w2 @ relu(fts_u @ a - fts_v @ b + fts_b1) + fts_b2
+    h1(x) = normalize(h1_w @ x + h1_b), h2(x) = normalize(h2_w @ x + h2_b)
+    """
+    ft_w1: Tensor
+    ft_b1: Tensor
+    ft_w2: Tensor
+    ft_b2: Tensor
+    fts_u: Tensor
+    fts_v: Tensor
+    fts_b1: Tensor
+    fts_w2: Tensor
+    fts_b2: Tensor
+    h1_w: Tensor
+    h1_b: Tensor
+    h2_w: Tensor
+    h2_b: Tensor
+
+
+def pair_indices(batch: int, device=None) -> tuple[Tensor, Tensor]:
+    """Rows r = (i, j), i != j, i-major: r = i * (B - 1) + (j if j < i else j - 1)."""
+    i = torch.arange(batch, device=device).repeat_interleave(max(batch - 1, 0))
+    j = torch.arange(batch, device=device).repeat(batch, 1)
+    j = j[~torch.eye(batch, dtype=torch.bool, device=device)]
+    return i, j
+
+
+def relation_t(p: RelationalParams, a: Tensor, b: Tensor) -> Tensor:
+    return F.linear(F.relu(F.linear(a, p.ft_w1) - F.linear(b, p.ft_w1) + p.ft_b1), p.ft_w2, p.ft_b2)
+
+
+def relation_ts(p: RelationalParams, a: Tensor, b: Tensor) -> Tensor:
+    return F.linear(F.relu(F.linear(a, p.fts_u) - F.linear(b, p.fts_v) + p.fts_b1), p.fts_w2, p.fts_b2)
+
+
+def critic_h1(p: RelationalParams, x: Tensor) -> Tensor:
+    return F.normalize(F.linear(x, p.h1_w, p.h1_b), dim=-1)
+
+
+def critic_h2(p: RelationalParams, x: Tensor) -> Tensor:
+    return F.normalize(F.linear(x, p.h2_w, p.h2_b), dim=-1)
+
+
+def _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params):
+    """Scores [R, K+1] of both sides: column 0 the positive, 1..K the queue negatives of partner j."""
+    dt = compute_dtype(e_s)
+    p = RelationalParams(*(t.to(dt) for t in params))
+    e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
+    queue_t, queue_s = queue_t.detach().to(dt), queue_s.detach().to(dt)
+    i, j = pair_indices(e_t.shape[0], e_t.device)
+    neg = neg_idx.long()[j]                                   # [R, K]
+    a = e_t[i]
+    frozen = RelationalParams(*(t.detach() for t in p))
+    # student side: query from the cross-resolution relation, keys from the teacher-space relation
+    q_s = critic_h2(p, relation_ts(p, a, e_s[j]))
+    k_s = torch.cat([critic_h1(frozen, relation_t(frozen, a, e_t[j]))[:, None],
+                     critic_h1(frozen, relation_t(frozen, a[:, None], queue_t[neg]))], 1)
+    # teacher side: query from the teacher-space relation, keys from the cross-resolution relation
+    q_t = critic_h1(p, relation_t(p, a, e_t[j]))
+    k_t = torch.cat([critic_h2(frozen, relation_ts(frozen, a, e_s[j].detach()))[:, None],
+                     critic_h2(frozen, relation_ts(frozen, a[:, None], queue_s[neg]))], 1)
+    return torch.einsum("rd,rkd->rk", q_s, k_s), torch.einsum("rd,rkd->rk", q_t, k_t)
+
+
+def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
+                                neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
+                                log_z_t, log_z_s, n_data: int, eps: float = 1e-7,
+                                reduction: str = "mean") -> Tensor:
+    s_student, s_teacher = _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
+    shift = math.log(neg_idx.shape[1] / n_data + eps)
+
+    def side(s, log_z):
+        l = s / temperature - torch.as_tensor(log_z, dtype=s.dtype, device=s.device) - shift
+        return F.softplus(-l[:, 0]) + F.softplus(l[:, 1:]).sum(1)
+
+    rows_s, rows_t = side(s_student, log_z_s), side(s_teacher, log_z_t)
+    if reduction == "none":
+        return (rows_s + rows_t).to(e_s.dtype)
+    return reduce_rows(rows_s, reduction, e_s.dtype) + reduce_rows(rows_t, reduction, e_s.dtype)
+
+
+def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor, neg_idx: Tensor,
+                     params: RelationalParams, *, temperature: float = 0.1,
+                     n_data: int) -> tuple[Tensor, Tensor]:
+    """(log_z_t, log_z_s): log(n_data * mean(exp(s / tau))) over all R(K+1) scores of each side."""
+    with torch.no_grad():
+        s_student, s_teacher = _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
+
+    def estimate(s):
+        return torch.logsumexp(s.flatten() / temperature, 0) - math.log(s.numel()) + math.log(n_data)
+
+    return estimate(s_teacher), estimate(s_student)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. feature_regression_loss: 1x1-conv adapter + MSE against a teacher feature map (GDRD stage 1).
+# ----------------------------------------------------------------------------------------------------
+def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
+                            *, reduction: str = "mean") -> Tensor:
+    """'mean' = mean over all B*Ct*H*W elements; 'none' = per-sample mean over Ct*H*W, shape [B]."""
+    dt = compute_dtype(student)
+    x, w = student.to(dt), weight.to(dt)
+    proj = torch.einsum("oc,bc...->bo...", w, x)
+    if bias is not None:
+        proj = proj + bias.to(dt).view(1, -1, *([1] * (x.dim() - 2)))
+    err = (proj - teacher.detach().to(dt)).pow(2).flatten(1)
+    if reduction == "none":
+        return err.mean(1).to(student.dtype)
+    return err.mean() if reduction == "mean" else err.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Memory bank update and queue.
+# ----------------------------------------------------------------------------------------------------
+def last_occurrence_mask(idx: Tensor, n: int) -> Tensor:
+    """True at the last position of each distinct value of idx (what 'last duplicate wins' keeps)."""
+    pos = torch.arange(idx.numel(), device=idx.device)
+    last = torch.full((n,), -1, dtype=pos.dtype, device=idx.device)
+    last.scatter_reduce_(0, idx.long(), pos, reduce="amax")
+    return last[idx.long()] == pos
+
+
+def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float) -> Tensor:
+    """memory[idx] = normalize(m * memory[idx] + (1 - m) * values), from the rows before the call."""
+    idx = idx.long()
+    keep = last_occurrence_mask(idx, memory.shape[0])
+    dt = compute_dtype(values)
+    mixed = memory[idx].to(dt) * momentum + values.detach().to(dt) * (1 - momentum)
+    memory[idx[keep]] = F.normalize(mixed, dim=1)[keep].to(memory.dtype)
+    return memory
+
+
+def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor,
+                labels: Tensor | None = None, queue_labels: Tensor | None = None) -> None:
+    """FIFO ring buffer: write values at ptr, ptr + 1, ... (mod size); keeps the newest `size` rows."""
+    size, n = queue.shape[0], values.shape[0]
+    pos = (ptr + torch.arange(n, device=queue.device)) % size
+    keep = last_occurrence_mask(pos, size)
+    queue[pos[keep]] = values.detach()[keep].to(queue.dtype)
+    if queue_labels is not None:
+        queue_labels[pos[keep]] = labels[keep].to(queue_labels.dtype)
+    ptr.copy_((ptr + n) % size)
+    count.copy_(torch.clamp(count + n, max=size))
