@@ -9,16 +9,8 @@ def _fresh_seed(request):
     """Fresh random inputs every run (ops.md section 7); the seed is printed on failure."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
-    request.node.user_properties.append(("seed", seed))
+    request.node.add_report_section("call", "torch seed", str(seed))
     yield
-
-
-def pytest_runtest_makereport(item, call):
-    if call.excinfo is not None:
-        for key, value in item.user_properties:
-            if key == "seed":
-                call.excinfo.value.args = (*call.excinfo.value.args, f"[torch seed {value}]") \
-                    if call.excinfo.value.args else (f"[torch seed {value}]",)
 
 
 def pytest_collection_modifyitems(config, items):
