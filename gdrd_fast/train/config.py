@@ -45,9 +45,12 @@ class DataConfig:
 class ModelConfig:
     student: str = "r18"
     discriminative_teacher: str = "r50"
-    discriminative_teacher_weights: str | None = None  # checkpoint holding the teacher and its classifier
-    generative_teacher: str = "pgdiff"
+    discriminative_teacher_weights: str | None = None  # insightface checkpoint of T_d
+    discriminative_teacher_head: str | None = None  # T_d's ArcFace classifier over the training ids (for KD)
+    generative_teacher: str = "pgdiff"  # 'pgdiff' (guided-diffusion layout) or 'diffusers'
+    generative_teacher_config: str | None = None  # diffusers: 'tiny' | 'pgdiff-like'
     generative_teacher_weights: str | None = None
+    generative_teacher_tap: str | None = None  # None: the kind's default tap
     generative_teacher_input: int = 448  # the LR face is resized (bicubic) to this for T_g
     embedding_dim: int = 512
 
