@@ -77,8 +77,12 @@ class Trainer:
         params = stage.trainable_parameters()
         if not params:
             raise ValueError(f"{stage.name} has no trainable parameters")
-        self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                         weight_decay=optim.weight_decay)
+        if optim.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                             weight_decay=optim.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.momentum, 0.999),
+                                               weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=optim.gamma)
         self.scaler = runtime.grad_scaler()
         self.step = 0
