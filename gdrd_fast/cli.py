@@ -1,7 +1,17 @@
-"""The gdrd-fast command: `gdrd-fast <subcommand> --help`."""
+"""The gdrd-fast command: `gdrd-fast <subcommand> --help`.
+
+  gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
+  gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
+  gdrd-fast eval --weights student.pt --pairs lfw.bin        LFW-protocol verification at 8/16/32
+  gdrd-fast bench [-- pytest args]         the kernel benchmarks (pytest-benchmark)
+  gdrd-fast env                            what was built and which devices exist
+"""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 
 def _env(args) -> int:
@@ -10,14 +20,129 @@ def _env(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import yaml
+
+    from .train.config import load_config, to_dict
+    from .train.pipeline import train_gdrd
+    config = load_config(args.config, args.set)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False))
+        return 0
+    path = train_gdrd(config, resume=args.resume)
+    print(f"student weights: {path}")
+    return 0
+
+
+def _resolutions(values: list[str]) -> list[int | None]:
+    out = []
+    for v in values:
+        if v.lower() == "hr":
+            out.append(None)
+        elif v.isdigit() and int(v) > 0:
+            out.append(int(v))
+        else:
+            raise ValueError(f"--resolutions takes positive ints or 'hr', got {v!r}")
+    return out
+
+
+def _eval(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from . import models
+    from .data import degrade, load_pairs_bin
+    from .eval import extract_embeddings, markdown_table, verification_rows, verify, write_verification_report
+    resolutions = _resolutions(args.resolutions)
+    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    images, issame = load_pairs_bin(args.pairs)
+    if images.shape[-1] != 112:
+        images = F.interpolate(images, size=(112, 112), mode="bilinear", antialias=True, align_corners=False)
+    results = {}
+    for r in resolutions:
+        transform = None if r is None else (lambda x, r=r: degrade(x, r))
+        emb = extract_embeddings(net, images, batch_size=args.batch_size, transform=transform,
+                                 device=torch.device(args.device))
+        results[f"{args.arch} {'112x112' if r is None else f'{r}x{r}'}"] = verify(emb[0::2], emb[1::2], issame)
+    paths = write_verification_report(args.output, Path(args.pairs).name, results,
+                                      extra={"weights": str(args.weights), "arch": args.arch})
+    print(markdown_table(verification_rows(results)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _bench(args) -> int:
+    extra = [a for a in args.pytest_args if a != "--"]
+    return subprocess.call([sys.executable, "-m", "pytest", args.path, "--benchmark-only", *extra])
+
+
+def _demo(args) -> int:
+    import torch
+
+    from .demo import load_demo_config, run_demo
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
+    result = run_demo(args.output, config, train_root=args.train_root, pairs=args.pairs, device=args.device,
+                      progress=not args.no_progress)
+    print(f"\n{result['note']}\n\n{result['table']}")
+    print("outputs: " + ", ".join(str(p) for p in result["paths"].values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdrd-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gdrd-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     env = sub.add_parser("env", help="what was built and which devices exist")
     env.set_defaults(func=_env)
+
+    overrides = dict(action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set data.batch_size=64 (repeatable; YAML values)")
+
+    train = sub.add_parser("train", help="two-stage GDRD training from a YAML recipe")
+    train.add_argument("--config", default="paper", help="packaged recipe name (paper, demo) or a .yaml path")
+    train.add_argument("--set", **overrides)
+    train.add_argument("--resume", metavar="CHECKPOINT", help="a stage1.pt or stage2.pt to continue from")
+    train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="LFW-protocol verification of an IResNet student on a pairs .bin")
+    ev.add_argument("--weights", required=True, help="IResNet state dict (insightface keys), e.g. student.pt")
+    ev.add_argument("--arch", default="r18", help="IResNet arch: r18, r34, r50, r100")
+    ev.add_argument("--pairs", required=True, help="insightface pairs .bin (e.g. lfw.bin)")
+    ev.add_argument("--resolutions", nargs="+", default=["8", "16", "32"],
+                    help="input sides to degrade to before the 112x112 network ('hr' = none)")
+    ev.add_argument("--output", default="eval_output", help="folder for results.json, results.md, roc.png")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="run the kernel benchmarks: pytest <path> --benchmark-only [args]")
+    bench.add_argument("--path", default="benchmarks", help="benchmark folder or file")
+    bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest (after --)")
+    bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser("demo", help="the offline CPU demo: GDRD vs baseline vs CRD at 16x16, table + plots")
+    demo.add_argument("--output", default="demo_output", help="folder for the table, JSON, plots and log")
+    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds) that checks the whole path")
+    demo.add_argument("--config", default="demo", help="demo recipe name or .yaml path")
+    demo.add_argument("--set", **overrides)
+    demo.add_argument("--train-root", help="real data: identity-folder tree to train on (with --pairs)")
+    demo.add_argument("--pairs", help="real data: insightface pairs .bin to verify on (with --train-root)")
+    demo.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (the log file still fills)")
+    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: a clear message, not a traceback
+        parser.exit(2, f"gdrd-fast {args.command}: error: {exc}\n")

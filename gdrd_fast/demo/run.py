@@ -78,8 +78,7 @@ class Demo:
         start = time.perf_counter()
         trainer = Trainer(stage, self.train_set, self.runtime, optim, batch_size=batch_size or self.config.batch_size,
                           seed=self.config.seed, resolution=resolution, log_every=max(1, optim.steps // 10),
-                          progress=self.progress)
-        trainer.log = logging.getLogger(f"gdrd_fast.demo.{label}")
+                          progress=self.progress, name=label)
         terms = trainer.train_steps()
         self.histories[label] = trainer.history
         self.timings[label] = time.perf_counter() - start

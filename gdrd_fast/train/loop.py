@@ -61,7 +61,7 @@ class Trainer:
     def __init__(self, stage: Stage, dataset: Dataset, runtime: Runtime, optim: OptimConfig, *, batch_size: int,
                  seed: int = 0, resolution: int | None = 16, flip: bool = True, interpolation: str = "bilinear",
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
-                 log_every: int = 50, checkpoint_every: int = 0, progress: bool = True):
+                 log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -89,7 +89,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # loss terms of every step this process ran (for plots)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
-        self.log = logging.getLogger(f"gdrd_fast.train.{stage.name}")
+        self.name = name or stage.name  # what the progress bar and the log call this run
+        self.log = logging.getLogger("gdrd_fast.train")
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -129,7 +130,7 @@ class Trainer:
         stop = self.total_steps if n is None else min(self.step + n, self.total_steps)
         self.stage.train()
         terms_out: dict[str, float] = {}
-        bar = tqdm(total=stop - self.step, desc=self.stage.name, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=stop - self.step, desc=self.name, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.runtime.is_main))
         start_time, start_step = time.perf_counter(), self.step
         for batch in self._loader(stop):
@@ -152,7 +153,7 @@ class Trainer:
             bar.update()
             if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
                 eta = (stop - self.step) * self.batch_size / rate
-                self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.stage.name, self.step,
+                self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
                               self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
                               self.scheduler.get_last_lr()[0], rate, eta)
             if self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0:
