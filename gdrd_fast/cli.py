@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a recipe value, e.g. --set data.batch_size=64 (repeatable; YAML values)")
 
     train = sub.add_parser("train", help="two-stage GDRD training from a YAML recipe")
-    train.add_argument("--config", default="paper", help="packaged recipe name (paper, demo) or a .yaml path")
+    train.add_argument("--config", default="paper",
+                       help="packaged recipe name (paper) or a .yaml path (the demo recipe runs with `gdrd-fast demo`)")
     train.add_argument("--set", **overrides)
     train.add_argument("--resume", metavar="CHECKPOINT", help="a stage1.pt or stage2.pt to continue from")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")

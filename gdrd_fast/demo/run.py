@@ -134,7 +134,8 @@ def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> P
     fig = Figure(figsize=(4 * min(3, len(histories)), 3.2 * ((len(histories) + 2) // 3)), dpi=100)
     for i, (label, history) in enumerate(histories.items()):
         ax = fig.add_subplot((len(histories) + 2) // 3, min(3, len(histories)), i + 1)
-        for term in (k for k in history[0] if k != "step"):
+        terms = [k for k in history[0] if k != "step"]
+        for term in (["loss"] if len(terms) == 2 else terms):  # one term: it is the loss
             ax.plot([h["step"] for h in history], [h[term] for h in history], label=term, lw=1)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
