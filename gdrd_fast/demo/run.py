@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -67,6 +68,10 @@ class Demo:
         self.histories: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
 
+    def _seed(self, label: str) -> None:
+        """Each model's init and draws depend only on (seed, its label), not on what trained before it."""
+        seed_everything(self.config.seed + zlib.crc32(label.encode()))
+
     def _arcface(self) -> models.ArcFaceHead:
         s2 = self.config.stage2
         return models.ArcFaceHead(self.config.embedding_dim, self.num_classes, s2.arcface_scale, s2.arcface_margin)
@@ -85,6 +90,7 @@ class Demo:
         log.info("%s: %d steps in %.1fs, last %s", label, trainer.step, self.timings[label], terms)
 
     def hr_teacher(self):
+        self._seed("HR teacher")
         net, head = self._net(), self._arcface()
         stage = DiscriminativeStage(self.runtime, net.backbone, net.head, head, train_backbone=True, input="hr",
                                     kd_weight=0.0)
@@ -93,6 +99,7 @@ class Demo:
 
     def generative_teacher(self) -> nn.Module:
         d = self.config.denoiser
+        self._seed("denoiser")
         unet = models.build_unet(dict(d.unet))
         self._train("denoiser", DenoiserStage(self.runtime, unet, d.image_size, d.train_timesteps), d.optim,
                     resolution=None, batch_size=d.batch_size)
@@ -100,6 +107,7 @@ class Demo:
 
     def gdrd(self, teacher, teacher_head, encoder) -> SmallFaceNet:
         c = self.config
+        self._seed("GDRD")
         net = self._net()
         regression = FeatureRegressionLoss(net.backbone.out_channels, encoder.out_channels, backend=c.backend)
         stage1 = GenerativeStage(self.runtime, net.backbone, encoder, regression, c.denoiser.image_size)
@@ -115,6 +123,7 @@ class Demo:
     def single_stage_student(self, label: str, teacher=None, teacher_head=None, distill: str = "none") -> SmallFaceNet:
         """A whole LR student trained in one stage for the GDRD budget: baseline (no teacher) or CRD."""
         c = self.config
+        self._seed(label)
         net = self._net()
         s2 = dataclasses.replace(c.stage2, distill=distill)
         stage = DiscriminativeStage(self.runtime, net.backbone, net.head, self._arcface(), train_backbone=True,
@@ -175,6 +184,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
         }
         r = config.resolution
         to_lr = lambda x: degrade(x, r)  # noqa: E731 - the student's view of an eval face
+        demo._seed("untrained")
         untrained = demo._net().eval()
         evaluated = {f"HR teacher ({config.image_size}x{config.image_size})": (teacher, None),
                      **{name: (net, to_lr) for name, net in reversed(students.items())},
