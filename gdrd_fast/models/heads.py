@@ -35,7 +35,8 @@ class ArcFaceHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim).normal_(0, 0.01))
 
     def cosine(self, embeddings: Tensor) -> Tensor:
-        return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)  # fp32 at least: AMP-safe angles
+        return F.linear(F.normalize(embeddings.to(dtype), dim=1), F.normalize(self.weight.to(dtype), dim=1))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> ArcFaceLogits:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.weight.shape[1]:
