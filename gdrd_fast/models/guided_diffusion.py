@@ -41,10 +41,12 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class _GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype, as guided-diffusion does."""
+    """GroupNorm computed in float32 (or float64) whatever the activation dtype, as guided-diffusion does."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype),
+                            self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
