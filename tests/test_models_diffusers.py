@@ -13,8 +13,8 @@ requires_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is
                                         reason="diffusers is not installed (optional)")
 
 # tiny config at 56x56: blocks 0 and 1 halve the size, block 2 (the last) does not
-TINY_TAPS = {"conv_in": (32, 56, 56), "down_blocks.0": (32, 28, 28), "down_blocks.1.resnets.0": (64, 28, 28),
-             "down_blocks.2": (128, 14, 14), "down_blocks.2.attentions.0": (128, 14, 14), "mid_block": (128, 14, 14)}
+TINY_TAPS = {"conv_in": (16, 56, 56), "down_blocks.0": (16, 28, 28), "down_blocks.1.resnets.0": (32, 28, 28),
+             "down_blocks.2": (64, 14, 14), "down_blocks.2.attentions.0": (64, 14, 14), "mid_block": (64, 14, 14)}
 
 
 def feature_of_full_unet(unet, name, x, t):
@@ -101,3 +101,11 @@ def test_missing_diffusers_is_named(monkeypatch):
 def test_package_imports_without_touching_diffusers():
     code = "import sys, gdrd_fast, gdrd_fast.models; assert 'diffusers' not in sys.modules, 'diffusers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@requires_diffusers
+def test_pgdiff_like_config_taps_512x14x14_at_448():
+    teacher = build_generative_teacher("diffusers", "pgdiff-like").eval()
+    with torch.no_grad():
+        out = teacher(torch.rand(1, 3, 448, 448) * 2 - 1)
+    assert out.shape == (1, 512, 14, 14) and (teacher.out_channels, teacher.stride) == (512, 32)

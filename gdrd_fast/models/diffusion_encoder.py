@@ -17,7 +17,7 @@ from .checkpoints import load_exact, read_state_dict, strip_prefix
 # PGDiff's FFHQ-512 network (method.md section 4) as far as UNet2DModel allows (one res-block count
 # for all levels).
 CONFIGS = {
-    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
+    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
                  layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
                  attention_head_dim=32),
