@@ -103,6 +103,7 @@ def test_package_imports_without_touching_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 @requires_diffusers
 def test_pgdiff_like_config_taps_512x14x14_at_448():
     teacher = build_generative_teacher("diffusers", "pgdiff-like").eval()

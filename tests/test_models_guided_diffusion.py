@@ -130,6 +130,7 @@ def test_bad_checkpoints_are_refused_by_key():
         GuidedDiffusionEncoder(NARROW, tap="output_blocks.3")
 
 
+@pytest.mark.slow
 def test_full_size_pgdiff_checkpoint_gives_512x14x14_at_448():
     encoder = load_pgdiff_encoder(checkpoint(guided_diffusion_layout(PGDIFF_FFHQ512), decoder_values=False)).eval()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The paper-scale modules at their real sizes (method.md sections 1 and 4), one step of each stage on CPU:
 IResNet-18 student (112x112), PGDiff encoder teacher (448x448 -> 512x14x14), IResNet-50 ArcFace teacher,
 ArcFace head over CASIA-WebFace's 10,575 identities."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +21,7 @@ def changed(params, before):
     return [not torch.equal(p, b) for p, b in zip(params, before)]
 
 
+@pytest.mark.slow
 def test_stage1_generative_distillation_step_at_paper_size():
     student = build_student("r18")
     teacher = build_generative_teacher("pgdiff").eval().requires_grad_(False)
@@ -44,6 +46,7 @@ def test_stage1_generative_distillation_step_at_paper_size():
     assert all(p.grad is None for p in student.head.parameters())
 
 
+@pytest.mark.slow
 def test_stage2_discriminative_distillation_step_at_paper_size():
     student = build_student("r18")
     student.backbone.eval().requires_grad_(False)  # frozen after stage 1, BN statistics included

@@ -81,7 +81,7 @@ class DiffusionEncoder(nn.Module):
         if config.time_embedding_type != "positional":
             raise ValueError(f"only positional time embeddings are supported, got {config.time_embedding_type!r}")
         names = dict(unet.named_modules())
-        if tap not in names or names[tap] is None:
+        if tap not in names:
             raise ValueError(f"tap {tap!r} is not a module of this UNet")
         self.tap, self.center_input_sample = tap, bool(config.center_input_sample)
         self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
