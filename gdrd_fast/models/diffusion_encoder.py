@@ -98,7 +98,6 @@ class DiffusionEncoder(nn.Module):
         self.down_blocks = nn.ModuleList(list(blocks)[:last + 1])
         self.mid_block = unet.mid_block if tap == "mid_block" else None
         self._inner = names[tap] if inner is not None else None
-        self.unet_config = dict(config)
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet state-dict key belongs to a part this encoder dropped."""
