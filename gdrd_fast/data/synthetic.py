@@ -4,7 +4,7 @@ No labelled face set can be downloaded here, so identities are drawn, not photog
 hard the way the real one is:
 - coarse identity, which survives 16x16: face shape, skin and hair tone, placement and size of eyes,
   brows, nose and mouth;
-- fine identity, which 16x16 destroys: a skin micro-texture (gratings of 2.5-4.5 px wavelength at
+- fine identity, which 16x16 destroys: a skin micro-texture (gratings of 4.5-6.7 px wavelength at
   112 px), small marks (moles about 1 px across), the contour shape of the eyes, iris colour, lip shape;
 - nuisance within an identity: pose (shift, rotation, scale), illumination gradient and colour cast,
   expression (smile, open mouth, eye openness), background and sensor noise.
@@ -39,8 +39,9 @@ IDENTITY_RANGES = {
     "lip_ratio": (0.3, 0.7), "lip_bow": (0.0, 0.02),
 }
 TEXTURE_WAVES = 3          # gratings per identity
-TEXTURE_WAVELENGTH = (0.045, 0.08)   # face-frame units: 2.5 .. 4.5 px at 112 px
+TEXTURE_WAVELENGTH = (0.08, 0.12)    # face-frame units: 4.5 .. 6.7 px at 112 px, 2.6 .. 3.8 at 64
 MOLES = 5
+MOLE_SIGMA = 0.014     # face-frame units: about 1.5 px across at 112 px
 NUISANCE_RANGES = {
     "shift_x": (-0.06, 0.06), "shift_y": (-0.06, 0.06), "angle": (-0.17, 0.17), "log_scale": (-0.07, 0.07),
     "light_x": (-0.35, 0.35), "light_y": (-0.35, 0.35), "brightness": (0.8, 1.15),
@@ -111,6 +112,29 @@ def _blend(canvas: Tensor, mask: Tensor, colour: Tensor) -> Tensor:
     return canvas.lerp_(colour.expand_as(canvas), mask[:, None])
 
 
+def _splat_spots(cu: Tensor, cv: Tensor, weight: Tensor, sigma: float, nuisance: dict[str, Tensor],
+                 size: int) -> Tensor:
+    """Sum of small Gaussian spots, centres (N, S) in the face frame, each drawn only on the few pixels
+    around it (a full-frame Gaussian per spot would cost more than the rest of the face)."""
+    n = cu.shape[0]
+    pixel = 2.0 / size
+    scale, angle = nuisance["log_scale"].exp()[:, None], nuisance["angle"][:, None]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    x = scale * (cos * cu - sin * cv) + nuisance["shift_x"][:, None]     # face frame -> image
+    y = scale * (sin * cu + cos * cv) + nuisance["shift_y"][:, None]
+    col, row = ((x + 1) / pixel - 0.5)[..., None, None], ((y + 1) / pixel - 0.5)[..., None, None]
+    radius = max(1, math.ceil(3.5 * sigma * float(scale.max()) / pixel))
+    offsets = torch.arange(-radius, radius + 1)
+    cols, rows = col.round() + offsets.view(1, 1, 1, -1), row.round() + offsets.view(1, 1, -1, 1)
+    sigma_px = (sigma * scale / pixel)[..., None, None]
+    w = weight[..., None, None] * torch.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px ** 2))
+    inside = (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
+    flat = (rows.clamp(0, size - 1) * size + cols.clamp(0, size - 1)).long()
+    out = torch.zeros(n, size * size)
+    out.scatter_add_(1, flat.reshape(n, -1), (w * inside).reshape(n, -1))
+    return out.view(n, size, size)
+
+
 def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size: int = 112) -> Tensor:
     """Draw N faces: identity and nuisance hold per-image parameters (first dim N). Returns uint8 (N,3,size,size)."""
     n = nuisance["angle"].shape[0]
@@ -141,10 +165,9 @@ def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size:
     proj = u[:, None] * torch.cos(ang)[..., None, None] + v[:, None] * torch.sin(ang)[..., None, None]
     texture = torch.sin(proj * k[..., None, None] + ph[..., None, None]).sum(1) * (0.10 / TEXTURE_WAVES)
     # Moles: small dark spots at fixed places of the face.
-    mu = identity["mole_u"][..., None, None] * ip["face_a"][:, None]
-    mv = face_cv + identity["mole_v"][..., None, None] * ip["face_b"][:, None]
-    spots = torch.exp(-((u[:, None] - mu) ** 2 + (v[:, None] - mv) ** 2) / (2 * 0.014 ** 2))
-    marks = (spots * identity["mole_dark"][..., None, None]).sum(1).clamp(max=0.8)
+    marks = _splat_spots(identity["mole_u"] * identity["face_a"][:, None],
+                         face_cv + identity["mole_v"] * identity["face_b"][:, None], identity["mole_dark"],
+                         MOLE_SIGMA, nuisance, size).clamp(max=0.8)
     skin_px = skin[:, :, None, None] * (1 + texture[:, None]) * (1 - marks[:, None])
     face = _ellipse(u, v, 0.0, face_cv, ip["face_a"], ip["face_b"], pixel)
     canvas = _blend(canvas, face, skin_px)
