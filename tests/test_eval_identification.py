@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdrd_fast.eval import cmc, linear_probe, subset_report, verify, write_verification_report
+from gdrd_fast.eval import (cmc, linear_probe, subset_report, verify, write_identification_report,
+                            write_verification_report)
 
 
 def test_cmc_hand_computed():
@@ -69,3 +70,17 @@ def test_report_files_name_the_dataset(tmp_path):
     md = paths["markdown"].read_text()
     assert "synthetic-faces(seed=3)" in md and "| student 16x16 |" in md
     assert paths["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_identification_report(tmp_path):
+    gallery = F.normalize(torch.randn(6, 4), dim=1)
+    labels = torch.arange(6)
+    result = cmc(gallery, labels, gallery, labels)
+    subsets = {"student": subset_report(gallery, labels, {"scarf": (gallery[:3], labels[:3])})}
+    paths = write_identification_report(tmp_path, "synthetic-faces(seed=1)", {"student": result},
+                                        {"student": 0.5}, subsets)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["dataset"] == "synthetic-faces(seed=1)" and payload["cmc"]["student"]["1"] == 1.0
+    assert payload["subsets"]["student"]["scarf"]["probes"] == 3
+    md = paths["markdown"].read_text()
+    assert "| student | 100.00 | 100.00 | 100.00 | 100.00 | 50.00 |" in md and "| scarf | 3 |" in md

@@ -28,24 +28,28 @@ from .pairs_bin import write_pairs_bin
 
 NAME = "synthetic-faces"
 # Per identity: name -> (low, high) of a uniform draw. Coordinates: the face frame spans [-1, 1].
-IDENTITY_RANGES = {
-    "face_a": (0.50, 0.70), "face_b": (0.66, 0.86), "skin_tone": (0.35, 0.85), "skin_hue": (-0.06, 0.06),
-    "hair_tone": (0.05, 0.6), "hair_up": (0.02, 0.22),
-    "eye_x": (0.22, 0.36), "eye_y": (-0.20, -0.02), "eye_w": (0.09, 0.15), "eye_h": (0.040, 0.070),
-    "brow_gap": (0.06, 0.14), "brow_tilt": (-0.25, 0.25), "nose_len": (0.14, 0.30),
-    "mouth_y": (0.30, 0.48), "mouth_w": (0.13, 0.26), "lip_tone": (0.25, 0.7),
-    # fine detail
+# Coarse ranges are kept narrow against the nuisance below, so that 16x16 leaves identities confusable.
+COARSE_RANGES = {
+    "face_a": (0.57, 0.63), "face_b": (0.74, 0.78), "skin_tone": (0.55, 0.65), "skin_hue": (-0.02, 0.02),
+    "hair_tone": (0.2, 0.35), "hair_up": (0.08, 0.14),
+    "eye_x": (0.27, 0.31), "eye_y": (-0.125, -0.085), "eye_w": (0.115, 0.125), "eye_h": (0.052, 0.058),
+    "brow_gap": (0.09, 0.11), "brow_tilt": (-0.08, 0.08), "nose_len": (0.20, 0.24),
+    "mouth_y": (0.38, 0.42), "mouth_w": (0.18, 0.21), "lip_tone": (0.42, 0.52),
+}
+FINE_RANGES = {
     "eye_power": (1.4, 3.2), "iris_r": (0.15, 0.7), "iris_g": (0.15, 0.6), "iris_b": (0.15, 0.7),
     "lip_ratio": (0.3, 0.7), "lip_bow": (0.0, 0.02),
 }
+IDENTITY_RANGES = {**COARSE_RANGES, **FINE_RANGES}
 TEXTURE_WAVES = 3          # gratings per identity
+TEXTURE_AMPLITUDE = 0.22   # relative change of the skin colour at the crests
 TEXTURE_WAVELENGTH = (0.08, 0.12)    # face-frame units: 4.5 .. 6.7 px at 112 px, 2.6 .. 3.8 at 64
-MOLES = 5
+MOLES = 7
 MOLE_SIGMA = 0.014     # face-frame units: about 1.5 px across at 112 px
 NUISANCE_RANGES = {
-    "shift_x": (-0.06, 0.06), "shift_y": (-0.06, 0.06), "angle": (-0.17, 0.17), "log_scale": (-0.07, 0.07),
-    "light_x": (-0.35, 0.35), "light_y": (-0.35, 0.35), "brightness": (0.8, 1.15),
-    "cast_r": (-0.05, 0.05), "cast_g": (-0.05, 0.05), "cast_b": (-0.05, 0.05),
+    "shift_x": (-0.08, 0.08), "shift_y": (-0.08, 0.08), "angle": (-0.2, 0.2), "log_scale": (-0.1, 0.1),
+    "light_x": (-0.4, 0.4), "light_y": (-0.4, 0.4), "brightness": (0.7, 1.2),
+    "cast_r": (-0.08, 0.08), "cast_g": (-0.08, 0.08), "cast_b": (-0.08, 0.08),
     "smile": (-1.0, 1.0), "mouth_open": (0.0, 1.0), "eye_open": (0.55, 1.1),
     "bg_r": (0.1, 0.9), "bg_g": (0.1, 0.9), "bg_b": (0.1, 0.9), "noise": (0.005, 0.035),
 }
@@ -163,7 +167,7 @@ def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size:
     skin = (tone * torch.tensor([1.0, 0.80, 0.66]) + hue * torch.tensor([1.0, 0.0, -1.0])).clamp(0, 1)
     ang, k, ph = identity["wave_angle"], identity["wave_k"], identity["wave_phase"]   # (N, W)
     proj = u[:, None] * torch.cos(ang)[..., None, None] + v[:, None] * torch.sin(ang)[..., None, None]
-    texture = torch.sin(proj * k[..., None, None] + ph[..., None, None]).sum(1) * (0.10 / TEXTURE_WAVES)
+    texture = torch.sin(proj * k[..., None, None] + ph[..., None, None]).sum(1) * (TEXTURE_AMPLITUDE / TEXTURE_WAVES)
     # Moles: small dark spots at fixed places of the face.
     marks = _splat_spots(identity["mole_u"] * identity["face_a"][:, None],
                          face_cv + identity["mole_v"] * identity["face_b"][:, None], identity["mole_dark"],
