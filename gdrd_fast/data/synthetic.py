@@ -5,7 +5,7 @@ hard the way the real one is:
 - coarse identity, which survives 16x16: face shape, skin and hair tone, placement and size of eyes,
   brows, nose and mouth;
 - fine identity, which 16x16 destroys: a skin micro-texture (gratings of 4.5-6.7 px wavelength at
-  112 px), small marks (moles about 1 px across), the contour shape of the eyes, iris colour, lip shape;
+  112 px), small marks (moles about 2 px across), the contour shape of the eyes, iris colour, lip shape;
 - nuisance within an identity: pose (shift, rotation, scale), illumination gradient and colour cast,
   expression (smile, open mouth, eye openness), background and sensor noise.
 Every image is drawn with vectorised tensor maths on a continuous face frame, so it can be rendered at
@@ -45,7 +45,7 @@ TEXTURE_WAVES = 3          # gratings per identity
 TEXTURE_AMPLITUDE = 0.22   # relative change of the skin colour at the crests
 TEXTURE_WAVELENGTH = (0.08, 0.12)    # face-frame units: 4.5 .. 6.7 px at 112 px, 2.6 .. 3.8 at 64
 MOLES = 7
-MOLE_SIGMA = 0.014     # face-frame units: about 1.5 px across at 112 px
+MOLE_SIGMA = 0.014     # face-frame units: a Gaussian of 0.8 px sigma at 112 px
 NUISANCE_RANGES = {
     "shift_x": (-0.08, 0.08), "shift_y": (-0.08, 0.08), "angle": (-0.2, 0.2), "log_scale": (-0.1, 0.1),
     "light_x": (-0.4, 0.4), "light_y": (-0.4, 0.4), "brightness": (0.7, 1.2),
@@ -53,11 +53,14 @@ NUISANCE_RANGES = {
     "smile": (-1.0, 1.0), "mouth_open": (0.0, 1.0), "eye_open": (0.55, 1.1),
     "bg_r": (0.1, 0.9), "bg_g": (0.1, 0.9), "bg_b": (0.1, 0.9), "noise": (0.005, 0.035),
 }
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_IDENTITY_STREAM, _NUISANCE_STREAM = 0, 1
 
 
-def _generator(seed: int, identity: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * _MIX[0] + (identity + 1) * _MIX[1]) % (2 ** 63 - 1))
+def _generator(seed: int, identity: int, stream: int) -> torch.Generator:
+    """An independent random stream per (seed, identity, what is drawn)."""
+    mixed = seed * _MIX[0] + (identity + 1) * _MIX[1] + (stream + 1) * _MIX[2]
+    return torch.Generator().manual_seed(mixed % (2 ** 63 - 1))
 
 
 def _uniform(g: torch.Generator, ranges: dict[str, tuple[float, float]], n: int) -> dict[str, Tensor]:
@@ -67,7 +70,7 @@ def _uniform(g: torch.Generator, ranges: dict[str, tuple[float, float]], n: int)
 
 def identity_parameters(seed: int, identity: int) -> dict[str, Tensor]:
     """Everything that makes identity `identity` of data set `seed` (coarse and fine)."""
-    g = _generator(seed, identity)
+    g = _generator(seed, identity, _IDENTITY_STREAM)
     p = {k: v[0] for k, v in _uniform(g, IDENTITY_RANGES, 1).items()}
     p["wave_k"] = 2 * math.pi / (TEXTURE_WAVELENGTH[0] + (TEXTURE_WAVELENGTH[1] - TEXTURE_WAVELENGTH[0])
                                  * torch.rand(TEXTURE_WAVES, generator=g))
@@ -81,9 +84,7 @@ def identity_parameters(seed: int, identity: int) -> dict[str, Tensor]:
 
 def nuisance_parameters(seed: int, identity: int, count: int) -> dict[str, Tensor]:
     """Pose, light, expression, background and noise of the first `count` images of `identity`."""
-    g = _generator(seed, identity)
-    identity_parameters_draws = len(IDENTITY_RANGES) + 3 * TEXTURE_WAVES + 3 * MOLES
-    torch.rand(identity_parameters_draws, generator=g)   # skip the identity's own draws
+    g = _generator(seed, identity, _NUISANCE_STREAM)
     # One row per image, drawn row by row in order, so image i does not depend on `count`.
     u = torch.rand(count, len(NUISANCE_RANGES) + 1, generator=g, dtype=torch.float64)
     out = {k: (lo + (hi - lo) * u[:, j]).float() for j, (k, (lo, hi)) in enumerate(NUISANCE_RANGES.items())}
