@@ -96,12 +96,12 @@ def _stack(params: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
-def _soft(signed_distance: Tensor, pixel: float) -> Tensor:
+def _soft(signed_distance: Tensor, pixel: Tensor | float) -> Tensor:
     """Inside (negative distance) -> 1, with an edge about one pixel wide (antialiased shapes)."""
     return torch.sigmoid(-signed_distance / (0.5 * pixel))
 
 
-def _ellipse(u: Tensor, v: Tensor, cu, cv, a, b, pixel: float, power=2.0) -> Tensor:
+def _ellipse(u: Tensor, v: Tensor, cu, cv, a, b, pixel: Tensor | float, power=2.0) -> Tensor:
     """Soft (super)ellipse mask centred at (cu, cv) with half-axes (a, b); per-image tensors are (N,1,1)."""
     if isinstance(power, float):   # the common round case: cheaper than pow
         r = (((u - cu) / a).square_() + ((v - cv) / b).square_()).sqrt_()
@@ -128,7 +128,7 @@ def _splat_spots(cu: Tensor, cv: Tensor, weight: Tensor, sigma: float, nuisance:
     x = scale * (cos * cu - sin * cv) + nuisance["shift_x"][:, None]     # face frame -> image
     y = scale * (sin * cu + cos * cv) + nuisance["shift_y"][:, None]
     col, row = ((x + 1) / pixel - 0.5)[..., None, None], ((y + 1) / pixel - 0.5)[..., None, None]
-    radius = max(1, math.ceil(3.5 * sigma * float(scale.max()) / pixel))
+    radius = max(1, math.ceil(4 * sigma / pixel))   # fixed, so an image never depends on its batch
     offsets = torch.arange(-radius, radius + 1)
     cols, rows = col.round() + offsets.view(1, 1, 1, -1), row.round() + offsets.view(1, 1, -1, 1)
     sigma_px = (sigma * scale / pixel)[..., None, None]
@@ -153,7 +153,7 @@ def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size:
     cos, sin = torch.cos(e(nuisance["angle"])), torch.sin(e(nuisance["angle"]))
     xs, ys = x - e(nuisance["shift_x"]), y - e(nuisance["shift_y"])
     u, v = (cos * xs + sin * ys) / scale, (-sin * xs + cos * ys) / scale
-    pixel = pixel / float(scale.min())   # edges stay about a pixel wide in the image
+    pixel = pixel / scale   # per image: edges stay about a pixel wide in the image, whatever the batch
 
     ip = {k: e(t) if t.dim() == 1 else t for k, t in identity.items()}
     bg = torch.stack([nuisance["bg_r"], nuisance["bg_g"], nuisance["bg_b"]], 1)
