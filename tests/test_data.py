@@ -89,6 +89,22 @@ def test_views_flip_hr_and_lr_identically():
         CrossResolutionViews(flip_probability=1.5)
 
 
+def test_cross_resolution_dataset():
+    class Faces(torch.utils.data.Dataset):
+        targets = torch.tensor([3, 1])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.full((3, 16, 16), float(i)) * torch.linspace(-1, 1, 16), int(self.targets[i]), i
+
+    ds = CrossResolutionDataset(Faces(), CrossResolutionViews(resolution=4, flip_probability=1.0))
+    hr, lr, label, index = ds[1]
+    assert len(ds) == 2 and ds.targets.tolist() == [3, 1] and (label, index) == (1, 1)
+    assert torch.equal(hr, Faces()[1][0].flip(-1)) and torch.equal(lr, degrade(hr, 4))
+
+
 # ---- identity folders and splits ------------------------------------------------------------------
 
 def _write_tree(root, sizes, hw=12):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from gdrd_fast.data import (IdentityFolderDataset, SyntheticFaces, degrade, load_pairs_bin, sample_pairs,
                             write_synthetic_dataset)
 from gdrd_fast.data.synthetic import identity_parameters, nuisance_parameters
-from gdrd_fast.eval import verify, verify_embeddings
+from gdrd_fast.eval import verify
 
 
 def test_deterministic_from_seed():
