@@ -45,9 +45,8 @@ def verification_rows(results: Mapping[str, VerificationResult]) -> list[dict]:
 
 def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult], title: str) -> Path:
     """ROC curves (TAR vs FAR, log FAR axis) of every named result into a PNG, with matplotlib's Agg."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure   # no pyplot: no global figure state, no GUI backend
+    # A bare Figure renders PNG through Agg without pyplot: no GUI, and the caller's backend is untouched.
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 4.5), dpi=120)
     ax = fig.add_subplot()
