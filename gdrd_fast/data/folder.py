@@ -60,5 +60,9 @@ class IdentityFolderDataset(Dataset):
         return image, label, index
 
     def index_of(self) -> dict[str, int]:
-        """Relative path (as stored in `samples`, '/'-separated) -> dataset index."""
-        return {Path(path).as_posix(): i for i, (path, _) in enumerate(self.samples)}
+        return index_by_path(self.samples)
+
+
+def index_by_path(samples: list[tuple[str, int]]) -> dict[str, int]:
+    """Relative path ('/'-separated) -> dataset index, for datasets that list (path, label) samples."""
+    return {Path(path).as_posix(): i for i, (path, _) in enumerate(samples)}

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .folder import index_by_path
+
 PARTS = ("gallery", "probe", "train", "test")
 
 
@@ -56,7 +58,7 @@ class IdentificationSplit:
                 index = e.item
             else:
                 if by_path is None:
-                    by_path = {Path(p).as_posix(): i for i, (p, _) in enumerate(dataset.samples)}
+                    by_path = index_by_path(dataset.samples)
                 if e.item not in by_path:
                     raise ValueError(f"{part} path {e.item!r} is not in the dataset")
                 index = by_path[e.item]

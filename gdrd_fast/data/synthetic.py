@@ -4,8 +4,8 @@ No labelled face set can be downloaded here, so identities are drawn, not photog
 hard the way the real one is:
 - coarse identity, which survives 16x16: face shape, skin and hair tone, placement and size of eyes,
   brows, nose and mouth;
-- fine identity, which 16x16 destroys: a skin micro-texture (gratings of 2.5-4.5 px wavelength at
-  112 px), small marks (moles about 1 px across), the contour shape of the eyes, iris colour, lip shape;
+- fine identity, which 16x16 destroys: a skin micro-texture (gratings of 4.5-6.7 px wavelength at
+  112 px), small marks (moles about 2 px across), the contour shape of the eyes, iris colour, lip shape;
 - nuisance within an identity: pose (shift, rotation, scale), illumination gradient and colour cast,
   expression (smile, open mouth, eye openness), background and sensor noise.
 Every image is drawn with vectorised tensor maths on a continuous face frame, so it can be rendered at
@@ -28,31 +28,39 @@ from .pairs_bin import write_pairs_bin
 
 NAME = "synthetic-faces"
 # Per identity: name -> (low, high) of a uniform draw. Coordinates: the face frame spans [-1, 1].
-IDENTITY_RANGES = {
-    "face_a": (0.50, 0.70), "face_b": (0.66, 0.86), "skin_tone": (0.35, 0.85), "skin_hue": (-0.06, 0.06),
-    "hair_tone": (0.05, 0.6), "hair_up": (0.02, 0.22),
-    "eye_x": (0.22, 0.36), "eye_y": (-0.20, -0.02), "eye_w": (0.09, 0.15), "eye_h": (0.040, 0.070),
-    "brow_gap": (0.06, 0.14), "brow_tilt": (-0.25, 0.25), "nose_len": (0.14, 0.30),
-    "mouth_y": (0.30, 0.48), "mouth_w": (0.13, 0.26), "lip_tone": (0.25, 0.7),
-    # fine detail
+# Coarse ranges are kept narrow against the nuisance below, so that 16x16 leaves identities confusable.
+COARSE_RANGES = {
+    "face_a": (0.57, 0.63), "face_b": (0.74, 0.78), "skin_tone": (0.55, 0.65), "skin_hue": (-0.02, 0.02),
+    "hair_tone": (0.2, 0.35), "hair_up": (0.08, 0.14),
+    "eye_x": (0.27, 0.31), "eye_y": (-0.125, -0.085), "eye_w": (0.115, 0.125), "eye_h": (0.052, 0.058),
+    "brow_gap": (0.09, 0.11), "brow_tilt": (-0.08, 0.08), "nose_len": (0.20, 0.24),
+    "mouth_y": (0.38, 0.42), "mouth_w": (0.18, 0.21), "lip_tone": (0.42, 0.52),
+}
+FINE_RANGES = {
     "eye_power": (1.4, 3.2), "iris_r": (0.15, 0.7), "iris_g": (0.15, 0.6), "iris_b": (0.15, 0.7),
     "lip_ratio": (0.3, 0.7), "lip_bow": (0.0, 0.02),
 }
+IDENTITY_RANGES = {**COARSE_RANGES, **FINE_RANGES}
 TEXTURE_WAVES = 3          # gratings per identity
-TEXTURE_WAVELENGTH = (0.045, 0.08)   # face-frame units: 2.5 .. 4.5 px at 112 px
-MOLES = 5
+TEXTURE_AMPLITUDE = 0.22   # relative change of the skin colour at the crests
+TEXTURE_WAVELENGTH = (0.08, 0.12)    # face-frame units: 4.5 .. 6.7 px at 112 px, 2.6 .. 3.8 at 64
+MOLES = 7
+MOLE_SIGMA = 0.014     # face-frame units: a Gaussian of 0.8 px sigma at 112 px
 NUISANCE_RANGES = {
-    "shift_x": (-0.06, 0.06), "shift_y": (-0.06, 0.06), "angle": (-0.17, 0.17), "log_scale": (-0.07, 0.07),
-    "light_x": (-0.35, 0.35), "light_y": (-0.35, 0.35), "brightness": (0.8, 1.15),
-    "cast_r": (-0.05, 0.05), "cast_g": (-0.05, 0.05), "cast_b": (-0.05, 0.05),
+    "shift_x": (-0.08, 0.08), "shift_y": (-0.08, 0.08), "angle": (-0.2, 0.2), "log_scale": (-0.1, 0.1),
+    "light_x": (-0.4, 0.4), "light_y": (-0.4, 0.4), "brightness": (0.7, 1.2),
+    "cast_r": (-0.08, 0.08), "cast_g": (-0.08, 0.08), "cast_b": (-0.08, 0.08),
     "smile": (-1.0, 1.0), "mouth_open": (0.0, 1.0), "eye_open": (0.55, 1.1),
     "bg_r": (0.1, 0.9), "bg_g": (0.1, 0.9), "bg_b": (0.1, 0.9), "noise": (0.005, 0.035),
 }
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_IDENTITY_STREAM, _NUISANCE_STREAM = 0, 1
 
 
-def _generator(seed: int, identity: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * _MIX[0] + (identity + 1) * _MIX[1]) % (2 ** 63 - 1))
+def _generator(seed: int, identity: int, stream: int) -> torch.Generator:
+    """An independent random stream per (seed, identity, what is drawn)."""
+    mixed = seed * _MIX[0] + (identity + 1) * _MIX[1] + (stream + 1) * _MIX[2]
+    return torch.Generator().manual_seed(mixed % (2 ** 63 - 1))
 
 
 def _uniform(g: torch.Generator, ranges: dict[str, tuple[float, float]], n: int) -> dict[str, Tensor]:
@@ -62,7 +70,7 @@ def _uniform(g: torch.Generator, ranges: dict[str, tuple[float, float]], n: int)
 
 def identity_parameters(seed: int, identity: int) -> dict[str, Tensor]:
     """Everything that makes identity `identity` of data set `seed` (coarse and fine)."""
-    g = _generator(seed, identity)
+    g = _generator(seed, identity, _IDENTITY_STREAM)
     p = {k: v[0] for k, v in _uniform(g, IDENTITY_RANGES, 1).items()}
     p["wave_k"] = 2 * math.pi / (TEXTURE_WAVELENGTH[0] + (TEXTURE_WAVELENGTH[1] - TEXTURE_WAVELENGTH[0])
                                  * torch.rand(TEXTURE_WAVES, generator=g))
@@ -76,9 +84,7 @@ def identity_parameters(seed: int, identity: int) -> dict[str, Tensor]:
 
 def nuisance_parameters(seed: int, identity: int, count: int) -> dict[str, Tensor]:
     """Pose, light, expression, background and noise of the first `count` images of `identity`."""
-    g = _generator(seed, identity)
-    identity_parameters_draws = len(IDENTITY_RANGES) + 3 * TEXTURE_WAVES + 3 * MOLES
-    torch.rand(identity_parameters_draws, generator=g)   # skip the identity's own draws
+    g = _generator(seed, identity, _NUISANCE_STREAM)
     # One row per image, drawn row by row in order, so image i does not depend on `count`.
     u = torch.rand(count, len(NUISANCE_RANGES) + 1, generator=g, dtype=torch.float64)
     out = {k: (lo + (hi - lo) * u[:, j]).float() for j, (k, (lo, hi)) in enumerate(NUISANCE_RANGES.items())}
@@ -90,12 +96,12 @@ def _stack(params: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
-def _soft(signed_distance: Tensor, pixel: float) -> Tensor:
+def _soft(signed_distance: Tensor, pixel: Tensor | float) -> Tensor:
     """Inside (negative distance) -> 1, with an edge about one pixel wide (antialiased shapes)."""
     return torch.sigmoid(-signed_distance / (0.5 * pixel))
 
 
-def _ellipse(u: Tensor, v: Tensor, cu, cv, a, b, pixel: float, power=2.0) -> Tensor:
+def _ellipse(u: Tensor, v: Tensor, cu, cv, a, b, pixel: Tensor | float, power=2.0) -> Tensor:
     """Soft (super)ellipse mask centred at (cu, cv) with half-axes (a, b); per-image tensors are (N,1,1)."""
     if isinstance(power, float):   # the common round case: cheaper than pow
         r = (((u - cu) / a).square_() + ((v - cv) / b).square_()).sqrt_()
@@ -111,6 +117,29 @@ def _blend(canvas: Tensor, mask: Tensor, colour: Tensor) -> Tensor:
     return canvas.lerp_(colour.expand_as(canvas), mask[:, None])
 
 
+def _splat_spots(cu: Tensor, cv: Tensor, weight: Tensor, sigma: float, nuisance: dict[str, Tensor],
+                 size: int) -> Tensor:
+    """Sum of small Gaussian spots, centres (N, S) in the face frame, each drawn only on the few pixels
+    around it (a full-frame Gaussian per spot would cost more than the rest of the face)."""
+    n = cu.shape[0]
+    pixel = 2.0 / size
+    scale, angle = nuisance["log_scale"].exp()[:, None], nuisance["angle"][:, None]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    x = scale * (cos * cu - sin * cv) + nuisance["shift_x"][:, None]     # face frame -> image
+    y = scale * (sin * cu + cos * cv) + nuisance["shift_y"][:, None]
+    col, row = ((x + 1) / pixel - 0.5)[..., None, None], ((y + 1) / pixel - 0.5)[..., None, None]
+    radius = max(1, math.ceil(4 * sigma / pixel))   # fixed, so an image never depends on its batch
+    offsets = torch.arange(-radius, radius + 1)
+    cols, rows = col.round() + offsets.view(1, 1, 1, -1), row.round() + offsets.view(1, 1, -1, 1)
+    sigma_px = (sigma * scale / pixel)[..., None, None]
+    w = weight[..., None, None] * torch.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px ** 2))
+    inside = (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
+    flat = (rows.clamp(0, size - 1) * size + cols.clamp(0, size - 1)).long()
+    out = torch.zeros(n, size * size)
+    out.scatter_add_(1, flat.reshape(n, -1), (w * inside).reshape(n, -1))
+    return out.view(n, size, size)
+
+
 def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size: int = 112) -> Tensor:
     """Draw N faces: identity and nuisance hold per-image parameters (first dim N). Returns uint8 (N,3,size,size)."""
     n = nuisance["angle"].shape[0]
@@ -124,7 +153,7 @@ def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size:
     cos, sin = torch.cos(e(nuisance["angle"])), torch.sin(e(nuisance["angle"]))
     xs, ys = x - e(nuisance["shift_x"]), y - e(nuisance["shift_y"])
     u, v = (cos * xs + sin * ys) / scale, (-sin * xs + cos * ys) / scale
-    pixel = pixel / float(scale.min())   # edges stay about a pixel wide in the image
+    pixel = pixel / scale   # per image: edges stay about a pixel wide in the image, whatever the batch
 
     ip = {k: e(t) if t.dim() == 1 else t for k, t in identity.items()}
     bg = torch.stack([nuisance["bg_r"], nuisance["bg_g"], nuisance["bg_b"]], 1)
@@ -139,12 +168,11 @@ def render_faces(identity: dict[str, Tensor], nuisance: dict[str, Tensor], size:
     skin = (tone * torch.tensor([1.0, 0.80, 0.66]) + hue * torch.tensor([1.0, 0.0, -1.0])).clamp(0, 1)
     ang, k, ph = identity["wave_angle"], identity["wave_k"], identity["wave_phase"]   # (N, W)
     proj = u[:, None] * torch.cos(ang)[..., None, None] + v[:, None] * torch.sin(ang)[..., None, None]
-    texture = torch.sin(proj * k[..., None, None] + ph[..., None, None]).sum(1) * (0.10 / TEXTURE_WAVES)
+    texture = torch.sin(proj * k[..., None, None] + ph[..., None, None]).sum(1) * (TEXTURE_AMPLITUDE / TEXTURE_WAVES)
     # Moles: small dark spots at fixed places of the face.
-    mu = identity["mole_u"][..., None, None] * ip["face_a"][:, None]
-    mv = face_cv + identity["mole_v"][..., None, None] * ip["face_b"][:, None]
-    spots = torch.exp(-((u[:, None] - mu) ** 2 + (v[:, None] - mv) ** 2) / (2 * 0.014 ** 2))
-    marks = (spots * identity["mole_dark"][..., None, None]).sum(1).clamp(max=0.8)
+    marks = _splat_spots(identity["mole_u"] * identity["face_a"][:, None],
+                         face_cv + identity["mole_v"] * identity["face_b"][:, None], identity["mole_dark"],
+                         MOLE_SIGMA, nuisance, size).clamp(max=0.8)
     skin_px = skin[:, :, None, None] * (1 + texture[:, None]) * (1 - marks[:, None])
     face = _ellipse(u, v, 0.0, face_cv, ip["face_a"], ip["face_b"], pixel)
     canvas = _blend(canvas, face, skin_px)

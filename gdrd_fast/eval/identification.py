@@ -44,7 +44,7 @@ def cmc(gallery_features: Tensor, gallery_labels: Tensor, probe_features: Tensor
 
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 weight_decay: float = 1e-4, max_iter: int = 200) -> float:
+                 weight_decay: float = 1e-4, max_iter: int = 100) -> float:
     """UCCS-style protocol: frozen features, a linear softmax classifier fitted on the train split
     (L-BFGS from zeros on a convex loss, so the result is deterministic), top-1 accuracy on the test
     split. Test identities never seen in training count as errors."""

@@ -45,9 +45,8 @@ def verification_rows(results: Mapping[str, VerificationResult]) -> list[dict]:
 
 def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult], title: str) -> Path:
     """ROC curves (TAR vs FAR, log FAR axis) of every named result into a PNG, with matplotlib's Agg."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure   # no pyplot: no global figure state, no GUI backend
+    # A bare Figure renders PNG through Agg without pyplot: no GUI, and the caller's backend is untouched.
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 4.5), dpi=120)
     ax = fig.add_subplot()
@@ -84,3 +83,39 @@ def write_verification_report(out_dir: str | os.PathLike, dataset: str,
     atomic_write_bytes(md, table.encode())
     return {"json": write_json(out / "results.json", payload), "markdown": md,
             "roc": plot_roc(out / "roc.png", results, f"ROC on {dataset}")}
+
+
+def identification_rows(cmc_results: Mapping[str, Mapping[int, float]],
+                        linear_probe_results: Mapping[str, float] | None = None) -> list[dict]:
+    """One row per model: CMC rank-k in percent, and the linear-probe top-1 where given."""
+    rows = []
+    for name, ranks in cmc_results.items():
+        row = {"model": name, **{f"rank-{k} %": float(v) for k, v in ranks.items()}}
+        if linear_probe_results is not None and name in linear_probe_results:
+            row["linear probe top-1 %"] = float(linear_probe_results[name])
+        rows.append(row)
+    return rows
+
+
+def write_identification_report(out_dir: str | os.PathLike, dataset: str, cmc_results: Mapping[str, Mapping[int, float]],
+                                linear_probe_results: Mapping[str, float] | None = None,
+                                subsets: Mapping[str, Mapping[str, dict]] | None = None) -> dict[str, Path]:
+    """identification.json and identification.md in out_dir, each naming `dataset`. subsets: per model,
+    the output of identification.subset_report (AR-style), shown as one table per model."""
+    if not cmc_results:
+        raise ValueError("cmc_results must not be empty")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"dataset": dataset, "protocol": "closed-set identification, cosine scores (method.md section 6)",
+               "cmc": {name: {str(k): v for k, v in r.items()} for name, r in cmc_results.items()},
+               "linear_probe_top1": dict(linear_probe_results or {}),
+               "subsets": {m: {s: {"probes": v["probes"], "cmc": {str(k): a for k, a in v["cmc"].items()}}
+                               for s, v in per.items()} for m, per in (subsets or {}).items()}}
+    text = f"# Identification on {dataset}\n\n" + markdown_table(identification_rows(cmc_results, linear_probe_results))
+    for model, per in (subsets or {}).items():
+        rows = [{"subset": s, "probes": v["probes"], **{f"rank-{k} %": a for k, a in v["cmc"].items()}}
+                for s, v in per.items()]
+        text += f"\n## {model}: per subset\n\n" + markdown_table(rows)
+    md = out / "identification.md"
+    atomic_write_bytes(md, text.encode())
+    return {"json": write_json(out / "identification.json", payload), "markdown": md}

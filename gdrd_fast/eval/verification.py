@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import Tensor
 
 THRESHOLDS = np.arange(0, 4, 0.01)
