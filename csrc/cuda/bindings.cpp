@@ -82,7 +82,7 @@ void launch_crd(std::array<PreparedSide, SIDES>& p, const at::Tensor& idx_in, do
   const c10::cuda::CUDAGuard guard(idx.device());
   std::array<gdrd::cuda::CrdSide, SIDES> sides;
   for (size_t s = 0; s < SIDES; ++s)
-    sides[s] = {p[s].anchor.data_ptr(), p[s].memory.data_ptr(), p[s].log_z.data_ptr<double>(), p[s].rows.data_ptr(),
+    sides[s] = {p[s].anchor.data_ptr(), p[s].memory.data_ptr(), p[s].log_z.template data_ptr<double>(), p[s].rows.data_ptr(),
                 need_grad ? p[s].grad.data_ptr() : nullptr};
   if (idx.size(0) == 0) return;
   check_launch(gdrd::cuda::crd_nce_launch(sides.data(), SIDES, dtype_of(p[0].anchor), dtype_of(p[0].memory),
