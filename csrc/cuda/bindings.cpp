@@ -60,8 +60,9 @@ PreparedSide prepare(const at::Tensor& anchor, const at::Tensor& memory, const a
               memory.sizes(), ", ", idx.sizes());
   TORCH_CHECK(anchor.size(1) <= gdrd::cuda::max_dim(), "crd_nce (CUDA): D must be <= ", gdrd::cuda::max_dim());
   TORCH_CHECK(log_z.numel() == 1, "crd_nce (CUDA): log_z must hold one value");
-  TORCH_CHECK(anchor.scalar_type() != at::kDouble || memory.scalar_type() == at::kDouble,
-              "crd_nce (CUDA): float64 anchors need a float64 bank");
+  TORCH_CHECK((anchor.scalar_type() == at::kDouble) == (memory.scalar_type() == at::kDouble),
+              "crd_nce (CUDA): a float64 bank needs float64 anchors and the reverse, got ", anchor.scalar_type(),
+              " and ", memory.scalar_type());
   const auto acc = acc_dtype(anchor, memory);
   PreparedSide p{anchor.to(acc).contiguous(), memory.contiguous(), log_z.to(at::kDouble).contiguous(), {}, {}};
   p.rows = at::zeros({anchor.size(0)}, anchor.options().dtype(acc));  // blocks add partial sums into them
@@ -74,6 +75,7 @@ void launch_crd(std::array<PreparedSide, SIDES>& p, const at::Tensor& idx_in, do
                 bool need_grad) {
   check_idx(idx_in, 2);
   TORCH_CHECK(idx_in.size(1) >= 2 && c > 0 && eps >= 0, "crd_nce (CUDA): need K >= 1, c > 0, eps >= 0");
+  TORCH_CHECK((idx_in.size(1) + 511) / 512 <= 65535, "crd_nce (CUDA): K is too large");
   for (const auto& side : p)
     TORCH_CHECK(side.anchor.scalar_type() == p[0].anchor.scalar_type() &&
                     side.memory.scalar_type() == p[0].memory.scalar_type(),

@@ -1,7 +1,7 @@
 // Gathered CRD NCE loss on CUDA: one pass reads idx once, gathers row idx[b, k] of every side's bank,
 // scores it and accumulates that side's loss and anchor gradient (method.md section 2, fusable form).
 // A warp owns one column k at a time; lane l holds features l, l + 32, ... of the anchor and the row, so
-// each row read is coalesced. Blocks split a row b's columns; partial sums meet through atomics.
+// each row read is coalesced. Blocks (b, column range) meet through atomics on row b's outputs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,8 +36,8 @@ crd_nce_kernel(const Sides<SIDES> sides, const idx_t* __restrict__ idx, int64_t 
   __shared__ acc_t partial_grad[kWarps][PER_LANE * 32];
   __shared__ acc_t partial_loss[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.y;
-  const int64_t k_begin = int64_t(blockIdx.x) * kColumnsPerBlock;
+  const int64_t b = blockIdx.x;
+  const int64_t k_begin = int64_t(blockIdx.y) * kColumnsPerBlock;
   const int64_t k_end = cols < k_begin + kColumnsPerBlock ? cols : k_begin + kColumnsPerBlock;
   const idx_t* idx_b = idx + b * cols;
 
@@ -100,7 +100,7 @@ crd_nce_kernel(const Sides<SIDES> sides, const idx_t* __restrict__ idx, int64_t 
       }
     }
     if (threadIdx.x == 0) {
-      acc_t sum = blockIdx.x == 0 ? negative_offset * acc_t(cols - 1) : acc_t(0);
+      acc_t sum = blockIdx.y == 0 ? negative_offset * acc_t(cols - 1) : acc_t(0);
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += partial_loss[w];
       atomicAdd(static_cast<acc_t*>(sides.side[s].rows) + b, sum);
@@ -111,7 +111,7 @@ crd_nce_kernel(const Sides<SIDES> sides, const idx_t* __restrict__ idx, int64_t 
 template <typename acc_t, typename mem_t, typename idx_t, int SIDES>
 cudaError_t launch_sides(const CrdSide* host_sides, const void* idx, int64_t batch, int64_t cols, int64_t dim,
                          double inv_t, double c, double eps, cudaStream_t stream) {
-  const dim3 grid((cols + kColumnsPerBlock - 1) / kColumnsPerBlock, batch);
+  const dim3 grid(batch, (cols + kColumnsPerBlock - 1) / kColumnsPerBlock);  // x: 2^31 - 1 rows
   Sides<SIDES> sides;
   for (int s = 0; s < SIDES; ++s) sides.side[s] = host_sides[s];
   if (dim <= 128)
