@@ -94,6 +94,9 @@ def build(provider: str, size_key: str, device: str):
             crd(student, {"norm": {"output": v_t}}).backward()
     elif provider.endswith("-gathered"):
         backend = provider.removesuffix("-gathered")
+        reason = crd_nce.PAIR_IMPLS[backend].unavailable(torch.device(device))  # also loads the extension
+        if reason:
+            raise RuntimeError(reason)
         kernel = crd_nce.PAIR_IMPLS[backend].load()
 
         def step():  # what crd_nce_pair_op runs when the dense path does not win, and its backward

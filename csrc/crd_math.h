@@ -1,6 +1,6 @@
 // Scalar numerics of CRD's fused NCE loss, shared by the CPU and CUDA kernels (method.md section 2).
 // With l = s/T - log Z - log(c + eps): positive term softplus(-l), each negative softplus(l) + log((c+eps)/c),
-// d/ds = (sigmoid(l) - [k == 0]) / T. Both forms are stable for any finite l.
+// d/ds = (sigmoid(l) - [k == 0]) / T.
 #pragma once
 #include <cmath>
 
@@ -12,21 +12,9 @@
 
 namespace gdrd {
 
-template <typename T>
-GDRD_HOST_DEVICE T softplus(T x) {
-  using std::exp;
-  using std::log1p;
-  return (x > T(0) ? x : T(0)) + log1p(exp(-(x > T(0) ? x : -x)));
-}
-
-template <typename T>
-GDRD_HOST_DEVICE T sigmoid(T x) {
-  using std::exp;
-  T e = exp(-(x > T(0) ? x : -x));  // never overflows
-  return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-}
-
-// Loss and d loss / d s of score s at column k of a row (k == 0 is the positive).
+// Loss and d loss / d s of score s at column k of a row (k == 0 is the positive). One exp serves all:
+// with e = exp(-|l|) <= 1 (nothing overflows), softplus(+-l) = max(+-l, 0) + log1p(e), and sigmoid(l) and
+// sigmoid(l) - 1 = -sigmoid(-l) are each 1 / (1 + e) or e / (1 + e), without cancellation.
 template <typename T>
 struct NceTerm {
   T loss, dscore;
@@ -34,9 +22,13 @@ struct NceTerm {
 
 template <typename T>
 GDRD_HOST_DEVICE NceTerm<T> nce_term(T s, bool positive, T inv_t, T shift) {
-  T l = s * inv_t - shift;
-  return positive ? NceTerm<T>{softplus(-l), (sigmoid(l) - T(1)) * inv_t}
-                  : NceTerm<T>{softplus(l), sigmoid(l) * inv_t};
+  using std::exp;
+  using std::log1p;
+  const T l = s * inv_t - shift;
+  const T e = exp(l > T(0) ? -l : l);
+  const T hinge = positive ? (l < T(0) ? -l : T(0)) : (l > T(0) ? l : T(0));
+  const T numerator = (l >= T(0)) != positive ? T(1) : e;
+  return {hinge + log1p(e), (positive ? -numerator : numerator) / (T(1) + e) * inv_t};
 }
 
 }  // namespace gdrd

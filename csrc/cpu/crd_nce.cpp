@@ -13,6 +13,16 @@
 
 namespace {
 
+constexpr int64_t kPrefetchDistance = 4;  // columns ahead: enough to hide a DRAM miss behind 4 rows of work
+constexpr int64_t kCacheLine = 64;
+
+// Every cache line of a row: a bank row spans several lines and __builtin_prefetch fetches one.
+template <typename mem_t>
+inline void prefetch_row(const mem_t* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < d * int64_t(sizeof(mem_t)); offset += kCacheLine) __builtin_prefetch(p + offset);
+}
+
 template <typename acc_t, typename mem_t>
 inline acc_t dot(const mem_t* row, const acc_t* anchor, int64_t d) {
   acc_t sum = 0;
@@ -48,8 +58,8 @@ void gathered_nce(const std::array<Side<acc_t, mem_t>, SIDES>& sides, const idx_
         if (side.grad) std::fill_n(side.grad + b * d, d, acc_t(0));
       for (int64_t k = 0; k < cols; ++k) {
         const int64_t r = idx_b[k];
-        if (k + 1 < cols)  // the next row is a random gather: start fetching it now
-          for (const auto& side : sides) __builtin_prefetch(side.memory + int64_t(idx_b[k + 1]) * d);
+        if (k + kPrefetchDistance < cols)  // rows are random gathers: fetch ahead of use
+          for (const auto& side : sides) prefetch_row(side.memory + int64_t(idx_b[k + kPrefetchDistance]) * d, d);
         for (size_t s = 0; s < SIDES; ++s) {
           const auto& side = sides[s];
           const mem_t* row = side.memory + r * d;

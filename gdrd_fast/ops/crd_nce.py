@@ -5,9 +5,9 @@ The kernels live in csrc/ (cpu/crd_nce.cpp, cuda/crd_nce.cu):
   -> (rows [B], d row_b / d anchor_b [B, D] or empty)
 - torch.ops.gdrd_fast_C.crd_nce_pair_forward(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
   inv_t, c, eps, need_grad) -> (rows_a, grad_a, rows_b, grad_b): both sides of CRDLoss, one idx read.
-When the batch gathers at least twice as many rows as the bank holds (B(K+1) >= 2N), `dense_forward`
-scores every bank row once with a GEMM instead and weights each score by how often its row was drawn:
-the same loss and gradient for less memory traffic.
+When the gather would read the bank many times over (`dense_wins`: B(K+1) >= 2N on GPU, K+1 >= 2N on
+CPU), `dense_forward` scores every bank row once with a GEMM instead and weights each score by how often
+its row was drawn: the same loss and gradient for less memory traffic.
 """
 from __future__ import annotations
 
@@ -40,8 +40,11 @@ PAIR_IMPLS = {
 
 
 def dense_wins(idx: Tensor, memory: Tensor) -> bool:
-    """The dense path reads the bank once; the gathered one reads B(K+1) rows."""
-    return idx.numel() >= 2 * memory.shape[0]
+    """On GPU memory traffic decides: the dense path reads the bank once, the gathered one B(K+1) rows.
+    On CPU the per-score work does (B x N dense scores against B(K+1) gathered ones)."""
+    if memory.device.type == "cuda":
+        return idx.numel() >= 2 * memory.shape[0]
+    return idx.shape[1] >= 2 * memory.shape[0]
 
 
 def dense_forward(anchor: Tensor, memory: Tensor, idx: Tensor, inv_t: float, log_z: Tensor, c: float, eps: float,
