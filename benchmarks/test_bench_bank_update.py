@@ -64,4 +64,4 @@ def test_bank_update(benchmark, provider, size_key, device):
         reason = memory_ops.PAIR_IMPLS[provider].unavailable(torch.device(device))
         if reason:
             pytest.skip(reason)
-    measure(benchmark, __name__, OP, provider, size_key, device, rounds=20 if device == "cpu" else 200)
+    measure(benchmark, __name__, OP, provider, size_key, device, rounds=200)

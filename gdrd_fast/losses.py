@@ -81,7 +81,9 @@ class CRDLoss(nn.Module):
         bank_s, bank_t = self.memory_s.rows, self.memory_t.rows
         # every check before the first write: a failed call leaves banks and normalisers as they were
         device, n_data = functional._check_crd(v_s, bank_t, contrast_idx, self.nce_t, self.n_data)
-        functional._check_crd(v_t, bank_s, contrast_idx, self.nce_t, self.n_data)
+        # v_t and bank_s have the shapes of v_s and bank_t once the batch sizes agree
+        check.same_size("batch size", **{"f_s.shape[0]": f_s.shape[0], "f_t.shape[0]": f_t.shape[0]})
+        check.finite("embed_t(f_t)", v_t)
         if not _z_is_set(self, "log_z_s", "log_z_t"):
             # RepDistiller freezes Z on the first batch: out_s scores v_s against the teacher bank
             self.log_z_s.copy_(functional.crd_log_z(v_s, bank_t, contrast_idx, temperature=self.nce_t, n_data=n_data))

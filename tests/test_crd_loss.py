@@ -72,6 +72,10 @@ def test_crd_loss_failure_mutates_nothing(backend):
         crd(f, f, torch.tensor([0, 1, 2]), torch.randint(50, (3, 6)).index_fill_(1, torch.tensor([3]), 99))
     with pytest.raises(ValueError, match="anchor"):
         crd(f.clone().index_fill_(0, torch.tensor([1]), float("nan")), f, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="f_t"):
+        crd(f, f.clone().index_fill_(0, torch.tensor([1]), float("nan")), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="batch size"):
+        crd(f, f[:2], torch.tensor([0, 1, 2]))
     for key, value in crd.state_dict().items():
         torch.testing.assert_close(value, before[key], equal_nan=True)
 

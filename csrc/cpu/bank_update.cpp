@@ -58,7 +58,9 @@ void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> valu
         mem_t* bank = memories[s].data_ptr<mem_t>();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values[s].scalar_type(), "bank_update_cpu_val", [&] {
           const scalar_t* vals = values[s].data_ptr<scalar_t>();
-          at::parallel_for(0, static_cast<int64_t>(keep.size()), 16, [&](int64_t begin, int64_t end) {
+          // threads only pay off beyond a few thousand rows' worth of work
+          const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
+          at::parallel_for(0, static_cast<int64_t>(keep.size()), grain, [&](int64_t begin, int64_t end) {
             std::vector<double> mixed(d);
             for (int64_t j = begin; j < end; ++j)
               mix_normalise(bank + int64_t(ids[keep[j]]) * d, vals + keep[j] * d, d, momentum, mixed);
