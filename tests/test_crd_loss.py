@@ -3,10 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdrd_fast import CRDLoss, backends
+from gdrd_fast import CRDLoss, backends, validation
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
-    backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C"))]
+    backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")),
+    pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def device_of(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 def repdistiller_step(crd: CRDLoss, bank_s, bank_t, z_s, z_t, f_s, f_t, idx, contrast_idx):
@@ -39,14 +44,15 @@ def repdistiller_step(crd: CRDLoss, bank_s, bank_t, z_s, z_t, f_s, f_t, idx, con
 def test_crd_loss_matches_repdistiller_float64(backend, n_data, nce_k):
     s_dim, t_dim, feat, b = 13, 17, 9, 6
     crd = CRDLoss(s_dim, t_dim, n_data, feat_dim=feat, nce_k=nce_k, nce_t=0.1, nce_m=0.5,
-                  bank_dtype=torch.float64, backend=backend).double()
+                  bank_dtype=torch.float64, backend=backend).double().to(device_of(backend))
     bank_s, bank_t = crd.memory_s.rows.clone(), crd.memory_t.rows.clone()
     z_s = z_t = None
     for step in range(3):  # Z is estimated on step 0 and frozen afterwards
-        f_s = torch.randn(b, s_dim, dtype=torch.float64, requires_grad=True)
-        f_t = torch.randn(b, t_dim, dtype=torch.float64, requires_grad=True)
-        idx = torch.randperm(n_data)[:b]
-        contrast_idx = torch.cat([idx[:, None], torch.randint(n_data, (b, nce_k))], 1)
+        kw = dict(dtype=torch.float64, device=device_of(backend))
+        f_s = torch.randn(b, s_dim, **kw, requires_grad=True)
+        f_t = torch.randn(b, t_dim, **kw, requires_grad=True)
+        idx = torch.randperm(n_data, device=kw["device"])[:b]
+        contrast_idx = torch.cat([idx[:, None], torch.randint(n_data, (b, nce_k), device=kw["device"])], 1)
         ref, bank_s, bank_t, z_s, z_t = repdistiller_step(crd, bank_s, bank_t, z_s, z_t, f_s, f_t, idx, contrast_idx)
         params = [f_s, f_t, *crd.parameters()]
         ref_grads = torch.autograd.grad(ref * 1.7, params)  # grad_output != 1
@@ -62,20 +68,24 @@ def test_crd_loss_matches_repdistiller_float64(backend, n_data, nce_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_crd_loss_failure_mutates_nothing(backend):
-    crd = CRDLoss(8, 8, 50, feat_dim=4, nce_k=5, backend=backend)
+def test_crd_loss_failure_mutates_nothing(backend, monkeypatch):
+    monkeypatch.setattr(validation, "_checks_on_gpu", True)  # value checks sync, so GPU runs them on request
+    device = device_of(backend)
+    crd = CRDLoss(8, 8, 50, feat_dim=4, nce_k=5, backend=backend).to(device)
     before = {k: v.clone() for k, v in crd.state_dict().items()}
-    f = torch.randn(3, 8)
+    f = torch.randn(3, 8, device=device)
+    ids = torch.tensor([0, 1, 2], device=device)
+    nan_row = torch.tensor([1], device=device)
     with pytest.raises(ValueError, match="idx"):
-        crd(f, f, torch.tensor([0, 1, 50]))
+        crd(f, f, torch.tensor([0, 1, 50], device=device))
     with pytest.raises(ValueError, match="contrast_idx|idx"):
-        crd(f, f, torch.tensor([0, 1, 2]), torch.randint(50, (3, 6)).index_fill_(1, torch.tensor([3]), 99))
+        crd(f, f, ids, torch.randint(50, (3, 6), device=device).index_fill_(1, torch.tensor([3], device=device), 99))
     with pytest.raises(ValueError, match="anchor"):
-        crd(f.clone().index_fill_(0, torch.tensor([1]), float("nan")), f, torch.tensor([0, 1, 2]))
+        crd(f.clone().index_fill_(0, nan_row, float("nan")), f, ids)
     with pytest.raises(ValueError, match="f_t"):
-        crd(f, f.clone().index_fill_(0, torch.tensor([1]), float("nan")), torch.tensor([0, 1, 2]))
+        crd(f, f.clone().index_fill_(0, nan_row, float("nan")), ids)
     with pytest.raises(ValueError, match="batch size"):
-        crd(f, f[:2], torch.tensor([0, 1, 2]))
+        crd(f, f[:2], ids)
     for key, value in crd.state_dict().items():
         torch.testing.assert_close(value, before[key], equal_nan=True)
 

@@ -3,7 +3,7 @@ float64 reference: momentum, renormalisation, last duplicate wins, two banks in 
 import pytest
 import torch
 
-from gdrd_fast import MemoryBank, backends, reference
+from gdrd_fast import MemoryBank, backends, reference, validation
 from gdrd_fast.ops import memory as memory_ops
 
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
@@ -62,7 +62,8 @@ def test_pair_update_equals_two_single_updates(device, bank_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_memory_bank_module_uses_kernel_and_rejects_bad_input(device):
+def test_memory_bank_module_uses_kernel_and_rejects_bad_input(device, monkeypatch):
+    monkeypatch.setattr(validation, "_checks_on_gpu", True)  # value checks sync, so GPU runs them on request
     bank = MemoryBank(30, 8, momentum=0.5, backend=device).to(device)
     before = bank.rows.clone()
     with pytest.raises(ValueError, match="idx"):
