@@ -55,28 +55,39 @@ crd_nce_kernel(const Sides<SIDES> sides, const idx_t* __restrict__ idx, int64_t 
   }
   const bool need_grad = sides.side[0].grad != nullptr;
 
-  for (int64_t k = k_begin + warp; k < k_end; k += kWarps) {
-    const int64_t r = idx_b[k];
-    acc_t row[SIDES][PER_LANE];
+  // COLS columns per step keep more row loads in flight (the loop is latency-bound) while registers allow
+  constexpr int COLS = SIDES * PER_LANE <= 8 ? 2 : 1;
+  for (int64_t k0 = k_begin + warp; k0 < k_end; k0 += kWarps * COLS) {
+    acc_t row[COLS][SIDES][PER_LANE];
 #pragma unroll
-    for (int s = 0; s < SIDES; ++s) {  // every load of the column is issued before any reduction
-      const mem_t* m = static_cast<const mem_t*>(sides.side[s].memory) + r * dim;
+    for (int c = 0; c < COLS; ++c) {  // every load of the step is issued before any reduction
+      const int64_t k = k0 + c * kWarps;
+      const int64_t r = k < k_end ? int64_t(idx_b[k]) : 0;
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j) {
-        const int d = lane + 32 * j;
-        row[s][j] = d < dim ? to_acc<acc_t>(__ldg(m + d)) : acc_t(0);
+      for (int s = 0; s < SIDES; ++s) {
+        const mem_t* m = static_cast<const mem_t*>(sides.side[s].memory) + r * dim;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+          const int d = lane + 32 * j;
+          row[c][s][j] = k < k_end && d < dim ? to_acc<acc_t>(__ldg(m + d)) : acc_t(0);
+        }
       }
     }
 #pragma unroll
-    for (int s = 0; s < SIDES; ++s) {
-      acc_t dot = 0;
+    for (int c = 0; c < COLS; ++c) {
+      const int64_t k = k0 + c * kWarps;
+      if (k >= k_end) break;  // uniform across the warp: the shuffles below stay converged
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j) dot += row[s][j] * anchor[s][j];
-      const auto term = gdrd::nce_term(warp_sum(dot), k == 0, inv_t, shift[s]);
-      loss[s] += term.loss;
-      if (need_grad) {
+      for (int s = 0; s < SIDES; ++s) {
+        acc_t dot = 0;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) grad[s][j] += term.dscore * row[s][j];
+        for (int j = 0; j < PER_LANE; ++j) dot += row[c][s][j] * anchor[s][j];
+        const auto term = gdrd::nce_term(warp_sum(dot), k == 0, inv_t, shift[s]);
+        loss[s] += term.loss;
+        if (need_grad) {
+#pragma unroll
+          for (int j = 0; j < PER_LANE; ++j) grad[s][j] += term.dscore * row[c][s][j];
+        }
       }
     }
   }
