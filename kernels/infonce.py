@@ -10,24 +10,16 @@ Splitting the bank keeps ~one wave of programs busy even at B=256; nothing of si
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from gdrd_fast.backends import interpreter_mode
+from ._tiles import device_arch, mma, mma_in_fp32
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 _EMPTY_MAX = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split merges as weight 0 instead of NaN
-
-
-@triton.jit
-def _dot(a, b, DOT_IN_FP32: tl.constexpr):
-    if DOT_IN_FP32:  # fp32 inputs: three TF32 MMAs give fp32 accuracy on tensor cores
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    return tl.dot(a, b.to(a.dtype))
 
 
 @triton.jit
@@ -60,7 +52,7 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
         k_rows = bank_ptr + keys[:, None].to(tl.int64) * D
         if NUM_CHUNKS == 1:
             k = tl.load(k_rows + chunk_cols[None, :], mask=key_ok[:, None] & acc_col_ok[None, :], other=0.0)
-            s = _dot(q, tl.trans(k), DOT_IN_FP32)
+            s = mma(q, tl.trans(k), DOT_IN_FP32)
         else:
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for c in tl.static_range(NUM_CHUNKS):
@@ -68,7 +60,7 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
                 col_ok = cols < D
                 q_c = tl.load(q_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 k_c = tl.load(k_rows + cols[None, :], mask=key_ok[:, None] & col_ok[None, :], other=0.0)
-                s += _dot(q_c, tl.trans(k_c), DOT_IN_FP32)
+                s += mma(q_c, tl.trans(k_c), DOT_IN_FP32)
             if NEED_GRAD:
                 k = tl.load(k_rows + acc_cols[None, :], mask=key_ok[:, None] & acc_col_ok[None, :], other=0.0)
         s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
@@ -77,7 +69,7 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         if NEED_GRAD:
-            acc = acc * rescale[:, None] + _dot(p.to(k.dtype), k, DOT_IN_FP32)
+            acc = acc * rescale[:, None] + mma(p.to(k.dtype), k, DOT_IN_FP32)
         row_max = new_max
 
     part = split * B + rows
@@ -160,13 +152,6 @@ PARTIAL_CONFIGS = {
 MAX_D = {False: 512, True: 128}  # largest feature dim with a spill-free configuration, by dot_in_fp32
 
 
-def device_arch(device: torch.device) -> int:
-    """The configuration family of a device: 90 for Hopper and newer, 80 otherwise (and for the interpreter)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return 90
-    return 80
-
-
 def merge_config(d_block: int) -> dict:
     return {"BLOCK_B": max(1, 2048 // d_block), "num_warps": 4}
 
@@ -196,8 +181,7 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
     """
     b, d = query.shape
     k = bank.shape[0]
-    dot_in_fp32 = (query.dtype == torch.float32 or bank.dtype != query.dtype
-                   or (query.dtype == torch.bfloat16 and interpreter_mode()))  # interpreter's bf16 dot is wrong
+    dot_in_fp32 = mma_in_fp32(query, bank)
     if d > MAX_D[dot_in_fp32]:  # no spill-free tile holds tf32x3 operands this wide: stream in torch
         from gdrd_fast.ops.infonce import infonce_bank_chunked
         return infonce_bank_chunked(query, positive, bank, temperature, need_grad)
