@@ -182,7 +182,8 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
     b, d = query.shape
     k = bank.shape[0]
     dot_in_fp32 = mma_in_fp32(query, bank)
-    if d > MAX_D[dot_in_fp32]:  # no spill-free tile holds tf32x3 operands this wide: stream in torch
+    # float64 (exact) and fp32 wider than any spill-free tf32x3 tile: the chunked torch stream, any device
+    if query.dtype == torch.float64 or d > MAX_D[dot_in_fp32]:
         from gdrd_fast.ops.infonce import infonce_bank_chunked
         return infonce_bank_chunked(query, positive, bank, temperature, need_grad)
     query, positive, bank = query.contiguous(), positive.contiguous(), bank.contiguous()
