@@ -98,13 +98,13 @@ def _tiles(block_o, block_k, block_p, num_warps, num_stages) -> dict:
 # (arch, in_fp32, "fwd" | "bwd") -> tiles; each compiles without spills (tests/test_triton_static.py)
 CONFIGS = {
     (90, False, "fwd"): _tiles(128, 64, 64, 8, 3),
-    (90, False, "bwd"): _tiles(64, 64, 64, 4, 2),
+    (90, False, "bwd"): _tiles(64, 64, 64, 8, 2),
     (90, True, "fwd"): _tiles(64, 32, 64, 4, 2),
-    (90, True, "bwd"): _tiles(64, 32, 32, 4, 2),
+    (90, True, "bwd"): _tiles(64, 16, 32, 8, 2),
     (80, False, "fwd"): _tiles(128, 64, 64, 8, 3),
-    (80, False, "bwd"): _tiles(64, 64, 64, 4, 2),
-    (80, True, "fwd"): _tiles(64, 32, 64, 4, 2),
-    (80, True, "bwd"): _tiles(64, 32, 32, 4, 2),
+    (80, False, "bwd"): _tiles(64, 32, 64, 8, 2),
+    (80, True, "fwd"): _tiles(64, 32, 64, 8, 2),
+    (80, True, "bwd"): _tiles(64, 16, 32, 8, 2),
 }
 
 
