@@ -26,7 +26,7 @@ status=0
 time "$PYTHON" -m pytest tests -m "cuda or triton" -q -p no:cacheprovider -ra || status=$?
 
 echo "== benchmarks =="
-json="$RESULTS/benchmarks_$stamp.json"
+json=$(mktemp --suffix=.json)  # report.py files it under a device-and-date name
 time "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$json" -q -p no:cacheprovider "$@" || status=$?
 if [ -s "$json" ]; then
     "$PYTHON" -m benchmarks.report "$json" --out "$RESULTS" --out "$OUT_DIR"

@@ -16,6 +16,7 @@ def test_triton_infonce_matches_float64(b, k, d, dtype):
 def test_every_bank_split_counts():
     """Many splits, ragged tiles, more splits than query tiles: the merge must weigh every split."""
     from gdrd_fast import backends, reference
+    from gdrd_fast.testing import assert_close
     forward = backends.kernels().infonce.infonce_bank_forward
     q, p, bank = torch.randn(9, 40), torch.randn(9, 40), torch.randn(301, 40)
     rows, grad_q, grad_p = forward(q, p, bank, 0.3, True, programs=64,
@@ -24,6 +25,6 @@ def test_every_bank_split_counts():
     p64 = p.double().requires_grad_(True)
     ref_rows = reference.infonce_bank_loss(q64, p64, bank.double(), temperature=0.3, reduction="none")
     ref_gq, ref_gp = torch.autograd.grad(ref_rows.sum(), (q64, p64))
-    torch.testing.assert_close(rows.double(), ref_rows.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_q.double(), ref_gq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_p.double(), ref_gp, rtol=1e-5, atol=1e-5)
+    assert_close("rows", rows, ref_rows, None, torch.float32)
+    assert_close("grad query", grad_q, ref_gq, None, torch.float32)
+    assert_close("grad positive", grad_p, ref_gp, None, torch.float32)
