@@ -1,5 +1,12 @@
 """The Triton infonce_bank kernels under TRITON_INTERPRET=1 on CPU tensors, against float64."""
-import pytest
+import os
+
+# Triton decides at import whether kernels are interpreted: set before gdrd_fast.kernels loads. These
+# files are run by tests/test_triton_interpreter.py in their own process (the name keeps `pytest tests`
+# from collecting them into a session that compiles kernels for the static checks).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402  (after the environment variable)
 import torch
 
 from infonce_cases import SIZES, check_infonce
