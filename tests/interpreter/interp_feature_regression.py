@@ -6,7 +6,7 @@ import os
 # from collecting them into a session that compiles kernels for the static checks).
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402  (after the environment variable)
+import pytest
 import torch
 
 from feature_regression_cases import SIZES, check_feature_regression
