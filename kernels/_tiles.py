@@ -1,6 +1,8 @@
 """Pieces shared by the Triton kernels: the tensor-core product and the rule for when it runs in fp32."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ def mma_in_fp32(*tensors: torch.Tensor) -> bool:
         dtypes == {torch.bfloat16} and interpreter_mode())
 
 
+@functools.lru_cache(None)
 def device_arch(device: torch.device) -> int:
     """The configuration family of a device: 90 for Hopper and newer, 80 otherwise (and for the interpreter)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
