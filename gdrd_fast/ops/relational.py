@@ -34,7 +34,7 @@ EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_con
 
 def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Tensor, fold_weight: Tensor,
                                  fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float,
-                                 need_grad: bool, log_sum_exp: bool, max_elements: int = 1 << 21):
+                                 need_grad: bool, log_sum_exp: bool, max_elements: int = 1 << 19):
     """The 'cpu' backend: the kernel's computation in torch, over chunks of rows (never R x K x d at once)."""
     batch, dim = anchors.shape
     rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
@@ -45,16 +45,18 @@ def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Te
     grad = queries.new_empty((rows_n, dim) if need_grad else (0,))
     for start in range(0, rows_n, chunk):
         i, j = i_all[start:start + chunk], j_all[start:start + chunk]
-        u = torch.relu(anchors[i][:, None, :] - projected[neg_idx[j]])           # [c, K, d]
-        keys = F.normalize(torch.matmul(u, fold_weight.t()).add_(fold_bias), dim=-1)
-        s = torch.einsum("ckd,cd->ck", keys, queries[start:start + chunk]).mul_(inv_t)
+        u = projected[neg_idx[j]].neg_().add_(anchors[i][:, None, :]).relu_()     # [c, K, d]
+        z = torch.matmul(u, fold_weight.t()).add_(fold_bias)
+        inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(1e-12).reciprocal_()  # F.normalize's eps
+        s = torch.bmm(z, queries[start:start + chunk, :, None])[..., 0].mul_(inv_norm).mul_(inv_t)
         if log_sum_exp:
             rows[start:start + chunk] = torch.logsumexp(s, 1)
             continue
         logit = s.sub_(offset)
         rows[start:start + chunk] = F.softplus(logit).sum(1)
-        if need_grad:
-            grad[start:start + chunk] = torch.einsum("ck,ckd->cd", torch.sigmoid(logit), keys).mul_(inv_t)
+        if need_grad:  # sum_k sigmoid(l_k) / tau * z_k / |z_k|, the norm folded into the weights
+            weight = torch.sigmoid(logit).mul_(inv_norm).mul_(inv_t)
+            grad[start:start + chunk] = torch.bmm(weight[:, None, :], z)[:, 0]
     return rows, grad
 
 
