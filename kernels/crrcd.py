@@ -55,7 +55,7 @@ def relational_negatives_kernel(
         k_ok = k < num_neg
         n = tl.load(neg_idx_ptr + j * stride_n + k, mask=k_ok, other=0).to(tl.int64)
         p = tl.load(projected_ptr + n[:, None] * stride_p + d[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+                    other=0.0).to(tl.float32)
         # maximum that keeps NaN: a NaN queue row must poison the loss, as in the reference
         u = tl.maximum(anchor[None, :] - p, 0.0, propagate_nan=tl.PropagateNan.ALL)
         fold_wt = tl.load(fold_wt_ptr + fold_wt_offsets, mask=fold_wt_mask, other=0.0)
@@ -141,7 +141,9 @@ def relational_negatives(anchors, projected, neg_idx, fold_weight, fold_bias, qu
     rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
     gemm = _gemm_mode(fold_weight.dtype)
     fold_wt, fold_wt_lo = _fold_operands(fold_weight, gemm)
-    anchors, projected, queries, fold_bias = (t.float().contiguous() for t in (anchors, projected, queries, fold_bias))
+    # projected rows are the gathered operand: fp16 with fp16 GEMMs (half the bytes), else float32
+    projected = projected.to(torch.float16 if gemm == "native" else torch.float32).contiguous()
+    anchors, queries, fold_bias = (t.float().contiguous() for t in (anchors, queries, fold_bias))
     neg_idx = neg_idx.contiguous()
     rows = torch.empty(rows_n, dtype=torch.float32, device=anchors.device)
     grad = torch.empty((rows_n, dim) if need_grad else (1, dim), dtype=torch.float32, device=anchors.device)
@@ -161,7 +163,7 @@ def _static_config(dtype: str, block_d: int, log_sum_exp: bool, need_grad: bool)
     operand = "bf16" if dtype == "fp32" else dtype
     cfg = _launch_config(block_d, 512, gemm)
     signature = {
-        "anchors_ptr": "*fp32", "projected_ptr": "*fp32", "neg_idx_ptr": "*i64", "fold_wt_ptr": f"*{operand}",
+        "anchors_ptr": "*fp32", "projected_ptr": "*fp32" if dtype == "fp32" else "*fp16", "neg_idx_ptr": "*i64", "fold_wt_ptr": f"*{operand}",
         "fold_wt_lo_ptr": f"*{operand}", "fold_b_ptr": "*fp32", "queries_ptr": "*fp32", "offset_ptr": "*fp32",
         "rows_ptr": "*fp32", "grad_ptr": "*fp32", "batch": "i32", "num_neg": "i32", "dim": "i32",
         "inv_t": "fp32", "stride_a": "i32", "stride_p": "i32", "stride_n": "i32", "stride_w": "i32",
