@@ -18,17 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from gdrd_fast import backends
+from gdrd_fast.backends import interpreter_mode
+
+from ._tiles import mma, mma_in_fp32
 
 
 @triton.jit
 def relational_negatives_kernel(
-    anchors_ptr, projected_ptr, neg_idx_ptr, fold_wt_ptr, fold_wt_lo_ptr, fold_b_ptr, queries_ptr, offset_ptr,
+    anchors_ptr, projected_ptr, neg_idx_ptr, fold_wt_ptr, fold_b_ptr, queries_ptr, offset_ptr,
     rows_ptr, grad_ptr,
     batch, num_neg, dim, inv_t,
     stride_a, stride_p, stride_n, stride_w, stride_q, stride_g,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    LOG_SUM_EXP: tl.constexpr, NEED_GRAD: tl.constexpr, GEMM: tl.constexpr,
+    LOG_SUM_EXP: tl.constexpr, NEED_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     i = r // (batch - 1)
@@ -59,17 +61,7 @@ def relational_negatives_kernel(
         # maximum that keeps NaN: a NaN queue row must poison the loss, as in the reference
         u = tl.maximum(anchor[None, :] - p, 0.0, propagate_nan=tl.PropagateNan.ALL)
         fold_wt = tl.load(fold_wt_ptr + fold_wt_offsets, mask=fold_wt_mask, other=0.0)
-        if GEMM == "bf16x3":  # float32 operands as hi + lo bf16 parts; lo x lo is below float32 rounding
-            u_hi = u.to(tl.bfloat16)
-            u_lo = (u - u_hi.to(tl.float32)).to(tl.bfloat16)
-            fold_wt_lo = tl.load(fold_wt_lo_ptr + fold_wt_offsets, mask=fold_wt_mask, other=0.0)
-            z = tl.dot(u_hi, fold_wt_lo)
-            z = tl.dot(u_lo, fold_wt, z)
-            z = tl.dot(u_hi, fold_wt, z)
-        elif GEMM == "ieee":
-            z = tl.dot(u, fold_wt, input_precision="ieee")
-        else:
-            z = tl.dot(u.to(fold_wt.dtype), fold_wt)
+        z = mma(u.to(fold_wt.dtype), fold_wt, DOT_IN_FP32)
         z = z + bias[None, :]
         inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(z * z, 1)), 1e-12)  # F.normalize's eps
         s = tl.sum(z * query[None, :], 1) * inv_norm * inv_t
@@ -97,37 +89,17 @@ def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _gemm_mode(operand_dtype: torch.dtype) -> str:
-    """How the kernel runs u @ G^T: fp16 operands natively on tensor cores; anything else at float32
-    accuracy, as three bf16 products (hi/lo split, ~2^-16 relative error), or plainly in the
-    interpreter, whose bf16 tl.dot is wrong (environment.md)."""
-    if operand_dtype == torch.float16:
-        return "native"
-    return "ieee" if backends.interpreter_mode() else "bf16x3"
-
-
-def _launch_config(dim: int, num_neg: int, gemm: str) -> dict:
+def _launch_config(dim: int, num_neg: int, dot_in_fp32: bool) -> dict:
     """A fixed choice per shape (deterministic, no autotuning), sized so that ptxas reports 0 spills for
-    the shipped d = 128 configurations on sm_90 and sm_80. The split float32 GEMM holds three operand
-    pairs, which only fits narrow key tiles (mma.sync rather than wgmma: fp32 is not the fast path)."""
+    the shipped d = 128 configurations on sm_90 and sm_80. The fp32-accurate product holds three
+    operand pairs, which only fits narrow key tiles (fp32 is not the fast path). The interpreter has no
+    registers and pays per tile: it takes the wide tiles."""
     block_d = _block_d(dim)
-    block_k, num_warps = (16, 8) if gemm == "bf16x3" else (64, 8)
+    block_k = 16 if dot_in_fp32 and not interpreter_mode() else 64
     if block_d > 128:
         block_k = max(16, block_k // 2)
     block_k = min(block_k, max(16, triton.next_power_of_2(num_neg)))
-    return dict(BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
-
-
-def _fold_operands(fold_weight, gemm: str):
-    """G^T as the kernel's GEMM operands: (G^T, its low bf16 part, used only by 'bf16x3')."""
-    fold_wt = fold_weight.t().contiguous()
-    if gemm == "native":
-        return fold_wt, fold_wt
-    fold_wt = fold_wt.float()
-    if gemm == "ieee":
-        return fold_wt, fold_wt
-    hi = fold_wt.to(torch.bfloat16)
-    return hi, (fold_wt - hi.float()).to(torch.bfloat16)
+    return dict(BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8)
 
 
 def relational_negatives(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature,
@@ -135,53 +107,54 @@ def relational_negatives(anchors, projected, neg_idx, fold_weight, fold_bias, qu
     """Host side of the kernel: (rows [R], grad_queries [R, d] or empty) in float32 (see module doc).
 
     The kernel computes in float32 whatever the inputs (float64 included); only the GEMM's operands
-    follow fold_weight's dtype: fp16 runs natively on tensor cores, others at float32 accuracy.
+    follow fold_weight's dtype: fp16 runs natively on tensor cores (with fp16 gathered projections,
+    half the bytes), anything else at float32 accuracy (kernels/_tiles.py).
     """
     batch, dim = anchors.shape
     rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
-    gemm = _gemm_mode(fold_weight.dtype)
-    fold_wt, fold_wt_lo = _fold_operands(fold_weight, gemm)
-    # projected rows are the gathered operand: fp16 with fp16 GEMMs (half the bytes), else float32
-    projected = projected.to(torch.float16 if gemm == "native" else torch.float32).contiguous()
+    dot_in_fp32 = mma_in_fp32(fold_weight)
+    operand = torch.float32 if dot_in_fp32 else fold_weight.dtype
+    fold_wt = fold_weight.t().to(operand).contiguous()
+    projected = projected.to(operand).contiguous()
     anchors, queries, fold_bias = (t.float().contiguous() for t in (anchors, queries, fold_bias))
     neg_idx = neg_idx.contiguous()
     rows = torch.empty(rows_n, dtype=torch.float32, device=anchors.device)
     grad = torch.empty((rows_n, dim) if need_grad else (1, dim), dtype=torch.float32, device=anchors.device)
     if rows_n:
         relational_negatives_kernel[(rows_n,)](
-            anchors, projected, neg_idx, fold_wt, fold_wt_lo, fold_bias, queries, offset.reshape(1).float(),
-            rows, grad, batch, num_neg, dim, 1.0 / temperature,
+            anchors, projected, neg_idx, fold_wt, fold_bias, queries, offset.reshape(1).float(), rows, grad,
+            batch, num_neg, dim, 1.0 / temperature,
             anchors.stride(0), projected.stride(0), neg_idx.stride(0), fold_wt.stride(0), queries.stride(0),
             grad.stride(0),
-            LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad, GEMM=gemm, **_launch_config(dim, num_neg, gemm))
+            LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad, DOT_IN_FP32=dot_in_fp32,
+            **_launch_config(dim, num_neg, dot_in_fp32))
     return rows, (grad if need_grad else grad[:0].reshape(0))
 
 
 def _static_config(dtype: str, block_d: int, log_sum_exp: bool, need_grad: bool) -> dict:
-    """One shipped launch: `dtype` is fold_weight's (fp32 runs the bf16x3 GEMM)."""
-    gemm = "bf16x3" if dtype == "fp32" else "native"
-    operand = "bf16" if dtype == "fp32" else dtype
-    cfg = _launch_config(block_d, 512, gemm)
+    """One shipped launch; `dtype` is the GEMM operands' (fold_weight and the gathered projections)."""
+    dot_in_fp32 = dtype == "fp32"
+    cfg = _launch_config(block_d, 512, dot_in_fp32)
     signature = {
-        "anchors_ptr": "*fp32", "projected_ptr": "*fp32" if dtype == "fp32" else "*fp16", "neg_idx_ptr": "*i64", "fold_wt_ptr": f"*{operand}",
-        "fold_wt_lo_ptr": f"*{operand}", "fold_b_ptr": "*fp32", "queries_ptr": "*fp32", "offset_ptr": "*fp32",
-        "rows_ptr": "*fp32", "grad_ptr": "*fp32", "batch": "i32", "num_neg": "i32", "dim": "i32",
-        "inv_t": "fp32", "stride_a": "i32", "stride_p": "i32", "stride_n": "i32", "stride_w": "i32",
-        "stride_q": "i32", "stride_g": "i32",
+        "anchors_ptr": "*fp32", "projected_ptr": f"*{dtype}", "neg_idx_ptr": "*i64", "fold_wt_ptr": f"*{dtype}",
+        "fold_b_ptr": "*fp32", "queries_ptr": "*fp32", "offset_ptr": "*fp32", "rows_ptr": "*fp32",
+        "grad_ptr": "*fp32", "batch": "i32", "num_neg": "i32", "dim": "i32", "inv_t": "fp32",
+        "stride_a": "i32", "stride_p": "i32", "stride_n": "i32", "stride_w": "i32", "stride_q": "i32",
+        "stride_g": "i32",
     }
     mode = "lse" if log_sum_exp else ("loss_grad" if need_grad else "loss")
     return dict(
         fn=relational_negatives_kernel, signature=signature,
         constexprs=dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad,
-                        GEMM=gemm),
-        num_warps=cfg["num_warps"], expect_wgmma=gemm == "native",
+                        DOT_IN_FP32=dot_in_fp32),
+        num_warps=cfg["num_warps"], expect_wgmma=not dot_in_fp32,
         name=f"relational_negatives_{dtype}_d{block_d}_{mode}")
 
 
 # What CI compiles ahead of time (kernels/_aot.py, tests/test_triton_static.py): every mode at the
 # method's d = 128 for both operand dtypes gdrd_fast.ops.relational passes (fp16 for half inputs, fp32).
 STATIC_CONFIGS = [
-    _static_config(dot, 128, lse, grad)
-    for dot in ("fp16", "fp32")
+    _static_config(dtype, 128, lse, grad)
+    for dtype in ("fp16", "fp32")
     for lse, grad in ((False, True), (False, False), (True, False))
 ]
