@@ -43,8 +43,7 @@ def relational_negatives_kernel(
     query = tl.load(queries_ptr + r * stride_q + d, mask=d_ok, other=0.0)
     bias = tl.load(fold_b_ptr + d, mask=d_ok, other=0.0)
     # G^T, padded with zeros outside dim x dim: padded columns of z stay 0 and drop out of the norm.
-    # Loaded inside the loop: it stays in L2, and the compiler streams it to shared memory for the MMA
-    # instead of pinning d x d values in registers.
+    # Loaded per tile (an L2 hit) rather than held in registers across the loop.
     fold_wt_offsets = d[:, None] * stride_w + d[None, :]
     fold_wt_mask = d_ok[:, None] & d_ok[None, :]
     offset = tl.load(offset_ptr)

@@ -17,7 +17,6 @@ loss sum_k softplus(<q_r, key_rk>/tau - offset) and its gradient in q_r, or logs
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import NamedTuple
 
@@ -61,8 +60,7 @@ def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Te
 
 
 def _triton():
-    backends.kernels()  # registers the kernels/ package as gdrd_fast.kernels
-    return importlib.import_module("gdrd_fast.kernels.crrcd").relational_negatives
+    return backends.kernels().crrcd.relational_negatives
 
 
 IMPLS = {
