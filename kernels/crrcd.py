@@ -42,10 +42,9 @@ def relational_negatives_kernel(
     anchor = tl.load(anchors_ptr + i * stride_a + d, mask=d_ok, other=0.0)
     query = tl.load(queries_ptr + r * stride_q + d, mask=d_ok, other=0.0)
     bias = tl.load(fold_b_ptr + d, mask=d_ok, other=0.0)
-    # G^T, padded with zeros outside dim x dim: padded columns of z stay 0 and drop out of the norm.
-    # Loaded per tile (an L2 hit) rather than held in registers across the loop.
-    fold_wt_offsets = d[:, None] * stride_w + d[None, :]
-    fold_wt_mask = d_ok[:, None] & d_ok[None, :]
+    # G^T, padded with zeros outside dim x dim: padded columns of z stay 0 and drop out of the norm
+    fold_wt = tl.load(fold_wt_ptr + d[:, None] * stride_w + d[None, :], mask=d_ok[:, None] & d_ok[None, :],
+                      other=0.0)
     offset = tl.load(offset_ptr)
 
     total = tl.zeros((), dtype=tl.float32)   # sum of softplus, or the running sum of exp
@@ -59,7 +58,6 @@ def relational_negatives_kernel(
                     other=0.0).to(tl.float32)
         # maximum that keeps NaN: a NaN queue row must poison the loss, as in the reference
         u = tl.maximum(anchor[None, :] - p, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        fold_wt = tl.load(fold_wt_ptr + fold_wt_offsets, mask=fold_wt_mask, other=0.0)
         z = mma(u.to(fold_wt.dtype), fold_wt, DOT_IN_FP32)
         z = z + bias[None, :]
         inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(z * z, 1)), 1e-12)  # F.normalize's eps

@@ -1,14 +1,16 @@
 """relational_contrastive_loss fast paths against the float64 reference: the chunked 'cpu' backend here,
 the Triton kernel on a GPU (marked cuda; the same kernel runs on CPU in tests/interpreter/interp_relational.py).
-Also: the custom op's opcheck, the cpu backend's chunking, NaN propagation and the Module end to end."""
+Also: the custom op's opcheck, torch.compile without graph breaks, the cpu backend's chunking, NaN
+propagation and the Module end to end."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gdrd_fast
+from gdrd_fast import reference
 from gdrd_fast.ops import relational
-from relational_cases import (SIZES, TEMPERATURE, check_backend, check_log_z, check_nan_poisons_the_loss,
-                              check_opcheck, size_id)
+from relational_cases import (N_DATA, SIZES, TEMPERATURE, cast, check_backend, check_log_z,
+                              check_nan_poisons_the_loss, check_opcheck, make_case, size_id)
 
 CPU_CASES = [(torch.float64, SIZES[0]), (torch.float64, SIZES[1]), (torch.float32, SIZES[2]),
              (torch.float16, SIZES[1]), (torch.bfloat16, SIZES[2])]
@@ -89,3 +91,26 @@ def test_triton_on_gpu_reductions_log_z_nan_opcheck():
     check_log_z("triton", (torch.float32, torch.float16, torch.bfloat16), (9, 64, 128, 200, 257), device="cuda")
     check_nan_poisons_the_loss("triton", device="cuda")
     check_opcheck("triton", device="cuda")
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) through validation, the queries and the custom op; same loss and grads."""
+    torch._dynamo.reset()
+    case = make_case(4, 20, 12, 15, 9)
+    log_z = reference.relational_log_z(**case, temperature=TEMPERATURE, n_data=N_DATA)
+    inputs = cast(case, torch.float32)
+
+    def step(e_s, params):
+        return gdrd_fast.relational_contrastive_loss(
+            inputs["e_t"], e_s, inputs["queue_t"], inputs["queue_s"], inputs["neg_idx"], params,
+            temperature=TEMPERATURE, log_z_t=log_z[0], log_z_s=log_z[1], n_data=N_DATA, backend="cpu")
+
+    leaves = [inputs["e_s"], *inputs["params"]]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(inputs["e_s"], inputs["params"])
+    grads = torch.autograd.grad(loss, leaves)
+    eager_loss = step(inputs["e_s"], inputs["params"])
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
