@@ -82,16 +82,12 @@ def relational_negatives_kernel(
         tl.store(grad_ptr + r * stride_g + d, grad, mask=d_ok)
 
 
-def _block_d(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
-
-
 def _launch_config(dim: int, num_neg: int, dot_in_fp32: bool) -> dict:
     """A fixed choice per shape (deterministic, no autotuning), sized so that ptxas reports 0 spills for
     the shipped d = 128 configurations on sm_90 and sm_80. The fp32-accurate product holds three
     operand pairs, which only fits narrow key tiles (fp32 is not the fast path). The interpreter has no
     registers and pays per tile: it takes the wide tiles."""
-    block_d = _block_d(dim)
+    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs >= 16
     block_k = 16 if dot_in_fp32 and not interpreter_mode() else 64
     if block_d > 128:
         block_k = max(16, block_k // 2)
