@@ -64,7 +64,10 @@ def peak_extra_bytes(module: str, provider: str, size_key: str, device: str) -> 
     if device.startswith("cuda"):
         fn = importlib.import_module(module).build(provider, size_key, device)
         return peak_extra_bytes_here(fn, device)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    # a fixed mmap threshold and no trim threshold make glibc hand freed buffers back to the OS at once,
+    # so what the warm-up call freed cannot hide inside the heap when the measured call reuses it
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, "-m", "benchmarks.harness", module, provider, size_key, device],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if out.returncode != 0:
