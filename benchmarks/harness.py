@@ -18,10 +18,30 @@ import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EAGER = "eager"  # the provider every ratio is taken against
+
+
+def bench_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cases(sizes: dict, providers) -> list:
+    """pytest params (provider, size_key, device) for this machine; providers: a list or device -> list."""
+    device = bench_device()
+    names = providers(device) if callable(providers) else providers
+    return [pytest.param(p, s, device, id=f"{s}-{p}") for s in sizes[device] for p in names]
+
+
+def skip_unavailable(impls: dict, backend: str, device: str) -> None:
+    """Skip (with the reason) a gdrd_fast backend this build or device cannot run."""
+    if backend in impls:
+        reason = impls[backend].unavailable(torch.device(device))
+        if reason:
+            pytest.skip(reason)
 
 
 def sync(device: str) -> None:

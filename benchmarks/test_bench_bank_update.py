@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gdrd_fast import reference
 from gdrd_fast.ops import memory as memory_ops
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "bank update (both banks)"
 SIZES = {  # (B, D, N)
@@ -51,17 +51,11 @@ def build(provider: str, size_key: str, device: str):
     return lambda: memory_ops.bank_update_pair_(bank_s, v_s, bank_t, v_t, pos, MOMENTUM, provider)
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in ["eager", "compile", "reference", "cuda" if device == "cuda" else "cpu"]:
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
+def _providers(device: str) -> list[str]:
+    return ["eager", "compile", "reference", "cuda" if device == "cuda" else "cpu"]
 
 
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, _providers))
 def test_bank_update(benchmark, provider, size_key, device):
-    if provider in memory_ops.PAIR_IMPLS:
-        reason = memory_ops.PAIR_IMPLS[provider].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    skip_unavailable(memory_ops.PAIR_IMPLS, provider, device)
     measure(benchmark, __name__, OP, provider, size_key, device, rounds=200)

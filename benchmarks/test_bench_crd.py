@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gdrd_fast import CRDLoss
 from gdrd_fast.ops import crd_nce
 from gdrd_fast.ops import memory as memory_ops
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "crd_nce_loss (both banks, + bank update)"
 SIZES = {  # (B, K, D, N)
@@ -126,18 +126,7 @@ def _providers(device: str) -> list[str]:
     return names + [backend, f"{backend}-gathered"]
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in _providers(device):
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
-
-
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, _providers))
 def test_crd(benchmark, provider, size_key, device):
-    backend = provider.removesuffix("-gathered")
-    if backend in crd_nce.PAIR_IMPLS:
-        reason = crd_nce.PAIR_IMPLS[backend].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    skip_unavailable(crd_nce.PAIR_IMPLS, provider.removesuffix("-gathered"), device)
     measure(benchmark, __name__, OP, provider, size_key, device, rounds=3 if device == "cpu" else 50)

@@ -8,7 +8,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import feature_regression as fr_ops
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "feature_regression_loss"
 # (B, Cs, Ct, H=W): performance.md targets Cs <= 128 and Cs >= 512
@@ -48,18 +48,8 @@ def build(provider: str, size_key: str, device: str):
     return step
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in PROVIDERS:
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
-
-
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, PROVIDERS))
 def test_feature_regression_loss(benchmark, provider, size_key, device):
-    if provider in fr_ops.IMPLS:
-        reason = fr_ops.IMPLS[provider].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    skip_unavailable(fr_ops.IMPLS, provider, device)
     measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50,
             flop=flops(size_key, device))

@@ -8,7 +8,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import infonce as infonce_ops
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "infonce_bank_loss"
 SIZES = {
@@ -78,19 +78,13 @@ def build(provider: str, size_key: str, device: str):
     return step
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in PROVIDERS + (GPU_PEERS if device == "cuda" else []):
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
+def _providers(device: str) -> list[str]:
+    return PROVIDERS + (GPU_PEERS if device == "cuda" else [])
 
 
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, _providers))
 def test_infonce_bank_loss(benchmark, provider, size_key, device):
-    if provider in infonce_ops.IMPLS:
-        reason = infonce_ops.IMPLS[provider].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    skip_unavailable(infonce_ops.IMPLS, provider, device)
     if provider == "inf-cl":
         pytest.importorskip("inf_cl")
     measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50,

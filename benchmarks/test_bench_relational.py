@@ -12,7 +12,7 @@ import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational as relational_ops
 from gdrd_fast.reference import RelationalParams
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "relational_contrastive_loss"
 # (batch B, negatives K, relation dim d, embedding dim D, queue length Q)
@@ -71,18 +71,8 @@ def build(provider: str, size_key: str, device: str):
     return step
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in PROVIDERS:
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
-
-
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, PROVIDERS))
 def test_relational_contrastive_loss(benchmark, provider, size_key, device):
-    if provider in relational_ops.IMPLS:
-        reason = relational_ops.IMPLS[provider].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    skip_unavailable(relational_ops.IMPLS, provider, device)
     measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50,
             forward_flop=flops(size_key, device))
