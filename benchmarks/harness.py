@@ -18,10 +18,30 @@ import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EAGER = "eager"  # the provider every ratio is taken against
+
+
+def bench_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cases(sizes: dict, providers) -> list:
+    """pytest params (provider, size_key, device) for this machine; providers: a list or device -> list."""
+    device = bench_device()
+    names = providers(device) if callable(providers) else providers
+    return [pytest.param(p, s, device, id=f"{s}-{p}") for s in sizes[device] for p in names]
+
+
+def skip_unavailable(impls: dict, backend: str, device: str) -> None:
+    """Skip (with the reason) a gdrd_fast backend this build or device cannot run."""
+    if backend in impls:
+        reason = impls[backend].unavailable(torch.device(device))
+        if reason:
+            pytest.skip(reason)
 
 
 def sync(device: str) -> None:
@@ -64,7 +84,10 @@ def peak_extra_bytes(module: str, provider: str, size_key: str, device: str) -> 
     if device.startswith("cuda"):
         fn = importlib.import_module(module).build(provider, size_key, device)
         return peak_extra_bytes_here(fn, device)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    # a fixed mmap threshold and no trim threshold make glibc hand freed buffers back to the OS at once,
+    # so what the warm-up call freed cannot hide inside the heap when the measured call reuses it
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, "-m", "benchmarks.harness", module, provider, size_key, device],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if out.returncode != 0:

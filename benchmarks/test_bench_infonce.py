@@ -1,4 +1,5 @@
-"""infonce_bank_loss fwd+bwd: eager reference, torch.compile(reference) and gdrd_fast backends."""
+"""infonce_bank_loss fwd+bwd: eager reference, torch.compile(reference), gdrd_fast backends and, on GPU,
+FlexAttention (the stock-PyTorch expert spelling) and Inf-CL when installed (performance.md "Measuring")."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import infonce as infonce_ops
-from benchmarks.harness import measure
+from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "infonce_bank_loss"
 SIZES = {
@@ -16,6 +17,38 @@ SIZES = {
              [(256, 16384, 128), (256, 65536, 128), (1024, 65536, 128), (256, 1 << 20, 128), (1024, 65536, 512)]},
 }
 PROVIDERS = ["eager", "compile", "cpu", "triton"]
+GPU_PEERS = ["flex_attention", "inf-cl"]
+
+
+def flops(size_key: str, device: str) -> int:
+    """Forward + dQuery in one pass: 4 B K D (performance.md cost model)."""
+    b, k, d = SIZES["cuda" if device.startswith("cuda") else "cpu"][size_key]
+    return 4 * b * k * d
+
+
+def _flex_attention_loss():
+    """The bank as keys and values: LSE gives the loss, the softmax-weighted bank is dQuery's bank term."""
+    from torch.nn.attention.flex_attention import flex_attention
+    attend = torch.compile(flex_attention)
+
+    def loss_fn(q, p, bank, temperature):
+        scale = 1.0 / temperature
+        _, lse = attend(q[None, None], bank[None, None], bank[None, None], scale=scale, return_lse=True)
+        pos = (q.float() * p.float()).sum(1) * scale
+        return (torch.logaddexp(lse[0, 0].float(), pos) - pos).mean()
+
+    return loss_fn
+
+
+def _inf_cl_loss():
+    """Inf-CL's tiled contrastive loss over keys [positives; bank] (B extra negatives per row)."""
+    from inf_cl import cal_inf_loss
+
+    def loss_fn(q, p, bank, temperature):
+        labels = torch.arange(q.shape[0], device=q.device)
+        return cal_inf_loss(q, torch.cat([p, bank]), labels=labels, scale=1.0 / temperature).mean()
+
+    return loss_fn
 
 
 def build(provider: str, size_key: str, device: str):
@@ -30,6 +63,10 @@ def build(provider: str, size_key: str, device: str):
         loss_fn = reference.infonce_bank_loss
     elif provider == "compile":
         loss_fn = torch.compile(reference.infonce_bank_loss)
+    elif provider == "flex_attention":
+        loss_fn = _flex_attention_loss()
+    elif provider == "inf-cl":
+        loss_fn = _inf_cl_loss()
     else:
         loss_fn = lambda q, p, k_, temperature: gdrd_fast.infonce_bank_loss(q, p, k_, temperature=temperature,
                                                                           backend=provider)
@@ -41,17 +78,14 @@ def build(provider: str, size_key: str, device: str):
     return step
 
 
-def _cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for size_key in SIZES[device]:
-        for provider in PROVIDERS:
-            yield pytest.param(provider, size_key, device, id=f"{size_key}-{provider}")
+def _providers(device: str) -> list[str]:
+    return PROVIDERS + (GPU_PEERS if device == "cuda" else [])
 
 
-@pytest.mark.parametrize("provider,size_key,device", list(_cases()))
+@pytest.mark.parametrize("provider,size_key,device", cases(SIZES, _providers))
 def test_infonce_bank_loss(benchmark, provider, size_key, device):
-    if provider in infonce_ops.IMPLS:
-        reason = infonce_ops.IMPLS[provider].unavailable(torch.device(device))
-        if reason:
-            pytest.skip(reason)
-    measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50)
+    skip_unavailable(infonce_ops.IMPLS, provider, device)
+    if provider == "inf-cl":
+        pytest.importorskip("inf_cl")
+    measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50,
+            flop=flops(size_key, device))

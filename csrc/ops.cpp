@@ -4,6 +4,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(gdrd_fast_C, m) {
+  // CRD's NCE loss over gathered bank rows (ops.md section 1). Returns per-row losses [B] and, when
+  // need_grad, d row_b / d anchor_b [B, D] (else an empty tensor), both in the accumulation dtype.
+  m.def("crd_nce_forward(Tensor anchor, Tensor memory, Tensor idx, float inv_t, Tensor log_z, float c, "
+        "float eps, bool need_grad) -> (Tensor, Tensor)");
+  // Both sides of CRDLoss in one pass: idx is read once, row idx[b, k] of both banks is gathered.
+  // Side a scores anchor_a against memory_a, side b anchor_b against memory_b.
+  m.def("crd_nce_pair_forward(Tensor anchor_a, Tensor memory_a, Tensor log_z_a, Tensor anchor_b, "
+        "Tensor memory_b, Tensor log_z_b, Tensor idx, float inv_t, float c, float eps, bool need_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last
+  // duplicate of idx wins (ops.md section 5). The pair form updates two banks with one idx.
+  m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");
+  m.def("bank_update_pair_(Tensor(a!) memory_a, Tensor values_a, Tensor(b!) memory_b, Tensor values_b, "
+        "Tensor idx, float momentum) -> ()");
 }
 
 // A plain module object: importing gdrd_fast._C runs the static registrations above.

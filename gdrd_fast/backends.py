@@ -78,8 +78,8 @@ def on_cpu(device: torch.device) -> str | None:
 
 
 def with_cpu_extension(device: torch.device) -> str | None:
-    if device.type != "cpu":
-        return f"the 'cpu' backend needs CPU tensors, got {device}"
+    if on_cpu(device) is not None:
+        return on_cpu(device)
     if cpu_extension() is None:
         return ("built without the C++ CPU extension (gdrd_fast._C): reinstall with a C++ compiler, "
                 f"`pip install -e . --no-build-isolation` ({extension_error('gdrd_fast._C')})")

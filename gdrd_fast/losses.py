@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional
+from . import backends, functional
+from . import validation as check
+from .ops import crd_nce
+from .ops import memory as memory_ops
 from .memory import MemoryBank, MemoryQueue
 from .reference import RelationalParams
 
@@ -43,6 +46,8 @@ class CRDLoss(nn.Module):
     all N rows with `self.generator` (None = the global RNG of the device).
     """
 
+    eps = 1e-7  # RepDistiller's NCE eps
+
     def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
                  nce_t: float = 0.07, nce_m: float = 0.5, *, bank_dtype: torch.dtype = torch.float32,
                  backend: str = "auto"):
@@ -66,22 +71,37 @@ class CRDLoss(nn.Module):
         return torch.cat([idx[:, None], negatives], 1)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
+        check.tensor("idx", idx, 1, check.INDEX_DTYPES)
+        check.index_in_range("idx", idx, self.n_data)
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
         if contrast_idx is None:
             contrast_idx = self.sample_idx(idx)
         elif contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]:
             raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
-        kw = dict(temperature=self.nce_t, n_data=self.n_data, backend=self.backend)
         bank_s, bank_t = self.memory_s.rows, self.memory_t.rows
+        # every check before the first write: a failed call leaves banks and normalisers as they were
+        device, n_data = functional._check_crd(v_s, bank_t, contrast_idx, self.nce_t, self.n_data)
+        # v_t and bank_s have the shapes of v_s and bank_t once the batch sizes agree
+        check.same_size("batch size", **{"f_s.shape[0]": f_s.shape[0], "f_t.shape[0]": f_t.shape[0]})
+        check.finite("embed_t(f_t)", v_t)
         if not _z_is_set(self, "log_z_s", "log_z_t"):
             # RepDistiller freezes Z on the first batch: out_s scores v_s against the teacher bank
-            self.log_z_s.copy_(functional.crd_log_z(v_s, bank_t, contrast_idx, temperature=self.nce_t, n_data=self.n_data))
-            self.log_z_t.copy_(functional.crd_log_z(v_t, bank_s, contrast_idx, temperature=self.nce_t, n_data=self.n_data))
+            self.log_z_s.copy_(functional.crd_log_z(v_s, bank_t, contrast_idx, temperature=self.nce_t, n_data=n_data))
+            self.log_z_t.copy_(functional.crd_log_z(v_t, bank_s, contrast_idx, temperature=self.nce_t, n_data=n_data))
             self._z_set = True
-        loss = (functional.crd_nce_loss(v_s, bank_t, contrast_idx, log_z=self.log_z_s, **kw)
-                + functional.crd_nce_loss(v_t, bank_s, contrast_idx, log_z=self.log_z_t, **kw))
-        self.memory_s.update_(idx, v_s.detach())
-        self.memory_t.update_(idx, v_t.detach())
+        name = backends.resolve("CRDLoss", crd_nce.PAIR_IMPLS, self.backend, device)
+        if name == "torch":
+            kw = dict(temperature=self.nce_t, n_data=n_data, eps=self.eps, backend="torch")
+            loss = (functional.crd_nce_loss(v_s, bank_t, contrast_idx, log_z=self.log_z_s, **kw)
+                    + functional.crd_nce_loss(v_t, bank_s, contrast_idx, log_z=self.log_z_t, **kw))
+        else:  # both sides in one pass over contrast_idx
+            c = (contrast_idx.shape[1] - 1) / n_data
+            rows_s, _, rows_t, _ = crd_nce.crd_nce_pair_op(
+                v_s, bank_t.detach(), self.log_z_s, v_t, bank_s.detach(), self.log_z_t, contrast_idx, self.nce_t,
+                c, self.eps, name, torch.is_grad_enabled() and (v_s.requires_grad or v_t.requires_grad))
+            loss = (rows_s.sum() + rows_t.sum()) / idx.shape[0]
+        memory_ops.bank_update_pair_(bank_s, v_s.detach(), bank_t, v_t.detach(), idx, self.memory_s.momentum,
+                                     self.backend)
         return loss
 
 

@@ -1,9 +1,17 @@
-"""crd_nce_loss: custom op and autograd over the compiled gathered kernels (ops.md section 1).
+"""crd_nce_loss: custom ops and autograd over the compiled gathered kernels (ops.md section 1).
 
-The kernels live in csrc/ (cpu/crd_nce.cpp, cuda/crd_nce.cu) as torch.ops.gdrd_fast_C.crd_nce_forward:
-(anchor, memory, idx, inv_t, log_z, c, eps, need_grad) -> (rows [B], d row_b / d anchor_b).
+The kernels live in csrc/ (cpu/crd_nce.cpp, cuda/crd_nce.cu):
+- torch.ops.gdrd_fast_C.crd_nce_forward(anchor, memory, idx, inv_t, log_z, c, eps, need_grad)
+  -> (rows [B], d row_b / d anchor_b [B, D] or empty)
+- torch.ops.gdrd_fast_C.crd_nce_pair_forward(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
+  inv_t, c, eps, need_grad) -> (rows_a, grad_a, rows_b, grad_b): both sides of CRDLoss, one idx read.
+When the gather would read the bank many times over (`dense_wins`: B(K+1) >= 2N on GPU, K+1 >= 2N on
+CPU), `dense_forward` scores every bank row once with a GEMM instead and weights each score by how often
+its row was drawn: the same loss and gradient for less memory traffic.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -13,29 +21,76 @@ from ..backends import Impl
 from ..reference import compute_dtype
 
 
-def _compiled():
+def _single():
     return torch.ops.gdrd_fast_C.crd_nce_forward
 
 
+def _pair():
+    return torch.ops.gdrd_fast_C.crd_nce_pair_forward
+
+
 IMPLS = {
-    "cpu": Impl(_compiled, backends.with_compiled_op("crd_nce_forward", backends.with_cpu_extension)),
-    "cuda": Impl(_compiled, backends.with_compiled_op("crd_nce_forward", backends.with_cuda_extension)),
+    "cpu": Impl(_single, backends.with_compiled_op("crd_nce_forward", backends.with_cpu_extension)),
+    "cuda": Impl(_single, backends.with_compiled_op("crd_nce_forward", backends.with_cuda_extension)),
 }
+PAIR_IMPLS = {
+    "cpu": Impl(_pair, backends.with_compiled_op("crd_nce_pair_forward", backends.with_cpu_extension)),
+    "cuda": Impl(_pair, backends.with_compiled_op("crd_nce_pair_forward", backends.with_cuda_extension)),
+}
+
+
+def dense_wins(idx: Tensor, memory: Tensor) -> bool:
+    """On GPU memory traffic decides: the dense path reads the bank once, the gathered one B(K+1) rows.
+    On CPU the per-score work does (B x N dense scores against B(K+1) gathered ones)."""
+    if memory.device.type == "cuda":
+        return idx.numel() >= 2 * memory.shape[0]
+    return idx.shape[1] >= 2 * memory.shape[0]
+
+
+def dense_forward(anchor: Tensor, memory: Tensor, idx: Tensor, inv_t: float, log_z: Tensor, c: float, eps: float,
+                  need_grad: bool) -> tuple[Tensor, Tensor]:
+    """crd_nce_forward's contract from all B x N scores: negatives weighted by their per-row sample counts."""
+    dt = compute_dtype(anchor)
+    a, m, idx = anchor.to(dt), memory.to(dt), idx.long()
+    negatives = idx.shape[1] - 1
+    counts = torch.zeros(a.shape[0], m.shape[0], dtype=dt, device=a.device)
+    counts.scatter_add_(1, idx[:, 1:], torch.ones(idx[:, 1:].shape, dtype=dt, device=a.device))
+    shift = log_z.to(dt) + math.log(c + eps)
+    logits = (a @ m.t()) * inv_t - shift  # [B, N]
+    positive = (a * m[idx[:, 0]]).sum(1) * inv_t - shift
+    zero = logits.new_zeros(())
+    rows = (torch.logaddexp(-positive, zero) + (counts * torch.logaddexp(logits, zero)).sum(1)
+            + negatives * math.log1p(eps / c))
+    if not need_grad:
+        return rows, rows.new_empty(0)
+    grad = ((counts * torch.sigmoid(logits)) @ m + (torch.sigmoid(positive) - 1)[:, None] * m[idx[:, 0]]) * inv_t
+    return rows, grad
 
 
 @torch.library.custom_op("gdrd_fast::crd_nce", mutates_args=())
 def crd_nce_op(anchor: Tensor, memory: Tensor, idx: Tensor, log_z: Tensor, temperature: float, c: float,
                eps: float, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(row losses [B], d row_b / d anchor_b) in the accumulation dtype."""
-    rows, grad = IMPLS[backend].load()(anchor, memory, idx, 1.0 / temperature, log_z, c, eps, need_grad)
+    forward = dense_forward if dense_wins(idx, memory) else IMPLS[backend].load()
+    rows, grad = forward(anchor, memory, idx, 1.0 / temperature, log_z, c, eps, need_grad)
     return rows, grad
+
+
+def _fake_side(anchor: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
+    dt = compute_dtype(anchor)
+    return (anchor.new_empty(anchor.shape[0], dtype=dt),
+            anchor.new_empty(tuple(anchor.shape) if need_grad else (0,), dtype=dt))
 
 
 @crd_nce_op.register_fake
 def _(anchor, memory, idx, log_z, temperature, c, eps, backend, need_grad):
-    dt = compute_dtype(anchor)
-    return (anchor.new_empty(anchor.shape[0], dtype=dt),
-            anchor.new_empty(tuple(anchor.shape) if need_grad else (0,), dtype=dt))
+    return _fake_side(anchor, need_grad)
+
+
+def _scaled(grad_anchor: Tensor, grad_rows: Tensor, dtype: torch.dtype) -> Tensor:
+    if grad_anchor.numel() == 0:
+        raise RuntimeError("crd_nce: backward through a forward run with need_grad=False")
+    return (grad_anchor * grad_rows[:, None].to(grad_anchor.dtype)).to(dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -45,10 +100,39 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, _grad):
     (grad_anchor,) = ctx.saved_tensors
-    if grad_anchor.numel() == 0:
-        raise RuntimeError("crd_nce: backward through a forward run with need_grad=False")
-    ga = (grad_anchor * grad_rows[:, None].to(grad_anchor.dtype)).to(ctx.anchor_dtype)
-    return ga, None, None, None, None, None, None, None, None
+    return _scaled(grad_anchor, grad_rows, ctx.anchor_dtype), None, None, None, None, None, None, None, None
 
 
 crd_nce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("gdrd_fast::crd_nce_pair", mutates_args=())
+def crd_nce_pair_op(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
+                    log_z_b: Tensor, idx: Tensor, temperature: float, c: float, eps: float, backend: str,
+                    need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both sides' (row losses, d row / d anchor): anchor_a against memory_a, anchor_b against memory_b."""
+    inv_t = 1.0 / temperature
+    if dense_wins(idx, memory_a):
+        return (*dense_forward(anchor_a, memory_a, idx, inv_t, log_z_a, c, eps, need_grad),
+                *dense_forward(anchor_b, memory_b, idx, inv_t, log_z_b, c, eps, need_grad))
+    return tuple(PAIR_IMPLS[backend].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t,
+                                            c, eps, need_grad))
+
+
+@crd_nce_pair_op.register_fake
+def _(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature, c, eps, backend, need_grad):
+    return (*_fake_side(anchor_a, need_grad), *_fake_side(anchor_b, need_grad))
+
+
+def _pair_setup_context(ctx, inputs, output):
+    ctx.anchor_dtypes = inputs[0].dtype, inputs[3].dtype
+    ctx.save_for_backward(output[1], output[3])
+
+
+def _pair_backward(ctx, grad_rows_a, _grad_a, grad_rows_b, _grad_b):
+    grad_anchor_a, grad_anchor_b = ctx.saved_tensors
+    return (_scaled(grad_anchor_a, grad_rows_a, ctx.anchor_dtypes[0]), None, None,
+            _scaled(grad_anchor_b, grad_rows_b, ctx.anchor_dtypes[1]), None, None, None, None, None, None, None, None)
+
+
+crd_nce_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup_context)

@@ -1,12 +1,139 @@
-"""feature_regression_loss: fast backends (ops.md section 4).
+"""feature_regression_loss: custom ops, autograd and the chunked CPU backend (ops.md section 4).
 
-Contract used by gdrd_fast.functional:
-- IMPLS: backend name -> Impl (see gdrd_fast.backends).
-- feature_regression_rows(student, teacher, weight [Ct, Cs], bias or None, backend) -> per-sample mean
-  squared error [B] in the accumulation dtype, with autograd to student, weight and bias.
+Every backend sees the inputs as columns: x [B, Cs, P] and teacher [B, Ct, P] (P pixels per sample,
+1 for [N, C] features) and returns per-sample mean squared errors [B]. The backward recomputes the
+projection from x instead of keeping it, so neither pass holds a [B, Ct, P] tensor.
 """
 from __future__ import annotations
 
-from .. import backends
+from typing import Optional
 
-IMPLS: dict[str, backends.Impl] = {}
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends import Impl
+from ..reference import compute_dtype
+
+_CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the CPU path (1 MiB in fp32)
+
+
+def _chunks(b: int, ct: int, p: int):
+    """(sample slice, pixel slice) blocks of about _CHUNK_ELEMENTS projected values each."""
+    pixels = min(p, max(1, _CHUNK_ELEMENTS // ct))
+    samples = max(1, _CHUNK_ELEMENTS // (ct * pixels))
+    for b0 in range(0, b, samples):
+        for p0 in range(0, p, pixels):
+            yield slice(b0, b0 + samples), slice(p0, p0 + pixels)
+
+
+def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, rows: slice, pixels: slice):
+    """(x chunk, projection - teacher) for one block, in the accumulation dtype."""
+    xs = x[rows, :, pixels].to(weight.dtype)
+    err = torch.matmul(weight, xs)
+    if bias is not None:
+        err += bias[:, None]
+    return xs, err.sub_(teacher[rows, :, pixels])
+
+
+def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    dt = compute_dtype(x)
+    b, _, p = x.shape
+    ct = weight.shape[0]
+    w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
+    rows = torch.zeros(b, dtype=dt, device=x.device)
+    for samples, pixels in _chunks(b, ct, p):
+        _, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
+        rows[samples] += err.square_().sum((1, 2))
+    return rows / (ct * p)
+
+
+def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None):
+    dt = compute_dtype(x)
+    b, cs, p = x.shape
+    ct = weight.shape[0]
+    w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
+    sample_grad = grad_rows.to(dt) * (2.0 / (ct * p))
+    grad_x = torch.empty(b, cs, p, dtype=dt, device=x.device)
+    grad_w = torch.zeros(ct, cs, dtype=dt, device=x.device)
+    grad_bias = torch.zeros(ct, dtype=dt, device=x.device) if bias is not None else None
+    for samples, pixels in _chunks(b, ct, p):
+        xs, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
+        err.mul_(sample_grad[samples, None, None])
+        grad_x[samples, :, pixels] = torch.matmul(w.t(), err)
+        grad_w += torch.einsum("bop,bcp->oc", err, xs)
+        if grad_bias is not None:
+            grad_bias += err.sum((0, 2))
+    return grad_x, grad_w, grad_bias
+
+
+def _triton():
+    module = backends.kernels().feature_regression
+    return module.feature_regression_forward, module.feature_regression_backward
+
+
+IMPLS = {
+    "cpu": Impl(lambda: (chunked_forward, chunked_backward), backends.on_cpu),
+    "triton": Impl(_triton, backends.with_triton),
+}
+
+
+def _functions(backend: str, x: Tensor):
+    # the Triton kernels accumulate in fp32; float64 inputs take the exact chunked path on any device
+    return IMPLS["cpu" if x.dtype == torch.float64 else backend].load()
+
+
+@torch.library.custom_op("gdrd_fast::feature_regression", mutates_args=())
+def feature_regression_op(x: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          backend: str) -> Tensor:
+    """Per-sample mean squared error [B] of conv1x1(x) against teacher, in the accumulation dtype."""
+    return _functions(backend, x)[0](x, teacher, weight, bias)
+
+
+@feature_regression_op.register_fake
+def _(x, teacher, weight, bias, backend):
+    return x.new_empty(x.shape[0], dtype=compute_dtype(x))
+
+
+@torch.library.custom_op("gdrd_fast::feature_regression_backward", mutates_args=())
+def feature_regression_backward_op(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tensor,
+                                   bias: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias or an empty tensor without bias), in the accumulation dtype."""
+    grad_x, grad_w, grad_bias = _functions(backend, x)[1](grad_rows, x, teacher, weight, bias)
+    return grad_x, grad_w, grad_bias if grad_bias is not None else grad_w.new_empty(0)
+
+
+@feature_regression_backward_op.register_fake
+def _(grad_rows, x, teacher, weight, bias, backend):
+    dt = compute_dtype(x)
+    return (x.new_empty(x.shape, dtype=dt), x.new_empty(weight.shape, dtype=dt),
+            x.new_empty((weight.shape[0],) if bias is not None else (0,), dtype=dt))
+
+
+def _setup_context(ctx, inputs, output):
+    x, teacher, weight, bias, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, teacher, weight, bias)
+
+
+def _backward(ctx, grad_rows):
+    x, teacher, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_bias = feature_regression_backward_op(grad_rows, x, teacher, weight, bias, ctx.backend)
+    return (grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None, None,
+            grad_w.to(weight.dtype) if ctx.needs_input_grad[2] else None,
+            grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None, None)
+
+
+feature_regression_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None,
+                            backend: str) -> Tensor:
+    """Per-sample mean squared error [B] of conv1x1(student, weight, bias) against teacher (detached).
+
+    student [B, Cs, H, W] or [N, Cs]; weight [Ct, Cs]; fp32 result (fp64 for fp64 inputs), with autograd
+    to student, weight and bias.
+    """
+    x = student.reshape(student.shape[0], student.shape[1], -1).contiguous()
+    t = teacher.detach().reshape(teacher.shape[0], teacher.shape[1], -1).contiguous()
+    return feature_regression_op(x, t, weight.contiguous(), bias, backend)

@@ -7,9 +7,170 @@ Contract used by gdrd_fast.functional:
   params.
 - relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data, backend)
   -> (log_z_t, log_z_s).
+
+Decomposition. Keys are stop-grad, so every gradient flows through the per-row queries (small, [R, d])
+and the positive scores; plain torch autograd computes those. What is of size R x K, the negative keys
+    key_rk = normalize(G relu(A_i - P_n) + g),   n = neg_idx[j, k]
+(A_i the projected anchor, P_n the projected queue row, G/g the relation net's last layer folded into
+the critic head), is handled by the custom op gdrd_fast::relational_negatives: per row the negative
+loss sum_k softplus(<q_r, key_rk>/tau - offset) and its gradient in q_r, or logsumexp_k <q_r, key_rk>/tau.
 """
 from __future__ import annotations
 
-from .. import backends
+import math
+from typing import NamedTuple
 
-IMPLS: dict[str, backends.Impl] = {}
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from ..backends import Impl
+from ..reference import RelationalParams, compute_dtype, pair_indices
+
+EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_contrastive_loss
+
+
+def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Tensor, fold_weight: Tensor,
+                                 fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float,
+                                 need_grad: bool, log_sum_exp: bool, max_elements: int = 1 << 19):
+    """The 'cpu' backend: the kernel's computation in torch, over chunks of rows (never R x K x d at once)."""
+    batch, dim = anchors.shape
+    rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
+    i_all, j_all = pair_indices(batch, anchors.device)
+    inv_t = 1.0 / temperature
+    chunk = max(1, max_elements // (num_neg * dim))
+    rows = queries.new_empty(rows_n)
+    grad = queries.new_empty((rows_n, dim) if need_grad else (0,))
+    for start in range(0, rows_n, chunk):
+        i, j = i_all[start:start + chunk], j_all[start:start + chunk]
+        u = projected[neg_idx[j]].neg_().add_(anchors[i][:, None, :]).relu_()     # [c, K, d]
+        z = torch.matmul(u, fold_weight.t()).add_(fold_bias)
+        inv_norm = torch.linalg.vector_norm(z, dim=-1).clamp_min_(1e-12).reciprocal_()  # F.normalize's eps
+        s = torch.bmm(z, queries[start:start + chunk, :, None])[..., 0].mul_(inv_norm).mul_(inv_t)
+        if log_sum_exp:
+            rows[start:start + chunk] = torch.logsumexp(s, 1)
+            continue
+        logit = s.sub_(offset)
+        rows[start:start + chunk] = F.softplus(logit).sum(1)
+        if need_grad:  # sum_k sigmoid(l_k) / tau * z_k / |z_k|, the norm folded into the weights
+            weight = torch.sigmoid(logit).mul_(inv_norm).mul_(inv_t)
+            grad[start:start + chunk] = torch.bmm(weight[:, None, :], z)[:, 0]
+    return rows, grad
+
+
+def _triton():
+    return backends.kernels().crrcd.relational_negatives
+
+
+IMPLS = {
+    "cpu": Impl(lambda: relational_negatives_chunked, backends.on_cpu),
+    "triton": Impl(_triton, backends.with_triton),
+}
+
+
+@torch.library.custom_op("gdrd_fast::relational_negatives", mutates_args=())
+def relational_negatives_op(anchors: Tensor, projected: Tensor, neg_idx: Tensor, fold_weight: Tensor,
+                            fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float, backend: str,
+                            need_grad: bool, log_sum_exp: bool) -> tuple[Tensor, Tensor]:
+    """(per-row negative loss or log-sum-exp [R], d rows_r / d queries_r [R, d] or empty), in queries' dtype."""
+    rows, grad = IMPLS[backend].load()(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset,
+                                       temperature, need_grad, log_sum_exp)
+    return rows.to(queries.dtype), grad.to(queries.dtype)
+
+
+@relational_negatives_op.register_fake
+def _(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature, backend, need_grad,
+      log_sum_exp):
+    return (queries.new_empty(queries.shape[0]),
+            queries.new_empty(tuple(queries.shape) if need_grad else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_rows, _grad):
+    (grad_queries,) = ctx.saved_tensors
+    if grad_queries.numel() == 0 and grad_rows.numel():
+        raise RuntimeError("relational_negatives: backward through a forward run with need_grad=False")
+    return (None, None, None, None, None, grad_queries * grad_rows[:, None], None, None, None, None, None)
+
+
+relational_negatives_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Side(NamedTuple):
+    """One side of CRRCD: queries (with grad), positive scores, and what its negative keys are built from."""
+    queries: Tensor      # [R, d]
+    positive: Tensor     # [R] <q_r, key_r0>
+    anchors: Tensor      # [B, d] A_i
+    projected: Tensor    # [Q, d] P_n
+    fold_weight: Tensor  # [d, d] G
+    fold_bias: Tensor    # [d] g
+
+
+def _sides(e_t, e_s, queue_t, queue_s, params) -> tuple[_Side, _Side]:
+    """(student side, teacher side) in the accumulation dtype; see method.md section 3."""
+    dt = compute_dtype(e_s)
+    p = RelationalParams(*(t.to(dt) for t in params))
+    e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
+    i, j = pair_indices(e_t.shape[0], e_t.device)
+    # relations from per-sample projections: W a - W b is projected once per sample, not per pair
+    hidden_t = torch.relu((F.linear(e_t, p.ft_w1, p.ft_b1))[i] - F.linear(e_t, p.ft_w1)[j])
+    hidden_ts = torch.relu((F.linear(e_t, p.fts_u, p.fts_b1))[i] - F.linear(e_s, p.fts_v)[j])
+    q_teacher = F.normalize(F.linear(F.linear(hidden_t, p.ft_w2, p.ft_b2), p.h1_w, p.h1_b), dim=1)
+    q_student = F.normalize(F.linear(F.linear(hidden_ts, p.fts_w2, p.fts_b2), p.h2_w, p.h2_b), dim=1)
+    # each side's positive key is the other side's query, stop-grad
+    with torch.no_grad():
+        f = RelationalParams(*(t.detach() for t in p))
+        student_keys = (F.linear(e_t, f.ft_w1, f.ft_b1), F.linear(queue_t.to(dt), f.ft_w1),
+                        f.h1_w @ f.ft_w2, f.h1_w @ f.ft_b2 + f.h1_b)
+        teacher_keys = (F.linear(e_t, f.fts_u, f.fts_b1), F.linear(queue_s.to(dt), f.fts_v),
+                        f.h2_w @ f.fts_w2, f.h2_w @ f.fts_b2 + f.h2_b)
+    student = _Side(q_student, (q_student * q_teacher.detach()).sum(1), *student_keys)
+    teacher = _Side(q_teacher, (q_teacher * q_student.detach()).sum(1), *teacher_keys)
+    return student, teacher
+
+
+def _negatives(side: _Side, neg_idx: Tensor, offset: Tensor, temperature: float, backend: str,
+               log_sum_exp: bool, gemm_dtype: torch.dtype) -> Tensor:
+    need_grad = not log_sum_exp and torch.is_grad_enabled() and side.queries.requires_grad
+    fold_weight = side.fold_weight if backend != "triton" else side.fold_weight.to(gemm_dtype)
+    rows, _ = relational_negatives_op(side.anchors, side.projected, neg_idx, fold_weight, side.fold_bias,
+                                      side.queries, offset, temperature, backend, need_grad, log_sum_exp)
+    return rows
+
+
+def _gemm_dtype(e_s: Tensor) -> torch.dtype:
+    """The Triton GEMM's operand dtype. Half inputs (fp16 and bf16) run fp16 tensor cores: as fast as
+    bf16, with 8x finer rounding, which the 1/temperature in the scores amplifies. Float32 inputs keep
+    float32 accuracy (see kernels/crrcd.py)."""
+    return torch.float16 if e_s.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, log_z_t, log_z_s, n_data,
+                    backend):
+    student, teacher = _sides(e_t, e_s, queue_t, queue_s, params)
+    shift = math.log(neg_idx.shape[1] / n_data + EPS)
+
+    def side_rows(side: _Side, log_z: Tensor) -> Tensor:
+        offset = (log_z.to(side.queries.dtype) + shift).detach()
+        positive = F.softplus(offset - side.positive / temperature)
+        return positive + _negatives(side, neg_idx, offset, temperature, backend, False, _gemm_dtype(e_s))
+
+    return side_rows(student, log_z_s), side_rows(teacher, log_z_t)
+
+
+def relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data, backend):
+    with torch.no_grad():
+        student, teacher = _sides(e_t, e_s, queue_t, queue_s, params)
+        count = student.positive.numel() * (neg_idx.shape[1] + 1)
+
+        def estimate(side: _Side) -> Tensor:
+            unused = side.queries.new_zeros(())
+            negatives = _negatives(side, neg_idx, unused, temperature, backend, True, _gemm_dtype(e_s))
+            lse = torch.logsumexp(torch.cat([side.positive / temperature, negatives]), 0)
+            return lse - math.log(count) + math.log(n_data)
+
+        return estimate(teacher), estimate(student)

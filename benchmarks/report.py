@@ -1,0 +1,129 @@
+"""pytest-benchmark JSON -> Markdown table + PNG plot, named by device and date (performance.md "Measuring").
+
+    python -m benchmarks.report RESULTS.json --out DIR [--out DIR2 ...]
+
+For every op and size: median time per provider, speed-up against the eager reference, against
+torch.compile(reference) and against each installed peer, effective TFLOP/s (from the benchmark's
+`flop` extra info) and peak extra memory with its ratio to eager. The JSON is copied alongside.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+
+BASELINES = ("eager", "compile")
+PEERS = ("flex_attention", "inf-cl")
+
+
+def load(path: str) -> tuple[dict, list[dict]]:
+    with open(path) as f:
+        data = json.load(f)
+    return data, [b for b in data["benchmarks"] if b.get("stats")]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def stem(benches: list[dict], data: dict) -> str:
+    device = benches[0]["extra_info"].get("device", "unknown") if benches else "unknown"
+    when = data.get("datetime", datetime.datetime.now(datetime.timezone.utc).isoformat())[:10]
+    return f"{_slug(device)}_{when}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def table(benches: list[dict]) -> list[str]:
+    groups = defaultdict(dict)
+    for b in benches:
+        groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
+    peers = [p for p in PEERS if any(p in g for g in groups.values())]
+    header = (["case", "provider", "median ms", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
+              + ["TFLOP/s", "peak extra MB", "memory vs eager"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in sorted(groups):
+        by_provider = groups[group]
+        median = {p: b["stats"]["median"] for p, b in by_provider.items()}
+        memory = {p: b["extra_info"].get("peak_extra_bytes") for p, b in by_provider.items()}
+        for provider, b in sorted(by_provider.items(), key=lambda kv: kv[1]["stats"]["median"]):
+            flop = b["extra_info"].get("flop")
+            mem = memory[provider]
+            cells = [group, provider, f"{median[provider] * 1e3:.3f}"]
+            cells += [_ratio(median.get(base), median[provider]) for base in BASELINES]
+            cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
+            cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
+                      f"{mem / 2**20:.1f}" if mem is not None else "-",
+                      _ratio(memory.get("eager"), max(mem, 1) if mem is not None else None)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(benches: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(dict)
+    for b in benches:
+        groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b["stats"]["median"]
+    names = sorted(groups)
+    providers = sorted({p for g in groups.values() for p in g if p != "eager"})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * max(1, len(providers)) / 2), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, provider in enumerate(providers):
+        speedups = [groups[n]["eager"] / groups[n][provider] if "eager" in groups[n] and provider in groups[n]
+                    else 0.0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], speedups, width, label=provider)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up vs eager reference (median)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(json_path: str, out_dirs: list[str]) -> list[str]:
+    data, benches = load(json_path)
+    name = stem(benches, data)
+    info = benches[0]["extra_info"] if benches else {}
+    text = [f"# Benchmarks on {info.get('device', 'unknown')} ({data.get('datetime', '')})", "",
+            f"torch {info.get('torch')}, triton {info.get('triton')}, python {info.get('python')}. "
+            "Medians of pytest-benchmark rounds; fwd+bwd per step; TFLOP/s = the op's cost model / median.", ""]
+    text += table(benches)
+    written = []
+    for out in out_dirs:
+        os.makedirs(out, exist_ok=True)
+        base = os.path.join(out, name)
+        with open(base + ".md", "w") as f:
+            f.write("\n".join(text) + "\n")
+        if os.path.abspath(json_path) != os.path.abspath(base + ".json"):
+            shutil.copyfile(json_path, base + ".json")
+        if benches:
+            plot(benches, base + ".png")
+        written.append(base)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--out", action="append", required=True, help="output directory (repeatable)")
+    args = parser.parse_args(argv)
+    for base in write(args.json, args.out):
+        print(f"wrote {base}.md / .json / .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+// CPU kernels of bank_update_ and bank_update_pair_: rows[idx] = normalize(m * rows[idx] + (1 - m) * values),
+// read before any write; with duplicate ids only the last occurrence is applied, so each row is written
+// once and the result does not depend on thread order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Positions i of idx whose id does not occur again later in idx.
+template <typename idx_t>
+std::vector<int64_t> last_occurrences(const idx_t* idx, int64_t n) {
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+  std::vector<int64_t> keep;
+  for (int64_t j = 0; j < n; ++j)
+    if (j + 1 == n || idx[order[j + 1]] != idx[order[j]]) keep.push_back(order[j]);
+  return keep;
+}
+
+template <typename mem_t, typename val_t>
+void mix_normalise(mem_t* row, const val_t* value, int64_t d, double momentum, std::vector<double>& mixed) {
+  double sq = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    mixed[i] = momentum * static_cast<double>(row[i]) + (1 - momentum) * static_cast<double>(value[i]);
+    sq += mixed[i] * mixed[i];
+  }
+  const double scale = 1.0 / std::max(std::sqrt(sq), 1e-12);  // F.normalize's eps
+  for (int64_t i = 0; i < d; ++i) row[i] = static_cast<mem_t>(mixed[i] * scale);
+}
+
+void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> values, const at::Tensor& idx_in,
+                  double momentum) {
+  TORCH_CHECK(idx_in.dim() == 1, "idx must be 1-D, got ", idx_in.sizes());
+  TORCH_CHECK(momentum >= 0 && momentum < 1, "momentum must be in [0, 1), got ", momentum);
+  for (size_t s = 0; s < memories.size(); ++s) {
+    TORCH_CHECK(memories[s].is_cpu() && values[s].is_cpu() && idx_in.is_cpu(), "bank update: CPU tensors expected");
+    TORCH_CHECK(memories[s].is_contiguous(), "bank update: the bank must be contiguous (it is updated in place)");
+    TORCH_CHECK(values[s].dim() == 2 && values[s].size(0) == idx_in.size(0) &&
+                    values[s].size(1) == memories[s].size(1),
+                "bank update: values must be [len(idx), D], got ", values[s].sizes());
+    values[s] = values[s].contiguous();
+  }
+  auto idx = idx_in.contiguous();
+  const int64_t d = memories[0].size(1);
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "bank_update_cpu", [&] {
+    const auto keep = last_occurrences(idx.data_ptr<index_t>(), idx.numel());
+    const index_t* ids = idx.data_ptr<index_t>();
+    for (size_t s = 0; s < memories.size(); ++s) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memories[s].scalar_type(), "bank_update_cpu_mem", [&] {
+        using mem_t = scalar_t;
+        mem_t* bank = memories[s].data_ptr<mem_t>();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values[s].scalar_type(), "bank_update_cpu_val", [&] {
+          const scalar_t* vals = values[s].data_ptr<scalar_t>();
+          // threads only pay off beyond a few thousand rows' worth of work
+          const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
+          at::parallel_for(0, static_cast<int64_t>(keep.size()), grain, [&](int64_t begin, int64_t end) {
+            std::vector<double> mixed(d);
+            for (int64_t j = begin; j < end; ++j)
+              mix_normalise(bank + int64_t(ids[keep[j]]) * d, vals + keep[j] * d, d, momentum, mixed);
+          });
+        });
+      });
+    }
+  });
+}
+
+void bank_update_(at::Tensor memory, const at::Tensor& idx, const at::Tensor& values, double momentum) {
+  update_banks({memory}, {values}, idx, momentum);
+}
+
+void bank_update_pair_(at::Tensor memory_a, const at::Tensor& values_a, at::Tensor memory_b,
+                       const at::Tensor& values_b, const at::Tensor& idx, double momentum) {
+  TORCH_CHECK(memory_a.size(0) == memory_b.size(0), "bank_update_pair_: both banks need the same number of rows");
+  update_banks({memory_a, memory_b}, {values_a, values_b}, idx, momentum);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gdrd_fast_C, CPU, m) {
+  m.impl("bank_update_", &bank_update_);
+  m.impl("bank_update_pair_", &bank_update_pair_);
+}

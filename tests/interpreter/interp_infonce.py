@@ -1,0 +1,37 @@
+"""The Triton infonce_bank kernels under TRITON_INTERPRET=1 on CPU tensors, against float64."""
+import os
+
+# Triton decides at import whether kernels are interpreted: set before gdrd_fast.kernels loads. These
+# files are run by tests/test_triton_interpreter.py in their own process (the name keeps `pytest tests`
+# from collecting them into a session that compiles kernels for the static checks).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+from infonce_cases import SIZES, check_infonce
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,k,d", SIZES)
+def test_triton_infonce_matches_float64(b, k, d, dtype):
+    check_infonce("triton", b, k, d, dtype, "cpu")
+
+
+def test_every_bank_split_counts():
+    """Many splits, ragged tiles, more splits than query tiles: the merge must weigh every split."""
+    from gdrd_fast import backends, reference
+    from gdrd_fast.testing import assert_close
+    forward = backends.kernels().infonce.infonce_bank_forward
+    q, p, bank = torch.randn(9, 40), torch.randn(9, 40), torch.randn(301, 40)
+    rows, grad_q, grad_p = forward(q, p, bank, 0.3, True, programs=64,
+                                   config={"BLOCK_D": 64, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1})
+    q64 = q.double().requires_grad_(True)
+    p64 = p.double().requires_grad_(True)
+    ref_rows = reference.infonce_bank_loss(q64, p64, bank.double(), temperature=0.3, reduction="none")
+    ref_gq, ref_gp = torch.autograd.grad(ref_rows.sum(), (q64, p64))
+    assert_close("rows", rows, ref_rows, None, torch.float32)
+    assert_close("grad query", grad_q, ref_gq, None, torch.float32)
+    assert_close("grad positive", grad_p, ref_gp, None, torch.float32)

@@ -1,0 +1,33 @@
+"""The Triton CRRCD kernel (kernels/crrcd.py) under TRITON_INTERPRET=1 on CPU tensors, against float64."""
+import pytest
+import torch
+
+from relational_cases import SIZES, check_backend, check_log_z, check_nan_poisons_the_loss, check_opcheck, size_id
+
+pytestmark = pytest.mark.triton
+
+# the interpreter costs Python time per tile operation: each dtype once, every size once
+CASES = [(torch.float32, SIZES[0]), (torch.float32, SIZES[1]), (torch.float16, SIZES[2]),
+         (torch.bfloat16, SIZES[1])]
+
+
+@pytest.mark.parametrize("dtype,sizes", CASES, ids=[size_id(*c) for c in CASES])
+def test_triton_relational_matches_float64(dtype, sizes):
+    check_backend("triton", dtype, sizes)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_relational_reductions(reduction):
+    check_backend("triton", torch.float32, (3, 20, 16, 10, 9), reduction)
+
+
+def test_triton_relational_log_z():
+    check_log_z("triton", (torch.float32, torch.float16), (5, 48, 20, 40, 77))
+
+
+def test_triton_nan_in_a_queue_row_poisons_the_loss():
+    check_nan_poisons_the_loss("triton")
+
+
+def test_triton_negatives_op_passes_opcheck():
+    check_opcheck("triton")

@@ -1,0 +1,117 @@
+"""The compiled CRD kernels (csrc/cpu/crd_nce.cpp; csrc/cuda/crd_nce.cu on a GPU) and the dense path
+against the float64 reference: loss and anchor gradient, grad_output != 1, no-grad forward."""
+import math
+
+import pytest
+import torch
+
+from gdrd_fast import backends, functional, reference
+from gdrd_fast.ops import crd_nce
+from gdrd_fast.testing import assert_close
+
+pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# (B, K, D, N): N large keeps the gathered kernel; the last case takes the dense path on every device
+SIZES = [(1, 1, 31, 50), (47, 123, 100, 5000), (5, 1000, 128, 20000), (3, 300, 31, 97)]
+DTYPES = [  # (anchor dtype, bank dtype)
+    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+
+
+def inputs(b, k, d, n, anchor_dtype, bank_dtype, idx_dtype, device):
+    anchor = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=1)
+    memory = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    idx = torch.randint(n, (b, k + 1), dtype=idx_dtype)
+    log_z = torch.tensor(math.log(n) + torch.rand(()).item(), dtype=torch.float64)
+    return (anchor.to(device, anchor_dtype), memory.to(device, bank_dtype), idx.to(device), log_z.to(device))
+
+
+def loss_and_grad(fn, anchor, weights):
+    anchor = anchor.detach().requires_grad_(True)
+    rows = fn(anchor)
+    (grad,) = torch.autograd.grad((rows.double() * weights).sum(), anchor)
+    return rows, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_crd_nce_loss_matches_float64_reference(device, size, dtypes, idx_dtype):
+    backend = "cpu" if device == "cpu" else "cuda"
+    if device == "cuda" and dtypes[0] == torch.float64:
+        pytest.skip("float64 is checked on CPU (gradcheck); the CUDA kernels compute in float32")
+    anchor, memory, idx, log_z = inputs(*size, *dtypes, idx_dtype, device)
+    kw = dict(temperature=0.07, log_z=log_z, n_data=memory.shape[0] + 3, reduction="none")
+    weights = torch.rand(size[0], dtype=torch.float64, device=device) + 0.5  # grad_output != 1
+    fast, g_fast = loss_and_grad(lambda a: functional.crd_nce_loss(a, memory, idx, backend=backend, **kw),
+                                 anchor, weights)
+    ref, g_ref = loss_and_grad(lambda a: reference.crd_nce_loss(a.double(), memory.double(), idx, **kw), anchor,
+                               weights)
+    same, g_same = loss_and_grad(lambda a: reference.crd_nce_loss(a, memory, idx, **kw), anchor, weights)
+    assert fast.dtype == anchor.dtype and g_fast.dtype == anchor.dtype
+    assert_close("loss", fast, ref, same, dtypes[0])
+    assert_close("d anchor", g_fast, g_ref, g_same, dtypes[0])
+    with torch.no_grad():
+        nograd = functional.crd_nce_loss(anchor, memory, idx, backend=backend, **kw)
+    assert_close("no-grad loss", nograd, ref, same, dtypes[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", SIZES)
+def test_pair_kernel_equals_two_single_kernels(device, size):
+    """One idx read for both sides gives what two single-bank kernels give."""
+    anchor_a, memory_a, idx, log_z_a = inputs(*size, torch.float32, torch.float32, torch.int64, device)
+    anchor_b, memory_b, _, log_z_b = inputs(*size, torch.float32, torch.float32, torch.int64, device)
+    if not crd_nce.dense_wins(idx, memory_a):
+        backend = crd_nce.PAIR_IMPLS[device].load()
+        single = crd_nce.IMPLS[device].load()
+        c, inv_t = size[1] / size[3], 1 / 0.1
+        pair = backend(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t, c, 1e-7, True)
+        expected = (*single(anchor_a, memory_a, idx, inv_t, log_z_a, c, 1e-7, True),
+                    *single(anchor_b, memory_b, idx, inv_t, log_z_b, c, 1e-7, True))
+        for got, want in zip(pair, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rows_a, _, rows_b, _ = crd_nce.crd_nce_pair_op(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
+                                                   0.1, size[1] / size[3], 1e-7, device, False)
+    for anchor, memory, log_z, rows in ((anchor_a, memory_a, log_z_a, rows_a), (anchor_b, memory_b, log_z_b, rows_b)):
+        ref = reference.crd_nce_loss(anchor.double(), memory.double(), idx, temperature=0.1, log_z=log_z,
+                                     n_data=size[3], reduction="none")
+        assert_close("pair rows", rows, ref, None, torch.float32)
+
+
+@pytest.mark.parametrize("size", [(4, 300, 31, 100), (7, 5, 64, 2)])
+def test_dense_path_equals_gathered_kernel_in_float64(size):
+    """The dense GEMM path (chosen for B(K+1) >= 2N) is exact: it equals the gathered kernel."""
+    anchor, memory, idx, log_z = inputs(*size, torch.float64, torch.float64, torch.int64, "cpu")
+    assert crd_nce.dense_wins(idx, memory)
+    c, inv_t = size[1] / size[3], 1 / 0.07
+    dense = crd_nce.dense_forward(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
+    gathered = crd_nce.IMPLS["cpu"].load()(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
+    for got, want in zip(dense, gathered):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_gradcheck_cpu_kernel_float64():
+    anchor, memory, idx, log_z = inputs(3, 7, 5, 40, torch.float64, torch.float64, torch.int64, "cpu")
+    anchor.requires_grad_(True)
+    torch.autograd.gradcheck(lambda a: functional.crd_nce_loss(a, memory, idx, temperature=0.5, log_z=log_z,
+                                                               reduction="none", backend="cpu"), (anchor,))
+
+
+def test_opcheck_custom_ops():
+    anchor, memory, idx, log_z = inputs(3, 9, 8, 40, torch.float32, torch.float32, torch.int64, "cpu")
+    anchor.requires_grad_(True)
+    torch.library.opcheck(crd_nce.crd_nce_op, (anchor, memory, idx, log_z, 0.1, 0.2, 1e-7, "cpu", True))
+    anchor_b = torch.randn_like(anchor, requires_grad=True)
+    torch.library.opcheck(crd_nce.crd_nce_pair_op,
+                          (anchor, memory, log_z, anchor_b, memory.flip(0), log_z, idx, 0.1, 0.2, 1e-7, "cpu", True))
+
+
+def test_backward_through_no_grad_forward_raises():
+    anchor, memory, idx, log_z = inputs(2, 3, 4, 40, torch.float32, torch.float32, torch.int64, "cpu")
+    anchor.requires_grad_(True)
+    rows, _ = crd_nce.crd_nce_op(anchor, memory, idx, log_z, 0.1, 0.1, 1e-7, "cpu", False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        rows.sum().backward()
