@@ -1,0 +1,141 @@
+"""CRD and CRRCD losses whose value, gradients and state equal one process fed the global batch.
+
+Wrap each loss module in its own DistributedDataParallel (its trainable heads need averaged gradients);
+its buffers (banks, queues, log Z) are excluded from DDP's buffer broadcast because they are kept
+identical on every rank by applying the same gathered update in rank order (the fix for
+pytorch-metric-learning#639, where per-rank banks drift apart). See comm.py for the gradient rule.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import functional
+from ..losses import CRDLoss, Embed, RelationalContrastiveLoss, _z_cache, _z_is_set
+from ..memory import MemoryBank
+from . import comm
+from .memory import ShardedMemoryBank
+
+
+def shared_generator(device: torch.device, group=None) -> torch.Generator:
+    """A generator on `device` seeded identically on every rank (rank 0 draws the seed)."""
+    seed = torch.randint(2 ** 62, (1,), dtype=torch.long).to(device)
+    if comm.is_active(group):
+        dist.broadcast(seed, src=comm.src_rank(group), group=group)
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _global_log_z(local_log_z: Tensor, sizes: list[int], scores_per_row: int, group) -> Tensor:
+    """Merge per-rank log(n * mean(exp(s/T))) estimates into the estimate over the global batch."""
+    if len(sizes) == 1:
+        return local_log_z
+    every = comm.gather_rows(local_log_z.reshape(1), [1] * len(sizes), group)
+    counts = torch.tensor(sizes, dtype=every.dtype, device=every.device) * scores_per_row
+    return torch.logsumexp(every + counts.log(), 0) - counts.sum().log()
+
+
+class DistributedCRDLoss(nn.Module):
+    """CRDLoss (same arguments, same state_dict keys in replicated mode) over the global batch.
+
+    Each rank scores its own samples against the bank (bank rows carry no gradient, so no gather with
+    gradient is needed) and returns sum(row losses) * W / G, G the global batch: DDP's gradient average
+    then equals one process's mean over G rows. log Z is estimated over the global batch. After the
+    loss, (idx, v_s, v_t) of every rank are gathered and both banks apply the same update in rank
+    order, so 'last duplicate wins' holds over the concatenated batch and banks stay bit-identical.
+
+    sharded=True: each rank holds N/W rows of each bank (ShardedMemoryBank); the rows a batch needs
+    are fetched with all_to_all. Replicated banks are broadcast from rank 0 on the first forward.
+    """
+
+    sample_idx = CRDLoss.sample_idx
+
+    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
+                 nce_t: float = 0.07, nce_m: float = 0.5, *, bank_dtype: torch.dtype = torch.float32,
+                 sharded: bool = False, group=None, backend: str = "auto"):
+        super().__init__()
+        if nce_k <= 0 or n_data <= 0:
+            raise ValueError(f"nce_k and n_data must be positive, got nce_k={nce_k}, n_data={n_data}")
+        self.embed_s = Embed(s_dim, feat_dim)
+        self.embed_t = Embed(t_dim, feat_dim)
+        if sharded:
+            self.memory_s = ShardedMemoryBank(n_data, feat_dim, nce_m, bank_dtype, group=group, backend=backend)
+            self.memory_t = ShardedMemoryBank(n_data, feat_dim, nce_m, bank_dtype, group=group, backend=backend)
+        else:
+            self.memory_s = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
+            self.memory_t = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
+        self.register_buffer("log_z_s", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("log_z_t", torch.tensor(float("nan"), dtype=torch.float64))
+        self.n_data, self.nce_k, self.nce_t = n_data, nce_k, nce_t
+        self.sharded, self.group, self.backend = sharded, group, backend
+        self.generator: torch.Generator | None = None
+        self._banks_agreed = sharded  # shards differ by design; replicas are broadcast once
+        _z_cache(self)
+        comm.ddp_ignore_buffers(self)
+
+    def _agree_on_banks(self) -> None:
+        if comm.is_active(self.group):
+            for bank in (self.memory_s, self.memory_t):
+                dist.broadcast(bank.rows, src=comm.src_rank(self.group), group=self.group)
+        self._banks_agreed = True
+
+    def _rows_for(self, contrast_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(student bank, teacher bank, idx into them): whole replicas, or just the fetched rows."""
+        if not self.sharded:
+            return self.memory_s.rows, self.memory_t.rows, contrast_idx
+        ids, local_idx = torch.unique(contrast_idx, return_inverse=True)
+        return self.memory_s.fetch(ids), self.memory_t.fetch(ids), local_idx
+
+    def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
+        if not self._banks_agreed:
+            self._agree_on_banks()
+        v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
+        if contrast_idx is None:
+            contrast_idx = self.sample_idx(idx)
+        elif contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]:
+            raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
+        sizes = comm.batch_sizes(idx.shape[0], idx.device, self.group)
+        bank_s, bank_t, bank_idx = self._rows_for(contrast_idx)
+        kw = dict(temperature=self.nce_t, n_data=self.n_data)
+        if not _z_is_set(self, "log_z_s", "log_z_t"):
+            scores_per_row = contrast_idx.shape[1]
+            self.log_z_s.copy_(_global_log_z(functional.crd_log_z(v_s, bank_t, bank_idx, **kw),
+                                             sizes, scores_per_row, self.group))
+            self.log_z_t.copy_(_global_log_z(functional.crd_log_z(v_t, bank_s, bank_idx, **kw),
+                                             sizes, scores_per_row, self.group))
+            self._z_set = True
+        kw.update(reduction="sum", backend=self.backend)
+        loss = (functional.crd_nce_loss(v_s, bank_t, bank_idx, log_z=self.log_z_s, **kw)
+                + functional.crd_nce_loss(v_t, bank_s, bank_idx, log_z=self.log_z_t, **kw))
+        loss = loss * (len(sizes) / sum(sizes))
+        every_idx = comm.gather_rows(idx, sizes, self.group)
+        every_v = comm.gather_rows(torch.cat([v_s, v_t], 1).detach(), sizes, self.group)
+        self.memory_s.update_(every_idx, every_v[:, :v_s.shape[1]])
+        self.memory_t.update_(every_idx, every_v[:, v_s.shape[1]:])
+        return loss
+
+
+class DistributedRelationalContrastiveLoss(RelationalContrastiveLoss):
+    """RelationalContrastiveLoss over the global batch: every rank computes the same global loss.
+
+    e_t and labels are gathered without gradient, e_s with gradient (its backward sums over ranks),
+    and the base forward runs on the concatenation, so every rank samples the same negatives (the
+    generator is seeded identically on all ranks: set it yourself only with the same seed on every
+    rank), pushes the same rows to its queues and returns the same L. Each rank's loss is L, so
+    DDP's average is L too (rule 1 in comm.py). Cost: every rank does the global batch's pair work.
+    """
+
+    def __init__(self, *args, group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+        comm.ddp_ignore_buffers(self)
+
+    def forward(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
+        if self.generator is None or self.generator.device != labels.device:
+            self.generator = shared_generator(labels.device, self.group)
+        sizes = comm.batch_sizes(e_s.shape[0], e_s.device, self.group)
+        return super().forward(comm.gather_rows(e_t, sizes, self.group),
+                               comm.gather_rows_with_grad(e_s, sizes, self.group),
+                               comm.gather_rows(labels, sizes, self.group))
