@@ -117,39 +117,49 @@ def critic_h2(p: RelationalParams, x: Tensor) -> Tensor:
     return F.normalize(F.linear(x, p.h2_w, p.h2_b), dim=-1)
 
 
-def _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params):
-    """Scores [R, K+1] of both sides: column 0 the positive, 1..K the queue negatives of partner j."""
+def relational_scores(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor, neg_idx: Tensor,
+                      params: RelationalParams, key_params: RelationalParams | None = None,
+                      key_e_s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scores [R, K+1] of (student side, teacher side): column 0 the positive, 1..K partner j's negatives.
+
+    Keys are stop-grad: they are built from key_params / key_e_s, by default detached copies of params / e_s.
+    """
     dt = compute_dtype(e_s)
     p = RelationalParams(*(t.to(dt) for t in params))
+    frozen = RelationalParams(*(t.detach().to(dt) for t in (key_params or params)))
     e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
+    key_e_s = (e_s if key_e_s is None else key_e_s).detach().to(dt)
     queue_t, queue_s = queue_t.detach().to(dt), queue_s.detach().to(dt)
     i, j = pair_indices(e_t.shape[0], e_t.device)
     neg = neg_idx.long()[j]                                   # [R, K]
     a = e_t[i]
-    frozen = RelationalParams(*(t.detach() for t in p))
     # student side: query from the cross-resolution relation, keys from the teacher-space relation
     q_s = critic_h2(p, relation_ts(p, a, e_s[j]))
     k_s = torch.cat([critic_h1(frozen, relation_t(frozen, a, e_t[j]))[:, None],
                      critic_h1(frozen, relation_t(frozen, a[:, None], queue_t[neg]))], 1)
     # teacher side: query from the teacher-space relation, keys from the cross-resolution relation
     q_t = critic_h1(p, relation_t(p, a, e_t[j]))
-    k_t = torch.cat([critic_h2(frozen, relation_ts(frozen, a, e_s[j].detach()))[:, None],
+    k_t = torch.cat([critic_h2(frozen, relation_ts(frozen, a, key_e_s[j]))[:, None],
                      critic_h2(frozen, relation_ts(frozen, a[:, None], queue_s[neg]))], 1)
     return torch.einsum("rd,rkd->rk", q_s, k_s), torch.einsum("rd,rkd->rk", q_t, k_t)
+
+
+def relational_side_rows(scores: Tensor, temperature: float, log_z, num_negatives: int, n_data: int,
+                         eps: float = 1e-7) -> Tensor:
+    """Per-row NCE critic of one side: softplus(-l_0) + sum_k softplus(l_k), l = s/tau - log Z - log(K/N + eps)."""
+    l = scores / temperature - torch.as_tensor(log_z, dtype=scores.dtype, device=scores.device) \
+        - math.log(num_negatives / n_data + eps)
+    return F.softplus(-l[:, 0]) + F.softplus(l[:, 1:]).sum(1)
 
 
 def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                                 neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
                                 log_z_t, log_z_s, n_data: int, eps: float = 1e-7,
                                 reduction: str = "mean") -> Tensor:
-    s_student, s_teacher = _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
-    shift = math.log(neg_idx.shape[1] / n_data + eps)
-
-    def side(s, log_z):
-        l = s / temperature - torch.as_tensor(log_z, dtype=s.dtype, device=s.device) - shift
-        return F.softplus(-l[:, 0]) + F.softplus(l[:, 1:]).sum(1)
-
-    rows_s, rows_t = side(s_student, log_z_s), side(s_teacher, log_z_t)
+    s_student, s_teacher = relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
+    k = neg_idx.shape[1]
+    rows_s = relational_side_rows(s_student, temperature, log_z_s, k, n_data, eps)
+    rows_t = relational_side_rows(s_teacher, temperature, log_z_t, k, n_data, eps)
     if reduction == "none":
         return (rows_s + rows_t).to(e_s.dtype)
     return reduce_rows(rows_s, reduction, e_s.dtype) + reduce_rows(rows_t, reduction, e_s.dtype)
@@ -160,7 +170,7 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                      n_data: int) -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): log(n_data * mean(exp(s / tau))) over all R(K+1) scores of each side."""
     with torch.no_grad():
-        s_student, s_teacher = _relational_side_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
+        s_student, s_teacher = relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
 
     def estimate(s):
         return torch.logsumexp(s.flatten() / temperature, 0) - math.log(s.numel()) + math.log(n_data)

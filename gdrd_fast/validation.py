@@ -1,7 +1,7 @@
 """Argument checks shared by every public entry point (ops.md section 6).
 
 Shape, dtype and device checks are free. Value checks (index range, NaN/Inf, unset Z) read tensor
-values: they always run on CPU tensors and, on GPU, only after `set_checks(True)`, since they sync.
+values: they run on CPU tensors in eager mode and, on GPU, only after `set_checks(True)`, since they sync.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def set_checks(enabled: bool) -> None:
 
 
 def value_checks(t: Tensor) -> bool:
+    # inside torch.compile a value check would be a data-dependent graph break: skip it there
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or _checks_on_gpu
 
 

@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# GDRD_BUILD_CUDA: auto (default) builds the CUDA extension when nvcc and a CUDA torch exist; 1 requires it.
+export GDRD_BUILD_CUDA ?= auto
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+.PHONY: setup demo test bench
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "torch==2.14.1" numpy ninja
+	$(BIN)/python -m pip install -q -e ".[test,triton,diffusion,demo,peers]" --no-build-isolation
+
+demo: setup
+	$(BIN)/gdrd-fast demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)

@@ -1,0 +1,39 @@
+"""Prints, after the pytest-benchmark tables, one table per op and size with ratios against eager."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from benchmarks.harness import EAGER
+
+
+def _rows(config):
+    session = getattr(config, "_benchmarksession", None)
+    groups = defaultdict(list)
+    for bench in getattr(session, "benchmarks", []) or []:
+        if bench.stats and bench.stats.rounds:
+            groups[bench.group].append(bench)
+    return groups
+
+
+def ratio_table(groups) -> list[str]:
+    lines = [f"{'case':<44} {'provider':<22} {'median ms':>10} {'speed-up':>9} {'peak extra MB':>14} {'mem ratio':>10}"]
+    for group in sorted(groups):
+        benches = groups[group]
+        eager = next((b for b in benches if b.extra_info.get("provider") == EAGER), None)
+        for b in sorted(benches, key=lambda b: b.stats.median):
+            median, mem = b.stats.median, b.extra_info.get("peak_extra_bytes")
+            speed = f"{eager.stats.median / median:.2f}x" if eager else "-"
+            eager_mem = eager.extra_info.get("peak_extra_bytes") if eager else None
+            mem_ratio = f"{eager_mem / max(mem, 1):.1f}x" if eager_mem is not None and mem is not None else "-"
+            mem_mb = f"{mem / 2**20:.1f}" if mem is not None else "-"
+            lines.append(f"{group:<44} {b.extra_info.get('provider', b.name):<22} {median * 1e3:>10.2f} "
+                         f"{speed:>9} {mem_mb:>14} {mem_ratio:>10}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    groups = _rows(config)
+    if groups:
+        terminalreporter.write_sep("-", "gdrd_fast: ratios against the eager reference (time and peak extra memory)")
+        for line in ratio_table(groups):
+            terminalreporter.write_line(line)

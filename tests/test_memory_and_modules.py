@@ -1,0 +1,136 @@
+"""MemoryBank / MemoryQueue semantics and the loss Modules' state (all in buffers, state_dict round-trips)."""
+import io
+
+import pytest
+import torch
+
+import gdrd_fast
+from gdrd_fast import reference as R
+
+
+def _roundtrip(module, fresh):
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for (k, a), (_, b) in zip(module.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.isnan(a).all() and torch.isnan(b).all()), k
+    return fresh
+
+
+def test_bank_init_and_update_match_reference():
+    bank = gdrd_fast.MemoryBank(50, 16, momentum=0.3)
+    bound = 1 / (16 / 3) ** 0.5
+    assert bank.rows.abs().max() <= bound and bank.rows.std() > bound / 3
+    idx = torch.randint(50, (37,))  # duplicates are likely
+    values = torch.randn(37, 16)
+    expected = bank.rows.clone()
+    R.bank_update_(expected, idx, values, 0.3)
+    bank.update_(idx, values)
+    torch.testing.assert_close(bank.rows, expected, rtol=0, atol=0)
+    torch.testing.assert_close(bank.rows[idx].norm(dim=1), torch.ones(37))
+
+
+def test_bank_state_dict_roundtrip():
+    bank = gdrd_fast.MemoryBank(20, 4)
+    bank.update_(torch.tensor([1, 2]), torch.randn(2, 4))
+    _roundtrip(bank, gdrd_fast.MemoryBank(20, 4))
+
+
+def test_queue_sampling_respects_labels_and_generator():
+    queue = gdrd_fast.MemoryQueue(40, 3)
+    labels = torch.arange(40) % 7
+    queue.push_(torch.randn(40, 3), labels)
+    partner = torch.randint(7, (23,))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    idx = queue.sample_negatives(partner, 200, g1)
+    assert idx.shape == (23, 200)
+    assert bool((queue.labels[idx] != partner[:, None]).all())
+    assert torch.equal(idx, queue.sample_negatives(partner, 200, g2))
+    # uniform over the valid rows: every valid row of partner 0's class complement shows up
+    many = queue.sample_negatives(torch.zeros(1, dtype=torch.long), 20000)
+    counts = torch.bincount(many.flatten(), minlength=40)
+    valid = labels != 0
+    assert bool((counts[valid] > 0).all()) and bool((counts[~valid] == 0).all())
+    expected = 20000 / int(valid.sum())
+    assert float((counts[valid].float() - expected).abs().max()) < 0.25 * expected
+
+
+def test_queue_sampling_only_from_filled_rows_and_clear_error():
+    queue = gdrd_fast.MemoryQueue(10, 2)
+    queue.push_(torch.randn(4, 2), torch.tensor([3, 3, 3, 5]))
+    idx = queue.sample_negatives(torch.tensor([3, 5]), 50)
+    assert set(idx[0].tolist()) == {3} and set(idx[1].tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="queue is empty"):
+        gdrd_fast.MemoryQueue(5, 2).sample_negatives(torch.tensor([9]), 3)
+    full_same = gdrd_fast.MemoryQueue(3, 2)
+    full_same.push_(torch.randn(3, 2), torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="no negative of another class"):
+        full_same.sample_negatives(torch.tensor([2, 1]), 4)
+
+
+def test_queue_state_roundtrip_keeps_pointer_and_fullness():
+    queue = gdrd_fast.MemoryQueue(5, 2)
+    queue.push_(torch.randn(7, 2), torch.arange(7))
+    assert queue.is_full()
+    fresh = _roundtrip(queue, gdrd_fast.MemoryQueue(5, 2))
+    assert fresh.is_full() and int(fresh.ptr) == 2
+
+
+def test_crd_module_freezes_z_updates_banks_and_roundtrips():
+    crd = gdrd_fast.CRDLoss(10, 12, n_data=60, feat_dim=8, nce_k=17)
+    f_s, f_t = torch.randn(5, 10, requires_grad=True), torch.randn(5, 12)
+    idx = torch.tensor([3, 7, 7, 11, 59])
+    bank_before = crd.memory_s.rows.clone()
+    loss = crd(f_s, f_t, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and f_s.grad is not None and crd.embed_s.linear.weight.grad is not None
+    assert torch.isfinite(crd.log_z_s) and torch.isfinite(crd.log_z_t)
+    changed = (crd.memory_s.rows != bank_before).any(1)
+    assert changed.nonzero().flatten().tolist() == [3, 7, 11, 59]
+    z = crd.log_z_s.clone()
+    crd(f_s, f_t, idx)
+    assert torch.equal(crd.log_z_s, z)  # frozen after the first batch
+    _roundtrip(crd, gdrd_fast.CRDLoss(10, 12, n_data=60, feat_dim=8, nce_k=17))
+
+
+def test_crd_module_with_given_contrast_idx_matches_reference_formula():
+    crd = gdrd_fast.CRDLoss(6, 7, n_data=30, feat_dim=5, nce_k=4).double()
+    f_s, f_t = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    idx = torch.tensor([0, 1, 2])
+    contrast = torch.cat([idx[:, None], torch.randint(30, (3, 4))], 1)
+    banks = crd.memory_s.rows.clone(), crd.memory_t.rows.clone()
+    loss = crd(f_s, f_t, idx, contrast)
+    v_s, v_t = crd.embed_s(f_s), crd.embed_t(f_t)
+    log_z_s = R.crd_log_z(v_s, banks[1], contrast, temperature=0.07)
+    log_z_t = R.crd_log_z(v_t, banks[0], contrast, temperature=0.07)
+    expected = (R.crd_nce_loss(v_s, banks[1], contrast, log_z=log_z_s)
+                + R.crd_nce_loss(v_t, banks[0], contrast, log_z=log_z_t))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_relational_module_zero_until_full_then_active():
+    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=12, rel_dim=8, num_negatives=5, queue_size=10, n_data=100)
+    losses = []
+    for _ in range(4):
+        e_t = torch.nn.functional.normalize(torch.randn(4, 12), dim=1)
+        e_s = torch.nn.functional.normalize(torch.randn(4, 12), dim=1).requires_grad_()
+        loss = rc(e_t, e_s, torch.randint(3, (4,)))
+        loss.backward()
+        losses.append(loss.item())
+        assert e_s.grad is not None and rc.h2_w.grad is not None
+    assert losses[:3] == [0.0, 0.0, 0.0] and losses[3] > 0  # queue of 10 holds 4, 8, 12 rows
+    assert torch.isfinite(rc.log_z_s) and torch.isfinite(rc.log_z_t)
+    fresh = gdrd_fast.RelationalContrastiveLoss(embed_dim=12, rel_dim=8, num_negatives=5, queue_size=10, n_data=100)
+    _roundtrip(rc, fresh)
+    assert fresh.queue_t.is_full()
+
+
+def test_modules_move_with_to_and_keep_state_in_buffers():
+    crd = gdrd_fast.CRDLoss(4, 4, n_data=10, feat_dim=3, nce_k=2)
+    names = {n for n, _ in crd.named_buffers()}
+    assert {"memory_s.rows", "memory_t.rows", "log_z_s", "log_z_t"} <= names
+    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=4, rel_dim=3, num_negatives=2, queue_size=5, n_data=10)
+    names = {n for n, _ in rc.named_buffers()}
+    assert {"queue_t.values", "queue_t.labels", "queue_t.ptr", "queue_t.count", "queue_s.values",
+            "log_z_t", "log_z_s"} <= names
