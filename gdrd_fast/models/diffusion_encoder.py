@@ -1,0 +1,157 @@
+"""The generative teacher as a diffusers UNet2DModel: its encoder half, cut at a named feature tap.
+
+diffusers is optional and imported only when a UNet is built or loaded. Weights come from local
+files only (a save_pretrained folder or a state dict): nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import load_exact, read_state_dict, strip_prefix
+
+# UNet2DModel configs. "tiny" trains on a CPU in about a minute at 32..64 px; "pgdiff-like" follows
+# PGDiff's FFHQ-512 network (method.md section 4) as far as UNet2DModel allows (one res-block count
+# for all levels).
+CONFIGS = {
+    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
+                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                 attention_head_dim=32),
+    "pgdiff-like": dict(sample_size=512, in_channels=3, out_channels=6,
+                        block_out_channels=(32, 64, 128, 256, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3,
+                        up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4, norm_num_groups=32,
+                        attention_head_dim=64, resnet_time_scale_shift="scale_shift"),
+}
+# Where each config is tapped by default: the last full-resolution feature at stride 4 ("tiny",
+# 14x14 for a 56x56 input) and the 512-channel stride-32 feature ("pgdiff-like", 512x14x14 at 448x448).
+DEFAULT_TAPS = {"tiny": "down_blocks.2", "pgdiff-like": "down_blocks.5.attentions.1"}
+_TAP = re.compile(r"conv_in|mid_block|down_blocks\.(\d+)(?:\.(resnets|attentions)\.(\d+))?")
+_DECODER = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise ImportError("the diffusion teacher needs the optional package 'diffusers': "
+                          "pip install 'gdrd_fast[diffusion]' (or pip install diffusers)") from exc
+    return diffusers
+
+
+def build_unet(config: str | dict = "tiny"):
+    """A randomly initialised diffusers UNet2DModel from a CONFIGS name or a config dict."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"config must be one of {sorted(CONFIGS)} or a dict, got {config!r}")
+        config = CONFIGS[config]
+    elif not isinstance(config, dict):
+        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
+    return _diffusers().UNet2DModel(**config)
+
+
+def load_unet(folder: str | os.PathLike):
+    """A UNet2DModel saved with save_pretrained(folder); local files only."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder: no directory at {os.fspath(folder)!r}")
+    return _diffusers().UNet2DModel.from_pretrained(os.fspath(folder), local_files_only=True)
+
+
+class DiffusionEncoder(nn.Module):
+    """UNet2DModel's time embedding, conv_in, down blocks (and mid block) up to `tap`.
+
+    forward(x, timestep=0) -> the tapped feature map. The module keeps only what the tap needs, under
+    the UNet's own key names, so the UNet's state dict (minus the unused part) loads into it.
+    Attributes: tap, out_channels, stride (input size / tapped feature size).
+    """
+
+    def __init__(self, unet, tap: str):
+        super().__init__()
+        match = _TAP.fullmatch(tap) if isinstance(tap, str) else None
+        if match is None:
+            raise ValueError("tap must be 'conv_in', 'mid_block', 'down_blocks.<i>' or "
+                             f"'down_blocks.<i>.resnets|attentions.<j>', got {tap!r}")
+        config, blocks = unet.config, unet.down_blocks
+        if getattr(unet, "class_embedding", None) is not None:
+            raise ValueError("class-conditional UNets are not supported as teachers")
+        if config.time_embedding_type != "positional":
+            raise ValueError(f"only positional time embeddings are supported, got {config.time_embedding_type!r}")
+        names = dict(unet.named_modules())
+        if tap not in names or names[tap] is None:
+            raise ValueError(f"tap {tap!r} is not a module of this UNet")
+        self.tap, self.center_input_sample = tap, bool(config.center_input_sample)
+        self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
+        downsamples = [b.downsamplers is not None for b in blocks]
+        if tap == "conv_in":
+            last, inner, self.out_channels, steps = -1, None, config.block_out_channels[0], 0
+        elif tap == "mid_block":
+            last, inner, self.out_channels, steps = len(blocks) - 1, None, config.block_out_channels[-1], sum(downsamples)
+        else:
+            last, inner = int(match.group(1)), match.group(2)
+            self.out_channels = config.block_out_channels[last]
+            steps = sum(downsamples[:last]) + (downsamples[last] if inner is None else 0)
+        self.stride = 2 ** steps
+        self.down_blocks = nn.ModuleList(list(blocks)[:last + 1])
+        self.mid_block = unet.mid_block if tap == "mid_block" else None
+        self._inner = names[tap] if inner is not None else None
+        self.unet_config = dict(config)
+
+    def unused_key(self, key: str) -> bool:
+        """Whether a full-UNet state-dict key belongs to a part this encoder dropped."""
+        if key.startswith(_DECODER):
+            return True
+        if key.startswith("mid_block."):
+            return self.mid_block is None
+        if key.startswith("down_blocks."):
+            return int(key.split(".")[1]) >= len(self.down_blocks)
+        return False
+
+    def forward(self, x: Tensor, timestep: int | float | Tensor = 0) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.conv_in.in_channels:
+            raise ValueError(f"x must be (B, {self.conv_in.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.center_input_sample:
+            x = 2 * x - 1.0
+        t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(self.conv_in.weight.dtype))
+        skip, h = x, self.conv_in(x)
+        if self.tap == "conv_in":
+            return h
+        tapped = []
+        hook = self._inner.register_forward_hook(lambda m, i, out: tapped.append(out)) if self._inner else None
+        try:
+            for block in self.down_blocks:
+                if hasattr(block, "skip_conv"):
+                    h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
+                else:
+                    h, _ = block(hidden_states=h, temb=emb)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if self._inner is not None:
+            return tapped[-1]
+        return self.mid_block(h, emb) if self.mid_block is not None else h
+
+
+def diffusion_encoder(config: str | dict = "tiny", weights=None, tap: str | None = None) -> DiffusionEncoder:
+    """The generative teacher from a config, with weights from a local folder or a state dict.
+
+    weights: None (random init), a save_pretrained folder (its own config is used; `config` only picks
+    the default tap), or a state dict / .pt / .safetensors file of the full UNet or of the encoder,
+    'module.'-prefixed or not, loaded strictly after the encoder's unused keys are dropped.
+    """
+    if tap is None:
+        if not isinstance(config, str) or config not in DEFAULT_TAPS:
+            raise ValueError("tap is required unless config is one of " + ", ".join(sorted(DEFAULT_TAPS)))
+        tap = DEFAULT_TAPS[config]
+    if isinstance(weights, (str, os.PathLike)) and os.path.isdir(weights):
+        return DiffusionEncoder(load_unet(weights), tap)
+    encoder = DiffusionEncoder(build_unet(config), tap)
+    if weights is not None:
+        state = strip_prefix(read_state_dict(weights, what="diffusion teacher weights"))
+        load_exact(encoder, {k: v for k, v in state.items() if not encoder.unused_key(k)},
+                   what="diffusion teacher weights")
+    return encoder

@@ -1,0 +1,62 @@
+"""Atomic checkpoints that load with torch.load(weights_only=True): RNG states are stored as tensors."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, as tensors and plain Python values."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(state["cuda"]):
+            raise ValueError(f"checkpoint holds {len(state['cuda'])} CUDA RNG state(s) but this machine has "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)")
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         has_gauss, gauss))
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,186 @@
+"""Training recipes: YAML files mapped onto dataclasses (one file per recipe in gdrd_fast/configs/).
+
+Unknown keys and wrongly typed values raise ValueError naming the key, so a typo never trains silently
+with a default. `load_config(path, overrides)` applies "a.b=value" overrides (YAML-parsed values).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+AMP_MODES = ("none", "bf16", "fp16")
+DISTILL_MODES = ("rcd", "crd", "none")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with step decay; milestones and length in epochs (method.md section 5), or `steps` if set."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 36
+    milestones: list[int] = field(default_factory=lambda: [21, 28, 32])
+    gamma: float = 0.1
+    steps: int | None = None  # overrides epochs (milestones then scale with steps / epochs)
+
+
+@dataclass
+class DataConfig:
+    train_root: str | None = None  # identity-folder tree (one folder per identity)
+    image_size: int = 112
+    resolution: int = 16  # the LR side; the student sees it upsampled back to image_size
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    batch_size: int = 96
+    num_workers: int = 4
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    student: str = "r18"
+    discriminative_teacher: str = "r50"
+    discriminative_teacher_weights: str | None = None  # checkpoint holding the teacher and its classifier
+    generative_teacher: str = "pgdiff"
+    generative_teacher_weights: str | None = None
+    generative_teacher_input: int = 448  # the LR face is resized (bicubic) to this for T_g
+    embedding_dim: int = 512
+
+
+@dataclass
+class RCDConfig:
+    rel_dim: int = 128
+    num_negatives: int = 512
+    queue_size: int = 16384
+    temperature: float = 0.1
+    supervised: bool = True
+
+
+@dataclass
+class CRDConfig:
+    feat_dim: int = 128
+    nce_k: int = 16384
+    nce_t: float = 0.07
+    nce_m: float = 0.5
+
+
+@dataclass
+class Stage1Config:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class Stage2Config:
+    """L = L_cls + kd_weight L_kd + distill_weight L_distill (CRRCD Eq. 13: 1, 0.5, 2)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: str = "rcd"
+    kd_weight: float = 0.5
+    distill_weight: float = 2.0
+    kd_temperature: float = 4.0
+    arcface_scale: float = 64.0
+    arcface_margin: float = 0.5
+    rcd: RCDConfig = field(default_factory=RCDConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "gdrd"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    backend: str = "auto"  # kernel backend of the losses
+    output_dir: str = "runs/gdrd"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def __post_init__(self):
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.stage2.distill not in DISTILL_MODES:
+            raise ValueError(f"stage2.distill must be one of {DISTILL_MODES}, got {self.stage2.distill!r}")
+
+
+def _check_type(key: str, value, annotation):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return value
+        return _check_type(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and type(value) is not annotation:
+        raise ValueError(f"{key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from nested dicts; unknown keys and wrong types raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override must look like key.sub=value, got {override!r}")
+    key, raw = override.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A file path, or the name of a packaged recipe ('paper', 'demo')."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        return path
+    packaged = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(f"no recipe named {name_or_path!r}; packaged recipes: {', '.join(names)}")
+    return packaged
+
+
+def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    with open(recipe_path(name_or_path)) as f:
+        data = yaml.safe_load(f) or {}
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(TrainConfig, data)

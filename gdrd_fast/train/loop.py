@@ -1,0 +1,168 @@
+"""The training loop: deterministic batches, SGD + step decay, AMP, progress bar, log file, checkpoints.
+
+Every random draw (flips, negatives) comes from RNGs the checkpoint saves, and batch order is a pure
+function of (seed, step), so N steps equal N/2 steps + resume + N/2 steps bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import OptimConfig
+from .runtime import Runtime
+from .stages import Stage, Views
+
+LOG_FORMAT = "%(asctime)s %(message)s"
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for steps [start, stop): epoch e is a permutation seeded by (seed, e); last partial batch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} exceeds the dataset size {n}")
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.steps_per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        order, epoch = None, None
+        for step in range(self.start, self.stop):
+            e, pos = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+                epoch = e
+            yield order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+
+
+def make_views(batch, runtime: Runtime, resolution: int | None, flip: bool, interpolation: str = "bilinear",
+               antialias: bool = True) -> Views:
+    """Move a (images, labels, idx) batch to the device, flip it, and degrade it to resolution x resolution."""
+    from ..data import degrade
+    images, labels, idx = (t.to(runtime.device, non_blocking=True) for t in batch)
+    if flip:  # one coin per sample, shared by the HR and LR views (method.md section 5)
+        coins = torch.rand(images.shape[0], device=images.device) < 0.5
+        images = torch.where(coins[:, None, None, None], images.flip(-1), images)
+    lr = images if resolution is None else degrade(images, resolution, mode=interpolation, antialias=antialias)
+    return Views(images, lr, labels.long(), idx.long())
+
+
+class Trainer:
+    """Runs one Stage: `train_steps(n)` advances n optimizer steps; `save`/`resume` round-trip all state."""
+
+    def __init__(self, stage: Stage, dataset: Dataset, runtime: Runtime, optim: OptimConfig, *, batch_size: int,
+                 seed: int = 0, resolution: int | None = 16, flip: bool = True, interpolation: str = "bilinear",
+                 antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
+                 log_every: int = 50, checkpoint_every: int = 0, progress: bool = True):
+        self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
+        self.steps_per_epoch = len(dataset) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={batch_size} exceeds the dataset size {len(dataset)}")
+        if optim.steps is not None:
+            self.total_steps = optim.steps
+            milestones = [round(m * optim.steps / optim.epochs) for m in optim.milestones]
+        else:
+            self.total_steps = optim.epochs * self.steps_per_epoch
+            milestones = [m * self.steps_per_epoch for m in optim.milestones]
+        params = stage.trainable_parameters()
+        if not params:
+            raise ValueError(f"{stage.name} has no trainable parameters")
+        self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                         weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=optim.gamma)
+        self.scaler = runtime.grad_scaler()
+        self.step = 0
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
+        self.log = logging.getLogger(f"gdrd_fast.train.{stage.name}")
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"stage": self.stage.name, "step": self.step, "modules": self.stage.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stage") != self.stage.name:
+            raise ValueError(f"checkpoint is for stage {state.get('stage')!r}, not {self.stage.name!r}")
+        self.stage.load_state_dict(state["modules"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Atomic write; only the main process writes (returns None elsewhere)."""
+        if not self.runtime.is_main:
+            return None
+        return ckpt.save_checkpoint(self.state_dict(), path or self.output_dir / f"{self.stage.name}.pt")
+
+    def resume(self, path: str | Path) -> None:
+        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.runtime.device))
+
+    # --- training ----------------------------------------------------------------------------------
+    def _loader(self, stop: int) -> DataLoader:
+        sampler = StepBatchSampler(len(self.dataset), self.batch_size, self.seed, self.step, stop)
+        # its own generator: a loader drawing its worker seed from the global RNG would shift the flips
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.runtime.device.type == "cuda", generator=generator)
+
+    def train_steps(self, n: int | None = None) -> dict[str, float]:
+        """Run n steps (default: to the end of the schedule); returns the last step's loss terms."""
+        stop = self.total_steps if n is None else min(self.step + n, self.total_steps)
+        self.stage.train()
+        terms_out: dict[str, float] = {}
+        bar = tqdm(total=stop - self.step, desc=self.stage.name, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.runtime.is_main))
+        start_time, start_step = time.perf_counter(), self.step
+        for batch in self._loader(stop):
+            views = make_views(batch, self.runtime, **self.view_args)
+            terms = self.stage.losses(views)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.stage.name} step {self.step}: loss is {float(loss)} "
+                                         f"({ {k: float(v) for k, v in terms.items()} })")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            terms_out = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+            rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.0f}"})
+            bar.update()
+            if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
+                eta = (stop - self.step) * self.batch_size / rate
+                self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.stage.name, self.step,
+                              self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
+                              self.scheduler.get_last_lr()[0], rate, eta)
+            if self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        return terms_out
+
+
+def log_to_file(path: str | Path, runtime: Runtime) -> logging.Handler | None:
+    """Send gdrd_fast.* log records to `path` (main process only); returns the handler to remove later."""
+    if not runtime.is_main:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("gdrd_fast")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
