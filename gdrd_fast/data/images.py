@@ -1,0 +1,63 @@
+"""Pixel conventions of aligned faces: RGB, float in [-1, 1] = (x/255 - 0.5)/0.5 (insightface)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def from_uint8(pixels: Tensor) -> Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1]."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """float in [-1, 1] (..., 3, H, W) -> uint8, rounded and clipped."""
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a float tensor, got {image.dtype}")
+    return ((image.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_image(data: bytes) -> Tensor:
+    """JPEG/PNG/BMP bytes -> (3, H, W) float32 in [-1, 1], RGB (grey images are expanded)."""
+    from PIL import Image  # pillow comes with matplotlib; imported lazily so core ops never need it
+
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+        pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+    return from_uint8(pixels)
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    return decode_image(Path(path).read_bytes())
+
+
+def encode_png(image: Tensor) -> bytes:
+    """(3, H, W) float in [-1, 1] -> lossless PNG bytes (so a round trip is exact up to 8-bit rounding)."""
+    from PIL import Image
+
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
+    hwc = to_uint8(image).permute(1, 2, 0).contiguous().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(hwc, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,36 @@
+"""Face embeddings for evaluation, insightface style: emb(x) + emb(flip(x)), then L2-normalise."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def extract_embeddings(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 128,
+                       flip: bool = True, transform: Callable[[Tensor], Tensor] | None = None,
+                       device: torch.device | str | None = None) -> Tensor:
+    """L2-normalised float32 embeddings (N, D) on the CPU.
+
+    images: (N, 3, H, W) in [-1, 1]; transform (e.g. degrade at 16x16) is applied per batch before the
+    model, on the device. With flip=True the embedding is model(x) + model(flip(x)), summed BEFORE the
+    normalisation (insightface eval/verification.py). The caller puts the model in eval mode.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (N, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if device is None:
+        device = next((p.device for p in getattr(model, "parameters", lambda: iter(()))()), images.device)
+    out = []
+    for batch in images.split(batch_size):
+        batch = batch.to(device, non_blocking=True)
+        if transform is not None:
+            batch = transform(batch)
+        emb = model(batch).float()
+        if flip:
+            emb = emb + model(batch.flip(-1)).float()
+        out.append(F.normalize(emb, dim=1).cpu())
+    return torch.cat(out)
