@@ -1,27 +1,25 @@
 """CRD and CRRCD losses whose value, gradients and state equal one process fed the global batch.
 
-Wrap each loss module in its own DistributedDataParallel (its trainable heads need averaged gradients);
-its buffers (banks, queues, log Z) are excluded from DDP's buffer broadcast because they are kept
+Their trainable heads need DDP's averaged gradients: wrap the loss in DistributedDataParallel, or the
+module holding it with launch.wrap_ddp. Their buffers (banks, queues, log Z) are excluded from DDP's
+buffer broadcast (it would cost N x D bytes a step, and break shards) because they are kept
 identical on every rank by applying the same gathered update in rank order (the fix for
 pytorch-metric-learning#639, where per-rank banks drift apart). See comm.py for the gradient rule.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional
-from ..losses import CRDLoss, Embed, RelationalContrastiveLoss, _z_cache, _z_is_set
-from ..memory import MemoryBank
+from ..losses import CRDLoss, RelationalContrastiveLoss, _z_is_set
 from . import comm
 from .memory import ShardedMemoryBank
 
 
 def shared_generator(device: torch.device, group=None) -> torch.Generator:
-    """A generator on `device` seeded identically on every rank (rank 0 draws the seed)."""
+    """A generator on `device` seeded identically on every rank (rank 0 draws the seed from its global RNG)."""
     seed = torch.randint(2 ** 62, (1,), dtype=torch.long).to(device)
     if comm.is_active(group):
         dist.broadcast(seed, src=comm.src_rank(group), group=group)
@@ -37,7 +35,7 @@ def _global_log_z(local_log_z: Tensor, sizes: list[int], scores_per_row: int, gr
     return torch.logsumexp(every + counts.log(), 0) - counts.sum().log()
 
 
-class DistributedCRDLoss(nn.Module):
+class DistributedCRDLoss(CRDLoss):
     """CRDLoss (same arguments, same state_dict keys in replicated mode) over the global batch.
 
     Each rank scores its own samples against the bank (bank rows carry no gradient, so no gather with
@@ -45,35 +43,33 @@ class DistributedCRDLoss(nn.Module):
     then equals one process's mean over G rows. log Z is estimated over the global batch. After the
     loss, (idx, v_s, v_t) of every rank are gathered and both banks apply the same update in rank
     order, so 'last duplicate wins' holds over the concatenated batch and banks stay bit-identical.
+    Sampled negatives are drawn for the whole global batch and sliced, as one process would draw them.
 
     sharded=True: each rank holds N/W rows of each bank (ShardedMemoryBank); the rows a batch needs
     are fetched with all_to_all. Replicated banks are broadcast from rank 0 on the first forward.
     """
 
-    sample_idx = CRDLoss.sample_idx
-
     def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
                  nce_t: float = 0.07, nce_m: float = 0.5, *, bank_dtype: torch.dtype = torch.float32,
                  sharded: bool = False, group=None, backend: str = "auto"):
-        super().__init__()
-        if nce_k <= 0 or n_data <= 0:
-            raise ValueError(f"nce_k and n_data must be positive, got nce_k={nce_k}, n_data={n_data}")
-        self.embed_s = Embed(s_dim, feat_dim)
-        self.embed_t = Embed(t_dim, feat_dim)
-        if sharded:
-            self.memory_s = ShardedMemoryBank(n_data, feat_dim, nce_m, bank_dtype, group=group, backend=backend)
-            self.memory_t = ShardedMemoryBank(n_data, feat_dim, nce_m, bank_dtype, group=group, backend=backend)
-        else:
-            self.memory_s = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
-            self.memory_t = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
-        self.register_buffer("log_z_s", torch.tensor(float("nan"), dtype=torch.float64))
-        self.register_buffer("log_z_t", torch.tensor(float("nan"), dtype=torch.float64))
-        self.n_data, self.nce_k, self.nce_t = n_data, nce_k, nce_t
-        self.sharded, self.group, self.backend = sharded, group, backend
-        self.generator: torch.Generator | None = None
+        self.sharded, self.group = sharded, group  # read by make_bank during CRDLoss.__init__
+        super().__init__(s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m, bank_dtype=bank_dtype,
+                         backend=backend)
         self._banks_agreed = sharded  # shards differ by design; replicas are broadcast once
-        _z_cache(self)
         comm.ddp_ignore_buffers(self)
+
+    def make_bank(self, n: int, dim: int, momentum: float, dtype: torch.dtype, backend: str) -> nn.Module:
+        if self.sharded:
+            return ShardedMemoryBank(n, dim, momentum, dtype, group=self.group, backend=backend)
+        return super().make_bank(n, dim, momentum, dtype, backend)
+
+    def sample_idx(self, idx: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """[B, K+1]: idx, then this rank's rows of K uniform negatives drawn for the global batch."""
+        sizes = sizes or [idx.shape[0]]
+        offset = sum(sizes[:comm.rank(self.group)])
+        negatives = torch.randint(self.n_data, (sum(sizes), self.nce_k), generator=self.generator,
+                                  device=idx.device, dtype=idx.dtype)
+        return torch.cat([idx[:, None], negatives[offset:offset + idx.shape[0]]], 1)
 
     def _agree_on_banks(self) -> None:
         if comm.is_active(self.group):
@@ -92,11 +88,11 @@ class DistributedCRDLoss(nn.Module):
         if not self._banks_agreed:
             self._agree_on_banks()
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
+        sizes = comm.batch_sizes(idx.shape[0], idx.device, self.group)
         if contrast_idx is None:
-            contrast_idx = self.sample_idx(idx)
+            contrast_idx = self.sample_idx(idx, sizes)
         elif contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]:
             raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
-        sizes = comm.batch_sizes(idx.shape[0], idx.device, self.group)
         bank_s, bank_t, bank_idx = self._rows_for(contrast_idx)
         kw = dict(temperature=self.nce_t, n_data=self.n_data)
         if not _z_is_set(self, "log_z_s", "log_z_t"):
@@ -121,10 +117,11 @@ class DistributedRelationalContrastiveLoss(RelationalContrastiveLoss):
     """RelationalContrastiveLoss over the global batch: every rank computes the same global loss.
 
     e_t and labels are gathered without gradient, e_s with gradient (its backward sums over ranks),
-    and the base forward runs on the concatenation, so every rank samples the same negatives (the
-    generator is seeded identically on all ranks: set it yourself only with the same seed on every
-    rank), pushes the same rows to its queues and returns the same L. Each rank's loss is L, so
-    DDP's average is L too (rule 1 in comm.py). Cost: every rank does the global batch's pair work.
+    and the base forward runs on the concatenation, so every rank samples the same negatives, pushes
+    the same rows to its queues and returns the same L. Each rank's loss is L, so DDP's average is L
+    too (rule 1 in comm.py). Cost: every rank does the global batch's pair work.
+    Negatives come from `self.generator` if set (seed it identically on every rank), else from a
+    generator seeded each step by rank 0's global RNG (which checkpoints carry, so resume is exact).
     """
 
     def __init__(self, *args, group=None, **kwargs):
@@ -133,9 +130,13 @@ class DistributedRelationalContrastiveLoss(RelationalContrastiveLoss):
         comm.ddp_ignore_buffers(self)
 
     def forward(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
-        if self.generator is None or self.generator.device != labels.device:
-            self.generator = shared_generator(labels.device, self.group)
         sizes = comm.batch_sizes(e_s.shape[0], e_s.device, self.group)
-        return super().forward(comm.gather_rows(e_t, sizes, self.group),
-                               comm.gather_rows_with_grad(e_s, sizes, self.group),
-                               comm.gather_rows(labels, sizes, self.group))
+        every = (comm.gather_rows(e_t, sizes, self.group), comm.gather_rows_with_grad(e_s, sizes, self.group),
+                 comm.gather_rows(labels, sizes, self.group))
+        if self.generator is not None:
+            return super().forward(*every)
+        self.generator = shared_generator(labels.device, self.group)
+        try:
+            return super().forward(*every)
+        finally:
+            self.generator = None
