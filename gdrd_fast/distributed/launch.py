@@ -39,22 +39,26 @@ def to_distributed(loss: nn.Module, group=None) -> nn.Module:
     """The Distributed twin (replicated banks) of a CRDLoss or RelationalContrastiveLoss, with its state."""
     if isinstance(loss, (DistributedCRDLoss, DistributedRelationalContrastiveLoss)):
         return loss
-    if isinstance(loss, CRDLoss):
-        embed_s, embed_t = loss.embed_s.linear, loss.embed_t.linear
-        twin = DistributedCRDLoss(embed_s.in_features, embed_t.in_features, loss.n_data, embed_s.out_features,
-                                  loss.nce_k, loss.nce_t, loss.memory_s.momentum,
-                                  bank_dtype=loss.memory_s.rows.dtype, group=group, backend=loss.backend)
-    elif isinstance(loss, RelationalContrastiveLoss):
-        rel_dim, embed_dim = loss.ft_w1.shape
-        twin = DistributedRelationalContrastiveLoss(
-            embed_dim, rel_dim, loss.num_negatives, loss.queue_t.size, loss.temperature, n_data=loss.n_data,
-            supervised=loss.supervised, backend=loss.backend, group=group)
-    else:
-        raise TypeError(f"no distributed form of {type(loss).__name__}: expected CRDLoss or "
-                        "RelationalContrastiveLoss")
+    with torch.random.fork_rng(devices=[]):  # the twin's random init is overwritten: draw nothing
+        twin = _twin(loss, group)
     twin.load_state_dict(loss.state_dict(), assign=True)  # the tensors themselves: same device and dtypes
     twin.generator = loss.generator
     return twin.train(loss.training)
+
+
+def _twin(loss: nn.Module, group) -> nn.Module:
+    if isinstance(loss, CRDLoss):
+        embed_s, embed_t = loss.embed_s.linear, loss.embed_t.linear
+        return DistributedCRDLoss(embed_s.in_features, embed_t.in_features, loss.n_data, embed_s.out_features,
+                                  loss.nce_k, loss.nce_t, loss.memory_s.momentum,
+                                  bank_dtype=loss.memory_s.rows.dtype, group=group, backend=loss.backend)
+    if isinstance(loss, RelationalContrastiveLoss):
+        rel_dim, embed_dim = loss.ft_w1.shape
+        return DistributedRelationalContrastiveLoss(
+            embed_dim, rel_dim, loss.num_negatives, loss.queue_t.size, loss.temperature, n_data=loss.n_data,
+            supervised=loss.supervised, backend=loss.backend, group=group)
+    raise TypeError(f"no distributed form of {type(loss).__name__}: expected CRDLoss or "
+                    "RelationalContrastiveLoss")
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
