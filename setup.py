@@ -69,7 +69,7 @@ def extensions():
     mode = cuda_mode()
     cuda_home = find_cuda_home() if mode != "0" else None
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    want_cuda = mode == "1" or (mode == "auto" and cuda_home and torch.version.cuda and cuda_sources)
+    want_cuda = cuda_sources and (mode == "1" or (mode == "auto" and cuda_home and torch.version.cuda))
     if want_cuda:
         if cuda_home is None:
             sys.exit("GDRD_BUILD_CUDA=1 but no CUDA toolkit was found: put nvcc on PATH or set CUDA_HOME")
