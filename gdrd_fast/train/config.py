@@ -14,12 +14,14 @@ import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 AMP_MODES = ("none", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 DISTILL_MODES = ("rcd", "crd", "none")
 
 
 @dataclass
 class OptimConfig:
     """SGD with step decay; milestones and length in epochs (method.md section 5), or `steps` if set."""
+    optimizer: str = "sgd"  # 'adamw' for the demo's denoiser (momentum is then beta1)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -27,6 +29,12 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=lambda: [21, 28, 32])
     gamma: float = 0.1
     steps: int | None = None  # overrides epochs (milestones then scale with steps / epochs)
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
 
 
 @dataclass
@@ -45,9 +53,12 @@ class DataConfig:
 class ModelConfig:
     student: str = "r18"
     discriminative_teacher: str = "r50"
-    discriminative_teacher_weights: str | None = None  # checkpoint holding the teacher and its classifier
-    generative_teacher: str = "pgdiff"
+    discriminative_teacher_weights: str | None = None  # insightface checkpoint of T_d
+    discriminative_teacher_head: str | None = None  # T_d's ArcFace classifier over the training ids (for KD)
+    generative_teacher: str = "pgdiff"  # 'pgdiff' (guided-diffusion layout) or 'diffusers'
+    generative_teacher_config: str | None = None  # diffusers: 'tiny' | 'pgdiff-like'
     generative_teacher_weights: str | None = None
+    generative_teacher_tap: str | None = None  # None: the kind's default tap
     generative_teacher_input: int = 448  # the LR face is resized (bicubic) to this for T_g
     embedding_dim: int = 512
 
@@ -116,6 +127,10 @@ def _check_type(key: str, value, annotation):
         if value is None and type(None) in args:
             return value
         return _check_type(key, value, next(a for a in args if a is not type(None)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
@@ -151,17 +166,25 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def _apply_override(data: dict, override: str) -> None:
-    if "=" not in override:
-        raise ValueError(f"override must look like key.sub=value, got {override!r}")
-    key, raw = override.split("=", 1)
+def set_dotted(data: dict, key: str, value) -> None:
+    """data['a']['b'] = value for key 'a.b', creating sections as needed."""
     *parents, leaf = key.strip().split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {key!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = value
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply "a.b=value" strings (values parsed as YAML) to nested dicts, in order."""
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override must look like key.sub=value, got {override!r}")
+        key, raw = override.split("=", 1)
+        set_dotted(data, key, yaml.safe_load(raw))
+    return data
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -178,9 +201,13 @@ def recipe_path(name_or_path: str | Path) -> Path:
     return packaged
 
 
-def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+def read_recipe(name_or_path: str | Path) -> dict:
     with open(recipe_path(name_or_path)) as f:
         data = yaml.safe_load(f) or {}
-    for override in overrides:
-        _apply_override(data, override)
-    return from_dict(TrainConfig, data)
+    if not isinstance(data, dict):
+        raise ValueError(f"{name_or_path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(name_or_path: str | Path = "paper", overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    return from_dict(TrainConfig, apply_overrides(read_recipe(name_or_path), overrides))

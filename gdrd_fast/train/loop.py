@@ -100,11 +100,16 @@ class Trainer:
         params = stage.trainable_parameters()
         if not params:
             raise ValueError(f"{stage.name} has no trainable parameters")
-        self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                         weight_decay=optim.weight_decay)
+        if optim.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                             weight_decay=optim.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.momentum, 0.999),
+                                               weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=optim.gamma)
         self.scaler = runtime.grad_scaler()
         self.step = 0
+        self.history: list[dict[str, float]] = []  # loss terms of every step this process ran (for plots)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
         self.log = logging.getLogger(f"gdrd_fast.train.{stage.name}")
@@ -173,6 +178,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             terms_out = self._mean_over_ranks(terms | {"loss": loss})
+            self.history.append({"step": self.step} | terms_out)
             rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.0f}"})
             bar.update()

@@ -1,0 +1,70 @@
+"""The demo recipe (gdrd_fast/configs/demo.yaml) as dataclasses; `quick` holds the --quick overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..train.config import OptimConfig, Stage2Config, apply_overrides, from_dict, read_recipe, set_dotted
+
+
+@dataclass
+class SyntheticDataConfig:
+    train_identities: int = 100
+    images_per_identity: int = 16
+    test_identities: int = 60  # disjoint from the training identities, as LFW is from CASIA
+    test_images_per_identity: int = 8
+    pairs_per_fold: int = 60  # 10 folds, half same-identity pairs
+
+
+@dataclass
+class DenoiserConfig:
+    """The brief diffusion training that makes the generative teacher (a small diffusers UNet2DModel)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(optimizer="adamw", lr=2e-3, weight_decay=0.0,
+                                                                   epochs=1, milestones=[], steps=200))
+    batch_size: int = 32
+    image_size: int = 32  # faces are resized to this for the UNet; the LR face too, in stage 1
+    unet: dict[str, Any] = field(default_factory=dict)  # UNet2DModel kwargs
+    tap: str = "down_blocks.2"
+    train_timesteps: int = 1000
+
+
+@dataclass
+class DemoConfig:
+    name: str = "gdrd-demo"
+    seed: int = 0
+    image_size: int = 64  # HR side (method.md section 7: 112 or 64)
+    resolution: int = 16
+    batch_size: int = 64
+    width: int = 16  # SmallFaceNet width
+    embedding_dim: int = 128
+    backend: str = "auto"
+    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    teacher: OptimConfig = field(default_factory=OptimConfig)  # the HR ArcFace teacher
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    stage1: OptimConfig = field(default_factory=OptimConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    # baseline and CRD students train the whole network for stage1.steps + stage2.steps (the same budget)
+    student: OptimConfig = field(default_factory=OptimConfig)
+    quick: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, applied by --quick
+
+    def __post_init__(self):
+        for name in ("teacher", "stage1"):
+            if getattr(self, name).steps is None:
+                raise ValueError(f"{name}.steps must be set in the demo recipe")
+        if self.stage2.optim.steps is None:
+            raise ValueError("stage2.optim.steps must be set in the demo recipe")
+
+    @property
+    def student_budget(self) -> OptimConfig:
+        return dataclasses.replace(self.student, steps=self.stage1.steps + self.stage2.optim.steps)
+
+
+def load_demo_config(name_or_path: str | Path = "demo", quick: bool = False,
+                     overrides: Sequence[str] = ()) -> DemoConfig:
+    data = read_recipe(name_or_path)
+    if quick:
+        for key, value in (data.get("quick") or {}).items():
+            set_dotted(data, key, value)
+    return from_dict(DemoConfig, apply_overrides(data, overrides))
