@@ -182,7 +182,7 @@ class Trainer:
             rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.0f}"})
             bar.update()
-            if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
+            if self.log_every and self.runtime.is_main and (self.step % self.log_every == 0 or self.step == stop):
                 eta = (stop - self.step) * self.batch_size / rate
                 self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.stage.name, self.step,
                               self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
