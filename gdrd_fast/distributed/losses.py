@@ -85,14 +85,14 @@ class DistributedCRDLoss(CRDLoss):
         return self.memory_s.fetch(ids), self.memory_t.fetch(ids), local_idx
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
+        if contrast_idx is not None and (contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]):
+            raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
         if not self._banks_agreed:
             self._agree_on_banks()
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
         sizes = comm.batch_sizes(idx.shape[0], idx.device, self.group)
         if contrast_idx is None:
             contrast_idx = self.sample_idx(idx, sizes)
-        elif contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]:
-            raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
         bank_s, bank_t, bank_idx = self._rows_for(contrast_idx)
         kw = dict(temperature=self.nce_t, n_data=self.n_data)
         if not _z_is_set(self, "log_z_s", "log_z_t"):
