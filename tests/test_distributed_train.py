@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gdrd_fast import CRDLoss, RelationalContrastiveLoss
-from gdrd_fast.distributed import DistributedCRDLoss, DistributedRelationalContrastiveLoss
+from gdrd_fast.distributed import DistributedCRDLoss, DistributedRelationalContrastiveLoss, to_distributed
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, seed_everything
+from gdrd_fast.train.loop import StepBatchSampler
 
 pytestmark = pytest.mark.distributed
 N_DATA, CLASSES, SIZE, EMB, BATCH, STEPS, WORLD = 18, 5, 16, 16, 4, 6, 2
@@ -137,6 +138,20 @@ def test_without_torchrun_the_runtime_is_one_process(monkeypatch):
     assert (runtime.rank, runtime.world_size) == (0, 1)
     trainer = build("crd")
     assert trainer.model is trainer.stage and type(trainer.stage.distill) is CRDLoss
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    runtime = Runtime.create("cpu")  # torchrun with one process needs no process group
+    assert (runtime.rank, runtime.world_size) == (0, 1) and not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="divisible by the world size"):
-        from gdrd_fast.train.loop import StepBatchSampler
         StepBatchSampler(N_DATA, 5, 0, 0, 1, rank=0, world_size=2)
+    with pytest.raises(TypeError, match="no distributed form of Linear"):
+        to_distributed(nn.Linear(2, 2))
+
+
+def test_the_distributed_sampler_slices_one_process_batches():
+    single = list(StepBatchSampler(N_DATA, 6, 5, 0, 7))
+    per_rank = [list(StepBatchSampler(N_DATA, 6, 5, 0, 7, rank=r, world_size=3)) for r in range(3)]
+    assert [sum((p[step] for p in per_rank), []) for step in range(7)] == single

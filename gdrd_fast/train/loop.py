@@ -128,6 +128,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
+        if self.runtime.world_size > 1 and self.runtime.device.type == "cuda" and state["rng"]["cuda"]:
+            # rank 0 saved the GPU generator it drew from (cuda:0); every rank's draws ran in lockstep with it
+            torch.cuda.set_rng_state(state["rng"]["cuda"][0], self.runtime.device)
         self.step = int(state["step"])
 
     def save(self, path: str | Path | None = None) -> Path | None:
