@@ -17,7 +17,7 @@ from .checkpoints import load_exact, read_state_dict, strip_prefix
 # PGDiff's FFHQ-512 network (method.md section 4) as far as UNet2DModel allows (one res-block count
 # for all levels).
 CONFIGS = {
-    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
+    "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
                  layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
                  attention_head_dim=32),
@@ -81,7 +81,7 @@ class DiffusionEncoder(nn.Module):
         if config.time_embedding_type != "positional":
             raise ValueError(f"only positional time embeddings are supported, got {config.time_embedding_type!r}")
         names = dict(unet.named_modules())
-        if tap not in names or names[tap] is None:
+        if tap not in names:
             raise ValueError(f"tap {tap!r} is not a module of this UNet")
         self.tap, self.center_input_sample = tap, bool(config.center_input_sample)
         self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
@@ -98,7 +98,6 @@ class DiffusionEncoder(nn.Module):
         self.down_blocks = nn.ModuleList(list(blocks)[:last + 1])
         self.mid_block = unet.mid_block if tap == "mid_block" else None
         self._inner = names[tap] if inner is not None else None
-        self.unet_config = dict(config)
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet state-dict key belongs to a part this encoder dropped."""

@@ -41,10 +41,12 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class _GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype, as guided-diffusion does."""
+    """GroupNorm computed in float32 (or float64) whatever the activation dtype, as guided-diffusion does."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype),
+                            self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -146,7 +148,7 @@ class GuidedDiffusionEncoder(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         ch = config.channel_mult[0] * mc
         blocks = [EmbedSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))]
-        channels, strides, ds = [ch], [1], 1
+        shapes, ds = [(ch, 1)], 1  # (channels, stride) after each input block
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks[level]):
                 layers = [ResBlock(ch, mult * mc, emb_dim, config.use_scale_shift_norm)]
@@ -154,11 +156,11 @@ class GuidedDiffusionEncoder(nn.Module):
                 if config.image_size // ds in config.attention_resolutions:
                     layers.append(AttentionBlock(ch, config.num_head_channels))
                 blocks.append(EmbedSequential(*layers))
-                channels.append(ch), strides.append(ds)
+                shapes.append((ch, ds))
             if level != len(config.channel_mult) - 1:
                 ds *= 2
                 blocks.append(EmbedSequential(Downsample(ch)))
-                channels.append(ch), strides.append(ds)
+                shapes.append((ch, ds))
         taps = [f"input_blocks.{n}" for n in range(len(blocks))] + ["middle_block"]
         if tap not in taps:
             raise ValueError(f"tap must be 'input_blocks.<n>' with n < {len(blocks)} or 'middle_block', got {tap!r}")
@@ -169,7 +171,7 @@ class GuidedDiffusionEncoder(nn.Module):
             self.middle_block = EmbedSequential(ResBlock(ch, ch, emb_dim, config.use_scale_shift_norm),
                                                 AttentionBlock(ch, config.num_head_channels),
                                                 ResBlock(ch, ch, emb_dim, config.use_scale_shift_norm))
-        self.out_channels, self.stride = channels[keep - 1], strides[keep - 1]
+        self.out_channels, self.stride = shapes[keep - 1]
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet checkpoint key belongs to a part this encoder dropped (decoder included)."""

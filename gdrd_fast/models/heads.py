@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import value_checks
+
 IGNORE = -1  # insightface's label for rows whose class is not in this classifier (no margin, no loss)
 
 
@@ -35,7 +37,10 @@ class ArcFaceHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim).normal_(0, 0.01))
 
     def cosine(self, embeddings: Tensor) -> Tensor:
-        return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        # fp32 at least, autocast or not: the margin math needs accurate angles near cos = +-1
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return F.linear(F.normalize(embeddings.to(dtype), dim=1), F.normalize(self.weight.to(dtype), dim=1))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> ArcFaceLogits:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.weight.shape[1]:
@@ -44,7 +49,7 @@ class ArcFaceHead(nn.Module):
             raise ValueError(f"labels must be an integer tensor of shape ({embeddings.shape[0]},), "
                              f"got {labels.dtype} {tuple(labels.shape)}")
         labels = labels.long()
-        if bool(((labels < IGNORE) | (labels >= self.weight.shape[0])).any()):
+        if value_checks(labels) and bool(((labels < IGNORE) | (labels >= self.weight.shape[0])).any()):
             raise ValueError(f"labels must lie in [0, {self.weight.shape[0]}) or be {IGNORE} (ignored)")
         cos = self.cosine(embeddings)
         rows = (labels != IGNORE).nonzero().squeeze(1)
@@ -60,5 +65,5 @@ class ArcFaceHead(nn.Module):
         return ArcFaceLogits(self.s * margin, self.s * cos)
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """L_cls: cross-entropy of the margin logits, rows labelled -1 left out."""
+        """L_cls: cross-entropy of the margin logits, rows labelled -1 left out (NaN if all are)."""
         return F.cross_entropy(self.forward(embeddings, labels).margin, labels.long(), ignore_index=IGNORE)

@@ -1,0 +1,112 @@
+"""diffusers UNet2DModel teacher: tap shapes, equality with the full UNet, local folder / state-dict loading,
+and that nothing imports diffusers until a diffusers teacher is built."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gdrd_fast.models import DiffusionEncoder, build_generative_teacher, build_unet, diffusion_encoder
+
+requires_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
+                                        reason="diffusers is not installed (optional)")
+
+# tiny config at 56x56: blocks 0 and 1 halve the size, block 2 (the last) does not
+TINY_TAPS = {"conv_in": (16, 56, 56), "down_blocks.0": (16, 28, 28), "down_blocks.1.resnets.0": (32, 28, 28),
+             "down_blocks.2": (64, 14, 14), "down_blocks.2.attentions.0": (64, 14, 14), "mid_block": (64, 14, 14)}
+
+
+def feature_of_full_unet(unet, name, x, t):
+    """What the complete UNet2DModel.forward computes at module `name`, caught with a hook."""
+    caught = []
+    handle = dict(unet.named_modules())[name].register_forward_hook(lambda m, i, out: caught.append(out))
+    with torch.no_grad():
+        unet(x, t)
+    handle.remove()
+    out = caught[0]
+    return out[0] if isinstance(out, tuple) else out  # down blocks return (hidden, residuals)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    return build_unet("tiny").eval()
+
+
+@requires_diffusers
+@pytest.mark.parametrize("tap", sorted(TINY_TAPS))
+def test_tap_shape_and_value_match_the_full_unet(tiny_unet, tap):
+    encoder = DiffusionEncoder(tiny_unet, tap)
+    x, t = torch.randn(2, 3, 56, 56), torch.tensor([0, 617])
+    with torch.no_grad():
+        out = encoder(x, t)
+    assert out.shape == (2, *TINY_TAPS[tap])
+    assert encoder.out_channels == out.shape[1] and encoder.stride == 56 // out.shape[-1]
+    torch.testing.assert_close(out, feature_of_full_unet(tiny_unet, tap, x, t), rtol=0, atol=0)
+
+
+@requires_diffusers
+def test_encoder_keeps_only_what_the_tap_needs(tiny_unet):
+    keys = set(DiffusionEncoder(tiny_unet, "down_blocks.1").state_dict())
+    assert keys and keys < set(tiny_unet.state_dict())
+    assert not any(k.startswith(("down_blocks.2.", "mid_block.", "up_blocks.", "conv_out.")) for k in keys)
+
+
+@requires_diffusers
+def test_weights_from_a_local_folder_and_from_a_state_dict(tmp_path):
+    unet = build_unet("tiny").eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # not the fresh init, so loading is visible
+            p.add_(torch.randn_like(p) * 0.01)
+    unet.save_pretrained(tmp_path / "teacher")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = DiffusionEncoder(unet, "down_blocks.2")(x)
+        from_folder = build_generative_teacher("diffusers", "tiny", weights=tmp_path / "teacher").eval()
+        torch.testing.assert_close(from_folder(x), expected, rtol=0, atol=0)
+
+        path = tmp_path / "unet.pt"
+        torch.save({"module." + k: v for k, v in unet.state_dict().items()}, path)
+        from_file = diffusion_encoder("tiny", weights=path).eval()
+        torch.testing.assert_close(from_file(x), expected, rtol=0, atol=0)
+
+    state = dict(unet.state_dict(), **{"down_blocks.0.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys: down_blocks\.0\.extra\.weight"):
+        diffusion_encoder("tiny", weights=state)
+    state = {k: v for k, v in unet.state_dict().items() if k != "conv_in.weight"}
+    with pytest.raises(ValueError, match=r"missing keys: conv_in\.weight"):
+        diffusion_encoder("tiny", weights=state)
+    with pytest.raises(FileNotFoundError):
+        diffusion_encoder("tiny", weights=tmp_path / "nothing.pt")
+
+
+@requires_diffusers
+def test_bad_taps_and_configs(tiny_unet):
+    with pytest.raises(ValueError, match="tap must be"):
+        DiffusionEncoder(tiny_unet, "up_blocks.0")
+    with pytest.raises(ValueError, match="is not a module of this UNet"):
+        DiffusionEncoder(tiny_unet, "down_blocks.7")
+    with pytest.raises(ValueError, match="config must be one of"):
+        build_unet("huge")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_generative_teacher("gan")
+
+
+def test_missing_diffusers_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    with pytest.raises(ImportError, match="optional package 'diffusers'"):
+        build_unet("tiny")
+
+
+def test_package_imports_without_touching_diffusers():
+    code = "import sys, gdrd_fast, gdrd_fast.models; assert 'diffusers' not in sys.modules, 'diffusers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+@requires_diffusers
+def test_pgdiff_like_config_taps_512x14x14_at_448():
+    teacher = build_generative_teacher("diffusers", "pgdiff-like").eval()
+    with torch.no_grad():
+        out = teacher(torch.rand(1, 3, 448, 448) * 2 - 1)
+    assert out.shape == (1, 512, 14, 14) and (teacher.out_channels, teacher.stride) == (512, 32)
