@@ -56,14 +56,18 @@ class CRDLoss(nn.Module):
             raise ValueError(f"nce_k and n_data must be positive, got nce_k={nce_k}, n_data={n_data}")
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self.memory_s = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
-        self.memory_t = MemoryBank(n_data, feat_dim, nce_m, bank_dtype, backend=backend)
+        self.memory_s = self.make_bank(n_data, feat_dim, nce_m, bank_dtype, backend)
+        self.memory_t = self.make_bank(n_data, feat_dim, nce_m, bank_dtype, backend)
         self.register_buffer("log_z_s", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("log_z_t", torch.tensor(float("nan"), dtype=torch.float64))
         self.n_data, self.nce_k, self.nce_t = n_data, nce_k, nce_t
         self.backend = backend
         self.generator: torch.Generator | None = None
         _z_cache(self)
+
+    def make_bank(self, n: int, dim: int, momentum: float, dtype: torch.dtype, backend: str) -> nn.Module:
+        """One of the two id-indexed banks (gdrd_fast.distributed.DistributedCRDLoss may shard it)."""
+        return MemoryBank(n, dim, momentum, dtype, backend=backend)
 
     def sample_idx(self, idx: Tensor) -> Tensor:
         negatives = torch.randint(self.n_data, (idx.shape[0], self.nce_k), generator=self.generator,

@@ -2,6 +2,8 @@
 
 Every random draw (flips, negatives) comes from RNGs the checkpoint saves, and batch order is a pure
 function of (seed, step), so N steps equal N/2 steps + resume + N/2 steps bit for bit on CPU.
+Under torchrun, batch_size is the global batch: rank r takes the r-th slice of each step's batch (and
+of its flips), DistributedDataParallel averages the gradients, and only rank 0 logs and saves.
 """
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ..distributed.launch import to_distributed, wrap_ddp
 from . import checkpoint as ckpt
 from .config import OptimConfig
 from .runtime import Runtime
@@ -22,13 +26,24 @@ LOG_FORMAT = "%(asctime)s %(message)s"
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Batches for steps [start, stop): epoch e is a permutation seeded by (seed, e); last partial batch dropped."""
+    """Batches for steps [start, stop): epoch e is a permutation seeded by (seed, e); last partial batch dropped.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+    With world_size > 1 it is the distributed sampler: every rank draws the same global batch of
+    batch_size dataset indices and yields its own contiguous slice, so the ranks' batches concatenated
+    in rank order are exactly one process's batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1):
         if batch_size > n:
             raise ValueError(f"batch_size={batch_size} exceeds the dataset size {n}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} (the global batch) must be divisible by the "
+                             f"world size {world_size}")
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
         self.steps_per_epoch = n // batch_size
+        local = batch_size // world_size
+        self.rank_slice = slice(rank * local, (rank + 1) * local)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -40,16 +55,20 @@ class StepBatchSampler(Sampler[list[int]]):
             if e != epoch:
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
                 epoch = e
-            yield order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+            yield order[pos * self.batch_size:(pos + 1) * self.batch_size][self.rank_slice].tolist()
 
 
 def make_views(batch, runtime: Runtime, resolution: int | None, flip: bool, interpolation: str = "bilinear",
                antialias: bool = True) -> Views:
-    """Move a (images, labels, idx) batch to the device, flip it, and degrade it to resolution x resolution."""
+    """Move a (images, labels, idx) batch to the device, flip it, and degrade it to resolution x resolution.
+
+    A rank's batch is its slice of the global batch: the coins are drawn for the global batch and sliced.
+    """
     from ..data import degrade
     images, labels, idx = (t.to(runtime.device, non_blocking=True) for t in batch)
     if flip:  # one coin per sample, shared by the HR and LR views (method.md section 5)
-        coins = torch.rand(images.shape[0], device=images.device) < 0.5
+        local = images.shape[0]
+        coins = torch.rand(local * runtime.world_size, device=images.device)[runtime.rank * local:][:local] < 0.5
         images = torch.where(coins[:, None, None, None], images.flip(-1), images)
     lr = images if resolution is None else degrade(images, resolution, mode=interpolation, antialias=antialias)
     return Views(images, lr, labels.long(), idx.long())
@@ -74,6 +93,10 @@ class Trainer:
         else:
             self.total_steps = optim.epochs * self.steps_per_epoch
             milestones = [m * self.steps_per_epoch for m in optim.milestones]
+        if runtime.world_size > 1 and getattr(stage, "distill", None) is not None:
+            stage.distill = to_distributed(stage.distill)  # banks / queues get the global batch's update
+        # forward through DDP (gradient averaging); state, saving and eval use the plain stage
+        self.model = wrap_ddp(stage, runtime.device) if runtime.world_size > 1 else stage
         params = stage.trainable_parameters()
         if not params:
             raise ValueError(f"{stage.name} has no trainable parameters")
@@ -106,6 +129,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
+        if self.runtime.world_size > 1 and self.runtime.device.type == "cuda" and state["rng"]["cuda"]:
+            # rank 0 saved the GPU generator it drew from (cuda:0); every rank's draws ran in lockstep with it
+            torch.cuda.set_rng_state(state["rng"]["cuda"][0], self.runtime.device)
         self.step = int(state["step"])
 
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -119,11 +145,20 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------
     def _loader(self, stop: int) -> DataLoader:
-        sampler = StepBatchSampler(len(self.dataset), self.batch_size, self.seed, self.step, stop)
+        sampler = StepBatchSampler(len(self.dataset), self.batch_size, self.seed, self.step, stop,
+                                   self.runtime.rank, self.runtime.world_size)
         # its own generator: a loader drawing its worker seed from the global RNG would shift the flips
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.runtime.device.type == "cuda", generator=generator)
+
+    def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The loss terms as logged: DDP averages gradients, so the global loss is the ranks' mean."""
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.runtime.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.runtime.world_size
+        return dict(zip(terms, values.tolist()))
 
     def train_steps(self, n: int | None = None) -> dict[str, float]:
         """Run n steps (default: to the end of the schedule); returns the last step's loss terms."""
@@ -135,7 +170,7 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.step
         for batch in self._loader(stop):
             views = make_views(batch, self.runtime, **self.view_args)
-            terms = self.stage.losses(views)
+            terms = self.model(views)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{self.stage.name} step {self.step}: loss is {float(loss)} "
@@ -146,12 +181,12 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            terms_out = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+            terms_out = self._mean_over_ranks(terms | {"loss": loss})
             self.history.append({"step": self.step} | terms_out)
             rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.0f}"})
             bar.update()
-            if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
+            if self.log_every and self.runtime.is_main and (self.step % self.log_every == 0 or self.step == stop):
                 eta = (stop - self.step) * self.batch_size / rate
                 self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
                               self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),

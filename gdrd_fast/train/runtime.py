@@ -1,4 +1,4 @@
-"""Where the run executes: device, process rank and precision, in one place (DDP wraps this later)."""
+"""Where the run executes: device, process rank and precision, in one place (torchrun sets the rank)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..distributed.launch import init_from_env
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,7 +29,8 @@ class Runtime:
             raise ValueError(f"device={device!r} but no CUDA device is available")
         if amp not in ("none", *_AMP_DTYPES):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
-        return cls(dev, amp)
+        dev, rank, world_size = init_from_env(dev)  # started by torchrun: join the process group
+        return cls(dev, amp, rank, world_size)
 
     @property
     def is_main(self) -> bool:

@@ -44,6 +44,9 @@ class Stage(nn.Module):
     def losses(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def forward(self, views: Views) -> dict[str, Tensor]:
+        return self.losses(views)  # DistributedDataParallel syncs gradients of what runs in forward
+
 
 class GenerativeStage(Stage):
     """Stage 1: || A(S_b(x_lr)) - T_g(x_lr) ||^2 with T_g frozen (method.md section 1)."""
