@@ -113,6 +113,7 @@ ext_modules, cmdclass = extensions()
 setup(
     packages=find_packages(include=["gdrd_fast", "gdrd_fast.*"]) + ["gdrd_fast.kernels"],
     package_dir={"gdrd_fast.kernels": "kernels"},
+    package_data={"gdrd_fast": ["configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
