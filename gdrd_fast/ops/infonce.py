@@ -10,8 +10,14 @@ from ..reference import compute_dtype
 
 
 def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
-                         need_grad: bool, chunk: int = 2048):
-    """Online log-sum-exp over bank chunks; dQuery accumulated in the same pass. Never holds B x K."""
+                         need_grad: bool, chunk: int | None = None):
+    """Online log-sum-exp over bank chunks; dQuery accumulated in the same pass. Never holds B x K.
+
+    The default chunk keeps each score block near 2M elements (8 MB in fp32): few enough ops that
+    per-op threading overhead stays small on a busy CPU, small enough to stay far below B x K.
+    """
+    if chunk is None:
+        chunk = min(16384, max(1024, (1 << 21) // query.shape[0]))
     dt = compute_dtype(query)
     q, p = query.to(dt), positive.to(dt)
     inv_t = 1.0 / temperature
