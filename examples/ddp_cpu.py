@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gdrd_fast.data import SyntheticFaces
+from gdrd_fast.distributed.launch import shutdown
 from gdrd_fast.demo.nets import SmallFaceNet
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, log_to_file, seed_everything
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
                 raise RuntimeError(f"rank {runtime.rank}: distill.{name} differs from rank 0's")
         log.info("distill buffers (%s) bit-identical on all %d ranks",
                  ", ".join(n for n, _ in trainer.stage.distill.named_buffers()), runtime.world_size)
-        dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

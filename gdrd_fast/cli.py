@@ -29,7 +29,11 @@ def _train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
-    path = train_gdrd(config, resume=args.resume)
+    from .distributed.launch import shutdown
+    try:
+        path = train_gdrd(config, resume=args.resume)
+    finally:
+        shutdown()  # under torchrun; a no-op in one process
     print(f"student weights: {path}")
     return 0
 

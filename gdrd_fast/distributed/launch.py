@@ -35,6 +35,14 @@ def init_from_env(device: torch.device) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: a barrier first, so no rank tears gloo down under a peer's
+    last collective (which aborts the process at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def to_distributed(loss: nn.Module, group=None) -> nn.Module:
     """The Distributed twin (replicated banks) of a CRDLoss or RelationalContrastiveLoss, with its state."""
     if isinstance(loss, (DistributedCRDLoss, DistributedRelationalContrastiveLoss)):
