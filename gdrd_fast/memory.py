@@ -15,6 +15,17 @@ from .ops import memory as memory_ops
 from .reference import queue_push_
 
 
+def check_bank_update(rows: Tensor, n: int, idx: Tensor, values: Tensor) -> None:
+    """The argument checks of a bank update over `n` global rows, all before anything is written."""
+    check.tensor("idx", idx, 1, check.INDEX_DTYPES)
+    check.tensor("values", values, 2)
+    check.same_device(rows=rows, idx=idx, values=values)
+    check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
+    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "rows.shape[1]": rows.shape[1]})
+    check.index_in_range("idx", idx, n)
+    check.finite("values", values)
+
+
 class MemoryBank(nn.Module):
     """N rows of `dim` features, initialised uniform(-a, a) with a = 1/sqrt(dim/3) as in RepDistiller."""
 
@@ -37,13 +48,7 @@ class MemoryBank(nn.Module):
 
     def update_(self, idx: Tensor, values: Tensor) -> None:
         """rows[idx] = normalize(m * rows[idx] + (1 - m) * values); the last duplicate of idx wins."""
-        check.tensor("idx", idx, 1, check.INDEX_DTYPES)
-        check.tensor("values", values, 2)
-        check.same_device(rows=self.rows, idx=idx, values=values)
-        check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
-        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "rows.shape[1]": self.rows.shape[1]})
-        check.index_in_range("idx", idx, self.n)
-        check.finite("values", values)
+        check_bank_update(self.rows, self.n, idx, values)
         with torch.no_grad():
             memory_ops.bank_update_(self.rows, idx, values, self.momentum, self.backend)
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import validation as check
+from ..memory import check_bank_update
 from ..ops import memory as memory_ops
 from . import comm
 
@@ -63,13 +64,7 @@ class ShardedMemoryBank(nn.Module):
 
         idx / values are the global batch (identical on every rank), e.g. from comm.gather_rows.
         """
-        check.tensor("idx", idx, 1, check.INDEX_DTYPES)
-        check.tensor("values", values, 2)
-        check.same_device(rows=self.rows, idx=idx, values=values)
-        check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
-        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "rows.shape[1]": self.rows.shape[1]})
-        check.index_in_range("idx", idx, self.n)
-        check.finite("values", values)
+        check_bank_update(self.rows, self.n, idx, values)
         mine = self._owner(idx) == self.rank  # order is kept, so 'last duplicate wins' still holds
         local_idx = idx[mine] - self.start
         if local_idx.numel():
