@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -58,7 +59,7 @@ def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult],
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long dataset notes stay inside the figure
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
