@@ -19,22 +19,11 @@ from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, 
 from gdrd_fast.train.loop import StepBatchSampler
 
 pytestmark = pytest.mark.distributed
-N_DATA, CLASSES, SIZE, EMB, BATCH, STEPS, WORLD = 18, 5, 16, 16, 4, 6, 2
+from train_cases import CLASSES, EMB, N_DATA, Faces
+
+BATCH, STEPS, WORLD = 4, 6, 2
 KINDS = ("rcd", "crd")
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; only the order of sums differs
-
-
-class Faces(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(1)
-        self.images = torch.rand(N_DATA, 3, SIZE, SIZE, generator=g) * 2 - 1
-        self.labels = torch.arange(N_DATA) % CLASSES
-
-    def __len__(self):
-        return N_DATA
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i]), i
 
 
 def _network():

@@ -9,23 +9,8 @@ from torch import nn
 from gdrd_fast import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import (DiscriminativeStage, GenerativeStage, OptimConfig, Runtime, Trainer, kd_loss,
-                             load_checkpoint,
-                             seed_everything)
-
-N_DATA, CLASSES, SIZE, EMB = 18, 5, 16, 16
-
-
-class Faces(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(1)
-        self.images = torch.rand(N_DATA, 3, SIZE, SIZE, generator=g) * 2 - 1
-        self.labels = torch.arange(N_DATA) % CLASSES
-
-    def __len__(self):
-        return N_DATA
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i]), i
+                             load_checkpoint, seed_everything)
+from train_cases import CLASSES, EMB, N_DATA, Faces
 
 
 def backbone():
