@@ -4,11 +4,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define GDRD_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define GDRD_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace gdrd {
 

@@ -18,6 +18,15 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
   m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");
   m.def("bank_update_pair_(Tensor(a!) memory_a, Tensor values_a, Tensor(b!) memory_b, Tensor values_b, "
         "Tensor idx, float momentum) -> ()");
+  // MemoryQueue.push_: rows of values go to slots ptr, ptr + 1, ... (mod size), the newest `size` kept;
+  // ptr and count advance on the device (ops.md section 5). Labels are written alongside when given.
+  m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) count, Tensor values, Tensor? labels, "
+        "Tensor(d!)? queue_labels) -> ()");
+  // MemoryQueue.sample_negatives: [B, k] int64 draws, uniform with replacement over the first `filled`
+  // rows, or with queue_labels over the rows of another class than partner_labels[b] (all -1 where none
+  // is). seed is a one-element int64 tensor on the device; the draws follow csrc/sampling.h.
+  m.def("queue_sample_negatives(Tensor? queue_labels, int filled, Tensor partner_labels, Tensor seed, int k) "
+        "-> Tensor");
 }
 
 // A plain module object: importing gdrd_fast._C runs the static registrations above.

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from . import validation as check
 from .ops import memory as memory_ops
-from .reference import queue_push_
 
 
 def check_bank_update(rows: Tensor, n: int, idx: Tensor, values: Tensor) -> None:
@@ -59,7 +58,8 @@ class MemoryBank(nn.Module):
 class MemoryQueue(nn.Module):
     """FIFO ring buffer of `size` rows (and labels); pointer and fill count are buffers too."""
 
-    def __init__(self, size: int, dim: int, with_labels: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, size: int, dim: int, with_labels: bool = True, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto"):
         super().__init__()
         if size <= 0 or dim <= 0:
             raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
@@ -67,6 +67,7 @@ class MemoryQueue(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long) if with_labels else None)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.backend = backend
         self._full = False  # cached: a full queue stays full, so count is read only until then
         self._register_load_state_dict_pre_hook(self._forget_cache)
 
@@ -94,7 +95,7 @@ class MemoryQueue(nn.Module):
         check.same_device(queue=self.values, values=values, labels=labels)
         check.finite("values", values)
         with torch.no_grad():
-            queue_push_(self.values, self.ptr, self.count, values, labels, self.labels)
+            memory_ops.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
 
     def sample_negatives(self, partner_labels: Tensor, k: int,
                          generator: torch.Generator | None = None) -> Tensor:
@@ -102,32 +103,26 @@ class MemoryQueue(nn.Module):
 
         With labels, only rows whose label differs from the partner's; a partner with no such row
         raises. A queue without labels samples from all filled rows (partner_labels gives B).
+        The draws are a pure function of one seed taken from `generator` (or the device's default
+        generator): the same seed gives the same indices on every backend (csrc/sampling.h).
         """
-        if not isinstance(k, int) or k <= 0:
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        filled = int(self.count) if not self._full else self.size
+        filled = self.size if self.is_full() else int(self.count)
         if filled == 0:
             raise ValueError("the queue is empty: push_ before sampling")
-        device = self.values.device
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
         check.same_device(queue=self.values, partner_labels=partner_labels)
-        b = partner_labels.shape[0]
-        u = torch.rand(b, k, generator=generator, device=device, dtype=torch.float64)
-        if self.labels is None:
-            return (u * filled).long().clamp_(max=filled - 1)
-        sorted_labels, order = torch.sort(self.labels[:filled])
-        partner = partner_labels.to(sorted_labels.dtype)
-        lo = torch.searchsorted(sorted_labels, partner, right=False)
-        hi = torch.searchsorted(sorted_labels, partner, right=True)
-        same = hi - lo
-        valid = filled - same
-        if bool((valid == 0).any()):
-            bad = int(torch.nonzero(valid == 0)[0, 0])
-            raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
-                             "this label, so no negative of another class exists")
-        rank = torch.minimum((u * valid[:, None]).long(), (valid - 1)[:, None])
-        pos = torch.where(rank < lo[:, None], rank, rank + same[:, None])
-        return order[pos]
+        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator, device=self.values.device)
+        idx = memory_ops.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
+        if self.labels is not None:
+            missing = idx[:, 0] < 0
+            if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later
+                bad = int(torch.nonzero(missing)[0, 0])
+                raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
+                                 "this label, so no negative of another class exists")
+        return idx
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.values.shape[1]}, labels={self.labels is not None}"
+        return (f"size={self.size}, dim={self.values.shape[1]}, labels={self.labels is not None}, "
+                f"backend={self.backend!r}")

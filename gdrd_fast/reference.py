@@ -227,3 +227,51 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor,
         queue_labels[pos[keep]] = labels[keep].to(queue_labels.dtype)
     ptr.copy_((ptr + n) % size)
     count.copy_(torch.clamp(count + n, max=size))
+
+
+# Counter-based draws shared by every backend (csrc/sampling.h): draw (row, col) of a seed is a pure
+# function of (seed, row, col), so the CPU and CUDA kernels and this reference agree index for index.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, m: int) -> Tensor:
+    """(x * m) mod 2**32 for x in [0, 2**32), exact in int64: m is split so that no product overflows."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (the "lowbias32" xorshift-multiply finaliser)."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: Tensor, rows: int, cols: int) -> Tensor:
+    """[rows, cols] float64 uniforms in [0, 1) with 53 random bits, from a one-element int64 seed."""
+    s = seed.reshape(()).long()
+    h = _mix32(_mix32((s & _MASK32) ^ 0x9E3779B9) ^ ((s >> 32) & _MASK32))
+    r = torch.arange(rows, device=seed.device)
+    h = _mix32(_mix32(h ^ (r & _MASK32)) ^ (r >> 32))
+    h = _mix32(h[:, None] ^ torch.arange(cols, device=seed.device))
+    hi, lo = _mix32(h ^ 0x85EBCA6B) >> 11, _mix32(h ^ 0xC2B2AE35)
+    return (hi.double() * 2.0 ** 32 + lo.double()) * 2.0 ** -53
+
+
+def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor,
+                           k: int) -> Tensor:
+    """[B, k] int64 indices into the first `filled` queue rows, uniform with replacement: over all of them
+    without labels, else over those whose label differs from partner_labels[b]. A row with none is all -1.
+
+    Draw u in [0, 1) picks rank floor(u * valid) among the valid rows in stably sorted label order.
+    """
+    u = counter_uniform(seed, partner_labels.shape[0], k)
+    if queue_labels is None:
+        return torch.clamp((u * filled).long(), max=filled - 1)
+    sorted_labels, order = torch.sort(queue_labels[:filled].long(), stable=True)
+    partner = partner_labels.long()
+    lo = torch.searchsorted(sorted_labels, partner, right=False)
+    same = torch.searchsorted(sorted_labels, partner, right=True) - lo
+    valid = filled - same
+    rank = torch.minimum((u * valid[:, None]).long(), (valid - 1)[:, None])
+    pos = torch.where(rank < lo[:, None], rank, rank + same[:, None])
+    return torch.where(valid[:, None] > 0, order[pos.clamp(0, filled - 1)], -1)

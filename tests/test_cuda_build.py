@@ -15,7 +15,8 @@ import torch
 from gdrd_fast import backends
 
 CSRC_CUDA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
-OPS = ["crd_nce_forward", "crd_nce_pair_forward", "bank_update_", "bank_update_pair_"]
+OPS = ["crd_nce_forward", "crd_nce_pair_forward", "bank_update_", "bank_update_pair_", "queue_push_",
+       "queue_sample_negatives"]
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Compiled bank updates (csrc/cpu/bank_update.cpp; csrc/cuda/bank_update.cu on a GPU) against the
-float64 reference: momentum, renormalisation, last duplicate wins, two banks in one call."""
+float64 reference: momentum, renormalisation, last duplicate wins, two banks in one call; and the MemoryQueue
+kernels (ring-buffer push, counter-hash negative sampling) index for index against the reference."""
 import pytest
 import torch
 
-from gdrd_fast import MemoryBank, backends, reference, validation
+from gdrd_fast import MemoryBank, MemoryQueue, backends, reference, validation
 from gdrd_fast.ops import memory as memory_ops
 
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
@@ -75,3 +76,81 @@ def test_memory_bank_module_uses_kernel_and_rejects_bad_input(device, monkeypatc
     want = expected(before, idx, values, 0.5)
     bank.update_(idx, values)
     torch.testing.assert_close(bank.rows.double(), want, rtol=0, atol=1e-6)
+
+
+# --- MemoryQueue kernels (csrc/cpu/queue.cpp, csrc/cuda/queue.cu) ----------------------------------------
+def empty_queue(size, d, dtype, device, with_labels):
+    labels = torch.full((size,), -1, device=device) if with_labels else None
+    return [torch.zeros(size, d, dtype=dtype, device=device), torch.tensor(0, device=device),
+            torch.tensor(0, device=device), labels]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("queue_dtype, value_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                      (torch.float16, torch.float16), (torch.float64, torch.float32)])
+@pytest.mark.parametrize("d", [1, 3, 31, 128])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_queue_push_matches_reference(device, queue_dtype, value_dtype, d, with_labels):
+    size = 7
+    ours, ref = empty_queue(size, d, queue_dtype, device, with_labels), empty_queue(size, d, queue_dtype, device,
+                                                                                    with_labels)
+    for n in [3, 1, 5, 16, 2]:  # wraps around, and a push longer than the queue keeps the newest rows
+        values = torch.randn(n, d, dtype=value_dtype, device=device)
+        labels = torch.randint(100, (n,), dtype=torch.int32, device=device) if with_labels else None
+        queue, ptr, count, queue_labels = ours
+        memory_ops.queue_push_(queue, ptr, count, values, labels, queue_labels, backend=device)
+        reference.queue_push_(ref[0], ref[1], ref[2], values, labels, ref[3])
+        for got, want in zip(ours, ref):
+            assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("filled, batch, k", [(1, 1, 1), (50, 47, 123), (333, 5, 1000), (4096, 64, 513)])
+@pytest.mark.parametrize("classes", [None, 1, 3, 40])
+def test_queue_sampling_kernel_draws_the_reference_indices(device, filled, batch, k, classes):
+    queue_labels = None if classes is None else torch.randint(classes, (filled + 3,), device=device)
+    partner = torch.randint(classes or 5, (batch,), dtype=torch.int32, device=device)
+    for seed in [0, -1, 2 ** 63 - 2, int(torch.randint(-2 ** 63, 2 ** 63 - 1, ()))]:
+        seed_t = torch.tensor([seed], device=device)
+        got = memory_ops.queue_sample_negatives(queue_labels, filled, partner, seed_t, k, backend=device)
+        want = reference.queue_sample_negatives(queue_labels, filled, partner, seed_t, k)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_queue_sampling_is_uniform_over_the_other_class(device):
+    labels = torch.arange(60, device=device) % 4
+    partner = torch.zeros(200, dtype=torch.long, device=device)
+    idx = memory_ops.queue_sample_negatives(labels, 60, partner, torch.tensor([7], device=device), 900,
+                                            backend=device)
+    counts = torch.bincount(idx.flatten(), minlength=60).double().cpu()
+    valid = (labels != 0).cpu()
+    assert bool((counts[~valid] == 0).all())
+    expected = idx.numel() / int(valid.sum())
+    chi2 = float(((counts[valid] - expected) ** 2 / expected).sum())
+    # 44 degrees of freedom: P(chi2 > 90) < 1e-4 for uniform draws
+    assert chi2 < 90, chi2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_queue_uses_kernels_and_reproduces_from_generator(device):
+    def filled_queue(backend):
+        torch.manual_seed(3)
+        queue = MemoryQueue(64, 9, backend=backend).to(device)
+        for _ in range(5):
+            queue.push_(torch.randn(23, 9, device=device), torch.randint(6, (23,), device=device))
+        return queue
+
+    ours, ref = filled_queue(device), filled_queue("torch")
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    partner = torch.randint(6, (17,), device=device)
+    draws = [q.sample_negatives(partner, 31, torch.Generator(device).manual_seed(11)) for q in (ours, ours, ref)]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    assert bool((ours.labels[draws[0]] != partner[:, None]).all())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    same_class = MemoryQueue(4, 2, backend=device).to(device)
+    same_class.push_(torch.randn(4, 2, device=device), torch.full((4,), 3, device=device))
+    with pytest.raises(ValueError, match=r"partner_labels\[1\] = 3"):
+        same_class.sample_negatives(torch.tensor([1, 3], device=device), 5)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())

@@ -222,3 +222,45 @@ def test_queue_push_longer_than_queue_keeps_newest():
     R.queue_push_(queue, ptr, count, torch.arange(7.0)[:, None])
     # positions 1..7 -> slots 1,2,0,1,2,0,1: slot 1 holds 6, slot 2 holds 4, slot 0 holds 5
     assert queue.flatten().tolist() == [5.0, 6.0, 4.0] and ptr.item() == 8 % 3 and count.item() == 3
+
+
+# --- queue sampling ------------------------------------------------------------------------------------
+def _mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _uniform(seed: int, row: int, col: int) -> float:
+    """csrc/sampling.h in plain Python integers."""
+    s = seed & (2 ** 64 - 1)
+    h = _mix32(_mix32((s & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (s >> 32))
+    h = _mix32(_mix32(h ^ (row & 0xFFFFFFFF)) ^ (row >> 32))
+    h = _mix32(h ^ col)
+    return ((_mix32(h ^ 0x85EBCA6B) >> 11) * 2 ** 32 + _mix32(h ^ 0xC2B2AE35)) / 2 ** 53
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2 ** 63 - 2, -(2 ** 63), 12345])
+def test_counter_uniform_is_the_integer_hash(seed):
+    got = R.counter_uniform(torch.tensor([seed]), 5, 7)
+    want = torch.tensor([[_uniform(seed, r, c) for c in range(7)] for r in range(5)], dtype=f64)
+    assert torch.equal(got, want)
+
+
+def test_queue_sampling_matches_a_loop_over_the_other_class():
+    labels = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 5])
+    partner = torch.tensor([2, 0, 1, 5, 7])
+    seed, k = 99, 40
+    got = R.queue_sample_negatives(labels, 8, partner, torch.tensor([seed]), k)
+    for b, y in enumerate(partner.tolist()):
+        # rows of another class among the first 8, in label order, queue order within a label
+        valid = sorted((i for i in range(8) if labels[i] != y), key=lambda i: (int(labels[i]), i))
+        want = [valid[min(int(_uniform(seed, b, j) * len(valid)), len(valid) - 1)] for j in range(k)]
+        assert got[b].tolist() == want
+    no_labels = R.queue_sample_negatives(None, 8, partner, torch.tensor([seed]), k)
+    assert no_labels[3].tolist() == [int(_uniform(seed, 3, j) * 8) for j in range(k)]
+    only_one_class = R.queue_sample_negatives(torch.zeros(4, dtype=torch.long), 4, torch.tensor([0, 1]),
+                                              torch.tensor([seed]), 3)
+    assert only_one_class[0].tolist() == [-1] * 3 and set(only_one_class[1].tolist()) <= {0, 1, 2, 3}

@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: checks, dtype preparation and outputs here; the kernels in
-// crd_nce.cu and bank_update.cu see raw pointers only (launchers.h). Importing gdrd_fast._C_cuda
+// crd_nce.cu, bank_update.cu and queue.cu see raw pointers only (launchers.h). Importing gdrd_fast._C_cuda
 // registers the CUDA implementations of the schemas in csrc/ops.cpp; it works without a GPU.
 #include <Python.h>
 #include <ATen/ATen.h>
@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <tuple>
 #include <vector>
 
 #include "launchers.h"
@@ -149,6 +151,64 @@ void bank_update_pair_(at::Tensor memory_a, const at::Tensor& values_a, at::Tens
   update_banks({memory_a, memory_b}, {values_a, values_b}, idx, momentum);
 }
 
+void queue_push_(at::Tensor queue, at::Tensor ptr, at::Tensor count, const at::Tensor& values,
+                 const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& queue_labels) {
+  TORCH_CHECK(queue.is_cuda() && queue.dim() == 2 && queue.is_contiguous(),
+              "queue_push_ (CUDA): the queue must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == queue.size(1), "queue_push_ (CUDA): values must be [n, ",
+              queue.size(1), "], got ", values.sizes());
+  for (const auto* t : {&ptr, &count})
+    TORCH_CHECK(t->is_cuda() && t->numel() == 1 && t->scalar_type() == at::kLong,
+                "queue_push_ (CUDA): ptr and count must be one-element int64 CUDA tensors");
+  TORCH_CHECK(labels.has_value() == queue_labels.has_value(), "queue_push_: labels and queue_labels go together");
+  const int64_t size = queue.size(0), n = values.size(0), m = std::min(n, size);
+  const c10::cuda::CUDAGuard guard(queue.device());
+  // only the newest `size` rows of a long push survive: the others are never copied
+  const auto rows = values.narrow(0, n - m, m).to(queue.scalar_type()).contiguous();
+  at::Tensor kept_labels;
+  if (queue_labels.has_value()) {
+    TORCH_CHECK(queue_labels->is_cuda() && queue_labels->dim() == 1 && queue_labels->size(0) == size &&
+                    queue_labels->is_contiguous() && queue_labels->scalar_type() == at::kLong,
+                "queue_push_ (CUDA): queue_labels must be a contiguous int64 CUDA tensor of the queue's length");
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n, "queue_push_ (CUDA): labels must be [n]");
+    kept_labels = labels->narrow(0, n - m, m).to(at::kLong).contiguous();
+  }
+  check_launch(gdrd::cuda::queue_push_launch(
+                   queue.data_ptr(), rows.data_ptr(),
+                   queue_labels.has_value() ? queue_labels->data_ptr<int64_t>() : nullptr,
+                   queue_labels.has_value() ? kept_labels.data_ptr<int64_t>() : nullptr, ptr.data_ptr<int64_t>(),
+                   count.data_ptr<int64_t>(), size, n, m, queue.size(1) * queue.element_size(),
+                   c10::cuda::getCurrentCUDAStream()),
+               "queue_push_");
+}
+
+at::Tensor queue_sample_negatives(const c10::optional<at::Tensor>& queue_labels, int64_t filled,
+                                  const at::Tensor& partner_labels, const at::Tensor& seed, int64_t k) {
+  TORCH_CHECK(filled > 0 && k > 0, "queue_sample_negatives: need filled > 0 and k > 0");
+  TORCH_CHECK(partner_labels.is_cuda() && partner_labels.dim() == 1,
+              "queue_sample_negatives (CUDA): partner_labels must be a 1-D CUDA tensor");
+  TORCH_CHECK(seed.is_cuda() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "queue_sample_negatives (CUDA): seed must be one int64 on the GPU");
+  TORCH_CHECK(seed.device() == partner_labels.device(), "queue_sample_negatives (CUDA): seed and partner_labels must share a device");
+  const c10::cuda::CUDAGuard guard(partner_labels.device());
+  const auto partner = partner_labels.to(at::kLong).contiguous();
+  auto out = at::empty({partner.size(0), k}, partner.options());
+  at::Tensor sorted_labels, order;
+  if (queue_labels.has_value()) {
+    TORCH_CHECK(queue_labels->is_cuda() && queue_labels->dim() == 1 && queue_labels->size(0) >= filled,
+                "queue_sample_negatives (CUDA): queue_labels must be 1-D with at least `filled` entries");
+    // stable, so equal labels keep queue order and every backend ranks the rows alike
+    std::tie(sorted_labels, order) = at::sort(queue_labels->narrow(0, 0, filled).to(at::kLong), true, 0, false);
+  }
+  check_launch(gdrd::cuda::queue_sample_launch(
+                   out.data_ptr<int64_t>(), queue_labels.has_value() ? sorted_labels.data_ptr<int64_t>() : nullptr,
+                   queue_labels.has_value() ? order.data_ptr<int64_t>() : nullptr, partner.data_ptr<int64_t>(),
+                   seed.contiguous().data_ptr<int64_t>(), filled, partner.size(0), k,
+                   c10::cuda::getCurrentCUDAStream()),
+               "queue_sample_negatives");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gdrd_fast_C, CUDA, m) {
@@ -156,6 +216,8 @@ TORCH_LIBRARY_IMPL(gdrd_fast_C, CUDA, m) {
   m.impl("crd_nce_pair_forward", &crd_nce_pair_forward);
   m.impl("bank_update_", &bank_update_);
   m.impl("bank_update_pair_", &bank_update_pair_);
+  m.impl("queue_push_", &queue_push_);
+  m.impl("queue_sample_negatives", &queue_sample_negatives);
 }
 
 // gdrd_fast._C_cuda: what it was built for, read by gdrd_fast.env_report().

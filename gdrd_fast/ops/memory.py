@@ -1,6 +1,6 @@
-"""Memory-bank update dispatch (ops.md section 5); compiled kernels in csrc/ (cpu/bank_update.cpp,
-cuda/bank_update.cu): torch.ops.gdrd_fast_C.bank_update_ and bank_update_pair_ (two banks, one idx, one launch).
-Callers validate: these write in place.
+"""Memory bank and queue dispatch (ops.md section 5); compiled kernels in csrc/: torch.ops.gdrd_fast_C
+bank_update_ and bank_update_pair_ (two banks, one idx, one launch; cpu/bank_update.cpp, cuda/bank_update.cu),
+queue_push_ and queue_sample_negatives (cpu/queue.cpp, cuda/queue.cu). Callers validate: these write in place.
 """
 from __future__ import annotations
 
@@ -10,24 +10,17 @@ from torch import Tensor
 from .. import backends, reference
 
 
-def _single():
-    return torch.ops.gdrd_fast_C.bank_update_
-
-
-def _pair():
-    return torch.ops.gdrd_fast_C.bank_update_pair_
+def _compiled(op: str):
+    """IMPLS of one compiled op: 'cpu' and 'cuda' load the same torch.ops entry, dispatched by device."""
+    load = lambda: getattr(torch.ops.gdrd_fast_C, op)  # noqa: E731
+    return {"cpu": backends.Impl(load, backends.with_compiled_op(op, backends.with_cpu_extension)),
+            "cuda": backends.Impl(load, backends.with_compiled_op(op, backends.with_cuda_extension))}
 
 
 # backend name -> Impl whose function is (memory, idx, values, momentum) -> None, in place
-IMPLS: dict[str, backends.Impl] = {
-    "cpu": backends.Impl(_single, backends.with_compiled_op("bank_update_", backends.with_cpu_extension)),
-    "cuda": backends.Impl(_single, backends.with_compiled_op("bank_update_", backends.with_cuda_extension)),
-}
+IMPLS = _compiled("bank_update_")
 # backend name -> Impl whose function is (memory_a, values_a, memory_b, values_b, idx, momentum) -> None
-PAIR_IMPLS: dict[str, backends.Impl] = {
-    "cpu": backends.Impl(_pair, backends.with_compiled_op("bank_update_pair_", backends.with_cpu_extension)),
-    "cuda": backends.Impl(_pair, backends.with_compiled_op("bank_update_pair_", backends.with_cuda_extension)),
-}
+PAIR_IMPLS = _compiled("bank_update_pair_")
 
 
 def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float, backend: str = "auto") -> None:
@@ -47,3 +40,23 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
         reference.bank_update_(memory_b, idx, values_b, momentum)
     else:
         PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
+
+
+# backend name -> Impl whose function is (queue, ptr, count, values, labels, queue_labels) -> None, in place
+PUSH_IMPLS = _compiled("queue_push_")
+# backend name -> Impl whose function is (queue_labels, filled, partner_labels, seed, k) -> [B, k] int64
+SAMPLE_IMPLS = _compiled("queue_sample_negatives")
+
+
+def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None,
+                queue_labels: Tensor | None, backend: str = "auto") -> None:
+    name = backends.resolve("MemoryQueue.push_", PUSH_IMPLS, backend, queue.device)
+    push = reference.queue_push_ if name == "torch" else PUSH_IMPLS[name].load()
+    push(queue, ptr, count, values.detach(), labels, queue_labels)
+
+
+def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
+                           backend: str = "auto") -> Tensor:
+    name = backends.resolve("MemoryQueue.sample_negatives", SAMPLE_IMPLS, backend, partner_labels.device)
+    sample = reference.queue_sample_negatives if name == "torch" else SAMPLE_IMPLS[name].load()
+    return sample(queue_labels, filled, partner_labels, seed, k)
