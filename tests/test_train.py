@@ -10,6 +10,7 @@ from gdrd_fast import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import (DiscriminativeStage, GenerativeStage, OptimConfig, Runtime, Trainer, kd_loss,
                              load_checkpoint, seed_everything)
+from gdrd_fast.train.config import OptimizerConfig
 from train_cases import CLASSES, EMB, N_DATA, Faces
 
 
@@ -21,7 +22,10 @@ def head():
     return nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, EMB), nn.BatchNorm1d(EMB))
 
 
-def build(kind: str, amp: str = "none"):
+CRITIC_ADAMW = OptimizerConfig(optimizer="adamw", lr=1e-3, weight_decay=0.0)
+
+
+def build(kind: str, amp: str = "none", distill_optim: OptimizerConfig | None = None):
     """A fresh stage of `kind`; fresh random init, so a resumed trainer must overwrite all of it."""
     runtime = Runtime.create("cpu", amp)
     if kind == "stage1":
@@ -40,29 +44,32 @@ def build(kind: str, amp: str = "none"):
                                     teacher_classifier=ArcFaceHead(EMB, CLASSES, s=8.0, m=0.3), distill=distill,
                                     kd_weight=0.5, distill_weight=2.0)
     optim = OptimConfig(lr=0.1, epochs=2, milestones=[1], steps=6)
-    return Trainer(stage, Faces(), runtime, optim, batch_size=4, seed=3, resolution=4, progress=False)
+    return Trainer(stage, Faces(), runtime, optim, batch_size=4, seed=3, resolution=4, progress=False,
+                   group_optims={"distill": distill_optim})
 
 
 def snapshot(trainer):
     state = {f"stage.{k}": v.clone() for k, v in trainer.stage.state_dict().items()}
-    for i, s in trainer.optimizer.state_dict()["state"].items():
-        state[f"momentum.{i}"] = s["momentum_buffer"].clone()
+    for o, optimizer in enumerate(trainer.optimizers):
+        for i, s in optimizer.state_dict()["state"].items():
+            state.update({f"optimizer{o}.{i}.{name}": v.clone() for name, v in s.items()})
     return state
 
 
-@pytest.mark.parametrize("kind", ["stage1", "rcd", "crd", "baseline"])
-def test_resume_gives_identical_weights(kind, tmp_path):
+@pytest.mark.parametrize("kind, distill_optim", [("stage1", None), ("rcd", None), ("crd", None), ("baseline", None),
+                                                 ("rcd", CRITIC_ADAMW), ("crd", CRITIC_ADAMW)])
+def test_resume_gives_identical_weights(kind, distill_optim, tmp_path):
     seed_everything(7)
-    straight = build(kind)
+    straight = build(kind, distill_optim=distill_optim)
     initial = snapshot(straight)
     straight.train_steps(6)  # crosses an epoch boundary and the lr milestone; RCD's queue fills at step 2
 
     seed_everything(7)
-    first = build(kind)
+    first = build(kind, distill_optim=distill_optim)
     first.train_steps(3)
     path = first.save(tmp_path / "half.pt")
     torch.manual_seed(12345)  # a resumed run must not depend on the RNG state it starts from
-    resumed = build(kind)
+    resumed = build(kind, distill_optim=distill_optim)
     resumed.resume(path)
     resumed.train_steps(3)
 
@@ -71,11 +78,32 @@ def test_resume_gives_identical_weights(kind, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
     assert resumed.step == straight.step == 6
-    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr() == [pytest.approx(0.01)]
+    for ours, theirs in zip(resumed.schedulers, straight.schedulers, strict=True):
+        assert ours.get_last_lr() == theirs.get_last_lr()
+    assert straight.schedulers[0].get_last_lr() == [pytest.approx(0.01)]
     changed = [k for k in initial if not torch.equal(initial[k], a[k])]
     assert any("regression.adapter" in k or "head" in k for k in changed), "training changed nothing"
     if kind == "rcd":
         assert not torch.isnan(straight.stage.distill.log_z_t)  # the relational loss became active
+
+
+def test_distill_optim_gives_the_critic_its_own_optimizer(tmp_path):
+    trainer = build("rcd", distill_optim=CRITIC_ADAMW)
+    model, critic = trainer.optimizers
+    assert isinstance(model, torch.optim.SGD) and isinstance(critic, torch.optim.AdamW)
+    critic_params = {id(p) for p in trainer.stage.distill.parameters()}
+    assert {id(p) for g in critic.param_groups for p in g["params"]} == critic_params
+    assert not critic_params & {id(p) for g in model.param_groups for p in g["params"]}
+    assert critic.param_groups[0]["lr"] == 1e-3 and critic.param_groups[0]["weight_decay"] == 0.0
+    before = [p.clone() for p in trainer.stage.distill.parameters()]
+    trainer.train_steps(6)  # the milestone decays both optimizers' lr
+    assert critic.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.stage.distill.parameters()))
+    # the baseline (no distill module) ignores distill_optim; a checkpoint from a one-optimizer run is refused
+    assert len(build("baseline", distill_optim=CRITIC_ADAMW).optimizers) == 1
+    path = build("rcd").save(tmp_path / "one_optimizer.pt")
+    with pytest.raises(ValueError, match="distill_optim"):
+        trainer.resume(path)
 
 
 def test_frozen_backbone_and_teacher_stay_fixed_in_stage2():

@@ -83,7 +83,8 @@ class Demo:
         start = time.perf_counter()
         trainer = Trainer(stage, self.train_set, self.runtime, optim, batch_size=batch_size or self.config.batch_size,
                           seed=self.config.seed, resolution=resolution, log_every=max(1, optim.steps // 10),
-                          progress=self.progress, name=label)
+                          progress=self.progress, name=label,
+                          group_optims={"distill": self.config.stage2.distill_optim})
         terms = trainer.train_steps()
         self.histories[label] = trainer.history
         self.timings[label] = time.perf_counter() - start

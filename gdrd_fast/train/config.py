@@ -19,20 +19,31 @@ DISTILL_MODES = ("rcd", "crd", "none")
 
 
 @dataclass
-class OptimConfig:
-    """SGD with step decay; milestones and length in epochs (method.md section 5), or `steps` if set."""
-    optimizer: str = "sgd"  # 'adamw' for the demo's denoiser (momentum is then beta1)
+class OptimizerConfig:
+    """One optimizer: SGD (momentum) or AdamW (momentum is then beta1)."""
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0 and momentum in [0, 1), got lr={self.lr}, "
+                             f"weight_decay={self.weight_decay}, momentum={self.momentum}")
+
+
+@dataclass
+class OptimConfig(OptimizerConfig):
+    """An optimizer with step decay; milestones and length in epochs (method.md section 5), or `steps` if set."""
     epochs: int = 36
     milestones: list[int] = field(default_factory=lambda: [21, 28, 32])
     gamma: float = 0.1
     steps: int | None = None  # overrides epochs (milestones then scale with steps / epochs)
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        super().__post_init__()
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be positive, got {self.steps}")
 
@@ -97,6 +108,9 @@ class Stage2Config:
     arcface_margin: float = 0.5
     rcd: RCDConfig = field(default_factory=RCDConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    # its own optimizer for the distillation module's parameters (the critic), on the stage's schedule;
+    # None: they train with the student's optimizer
+    distill_optim: OptimizerConfig | None = None
 
 
 @dataclass
@@ -142,6 +156,14 @@ def _check_type(key: str, value, annotation):
     return value
 
 
+def _dataclass_of(hint):
+    """The dataclass a field holds (X, or X | None), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from nested dicts; unknown keys and wrong types raise ValueError."""
     if not isinstance(data, dict):
@@ -155,8 +177,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        nested = _dataclass_of(hint)
+        if nested is not None and value is not None:
+            kwargs[name] = from_dict(nested, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(prefix + name, value, hint)
     return cls(**kwargs)

@@ -1,4 +1,4 @@
-"""The training loop: deterministic batches, SGD + step decay, AMP, progress bar, log file, checkpoints.
+"""The training loop: deterministic batches, SGD or AdamW per parameter group + step decay, AMP, progress bar, log file, checkpoints.
 
 Every random draw (flips, negatives) comes from RNGs the checkpoint saves, and batch order is a pure
 function of (seed, step), so N steps equal N/2 steps + resume + N/2 steps bit for bit on CPU.
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..distributed.launch import to_distributed, wrap_ddp
 from . import checkpoint as ckpt
-from .config import OptimConfig
+from .config import OptimConfig, OptimizerConfig
 from .runtime import Runtime
 from .stages import Stage, Views
 
@@ -80,7 +80,8 @@ class Trainer:
     def __init__(self, stage: Stage, dataset: Dataset, runtime: Runtime, optim: OptimConfig, *, batch_size: int,
                  seed: int = 0, resolution: int | None = 16, flip: bool = True, interpolation: str = "bilinear",
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
-                 log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None):
+                 log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
+                 group_optims: dict[str, OptimizerConfig | None] | None = None):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -97,16 +98,16 @@ class Trainer:
             stage.distill = to_distributed(stage.distill)  # banks / queues get the global batch's update
         # forward through DDP (gradient averaging); state, saving and eval use the plain stage
         self.model = wrap_ddp(stage, runtime.device) if runtime.world_size > 1 else stage
-        params = stage.trainable_parameters()
-        if not params:
+        # the stage's named parameter groups; a group named in group_optims gets an optimizer of its own
+        groups = stage.param_groups()
+        own = {name: cfg for name, cfg in (group_optims or {}).items() if cfg is not None and groups.get(name)}
+        shared = [p for name, params in groups.items() if name not in own for p in params]
+        if not shared and not own:
             raise ValueError(f"{stage.name} has no trainable parameters")
-        if optim.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                             weight_decay=optim.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.momentum, 0.999),
-                                               weight_decay=optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=optim.gamma)
+        self.optimizers = ([make_optimizer(shared, optim)] if shared else []) + \
+            [make_optimizer(groups[name], cfg) for name, cfg in own.items()]
+        self.schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, gamma=optim.gamma)
+                           for o in self.optimizers]
         self.scaler = runtime.grad_scaler()
         self.step = 0
         self.history: list[dict[str, float]] = []  # loss terms of every step this process ran (for plots)
@@ -118,15 +119,21 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"stage": self.stage.name, "step": self.step, "modules": self.stage.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers],
                 "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stage") != self.stage.name:
             raise ValueError(f"checkpoint is for stage {state.get('stage')!r}, not {self.stage.name!r}")
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"checkpoint has {len(state['optimizers'])} optimizer(s), this run builds "
+                             f"{len(self.optimizers)}: is stage2.distill_optim set the same way?")
         self.stage.load_state_dict(state["modules"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         if self.runtime.world_size > 1 and self.runtime.device.type == "cuda" and state["rng"]["cuda"]:
@@ -175,11 +182,14 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{self.stage.name} step {self.step}: loss is {float(loss)} "
                                          f"({ {k: float(v) for k, v in terms.items()} })")
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            for scheduler in self.schedulers:
+                scheduler.step()
             self.step += 1
             terms_out = self._mean_over_ranks(terms | {"loss": loss})
             self.history.append({"step": self.step} | terms_out)
@@ -190,11 +200,17 @@ class Trainer:
                 eta = (stop - self.step) * self.batch_size / rate
                 self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
                               self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
-                              self.scheduler.get_last_lr()[0], rate, eta)
+                              self.schedulers[0].get_last_lr()[0], rate, eta)
             if self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0:
                 self.save()
         bar.close()
         return terms_out
+
+
+def make_optimizer(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
 def log_to_file(path: str | Path, runtime: Runtime) -> logging.Handler | None:

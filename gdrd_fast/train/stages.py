@@ -41,6 +41,10 @@ class Stage(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group name; the Trainer can give a group an optimizer of its own."""
+        return {"model": self.trainable_parameters()}
+
     def losses(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -116,6 +120,12 @@ class DiscriminativeStage(Stage):
         self.teacher_classifier = _freeze(teacher_classifier) if teacher_classifier is not None else None
         self.distill = distill
         self.kd_weight, self.distill_weight, self.kd_temperature = kd_weight, distill_weight, kd_temperature
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'distill': the contrastive module's critic / embeddings; 'model': the rest."""
+        critic = [p for p in self.distill.parameters() if p.requires_grad] if self.distill is not None else []
+        ids = {id(p) for p in critic}
+        return {"model": [p for p in self.trainable_parameters() if id(p) not in ids], "distill": critic}
 
     def train(self, mode: bool = True):
         super().train(mode)
