@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,15 +25,28 @@ std::vector<int64_t> last_occurrences(const idx_t* idx, int64_t n) {
   return keep;
 }
 
-template <typename mem_t, typename val_t>
-void mix_normalise(mem_t* row, const val_t* value, int64_t d, double momentum, std::vector<double>& mixed) {
-  double sq = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    mixed[i] = momentum * static_cast<double>(row[i]) + (1 - momentum) * static_cast<double>(value[i]);
-    sq += mixed[i] * mixed[i];
+// Two passes over the row (norm, then write) so nothing is stored in between; kLanes partial sums let the
+// compiler vectorise the norm without reassociating floating-point adds.
+template <typename acc_t, typename mem_t, typename val_t>
+void mix_normalise(mem_t* __restrict__ row, const val_t* __restrict__ value, int64_t d, acc_t momentum) {
+  constexpr int kLanes = 8;
+  const acc_t keep = momentum, take = acc_t(1) - momentum;
+  acc_t partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t mixed = keep * static_cast<acc_t>(row[i + l]) + take * static_cast<acc_t>(value[i + l]);
+      partial[l] += mixed * mixed;
+    }
+  for (; i < d; ++i) {
+    const acc_t mixed = keep * static_cast<acc_t>(row[i]) + take * static_cast<acc_t>(value[i]);
+    partial[0] += mixed * mixed;
   }
-  const double scale = 1.0 / std::max(std::sqrt(sq), 1e-12);  // F.normalize's eps
-  for (int64_t i = 0; i < d; ++i) row[i] = static_cast<mem_t>(mixed[i] * scale);
+  acc_t sq = 0;
+  for (int l = 0; l < kLanes; ++l) sq += partial[l];
+  const acc_t scale = acc_t(1) / std::max(std::sqrt(sq), acc_t(1e-12));  // F.normalize's eps
+  for (i = 0; i < d; ++i)
+    row[i] = static_cast<mem_t>((keep * static_cast<acc_t>(row[i]) + take * static_cast<acc_t>(value[i])) * scale);
 }
 
 void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> values, const at::Tensor& idx_in,
@@ -58,12 +72,14 @@ void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> valu
         mem_t* bank = memories[s].data_ptr<mem_t>();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values[s].scalar_type(), "bank_update_cpu_val", [&] {
           const scalar_t* vals = values[s].data_ptr<scalar_t>();
+          // float64 where the bank or the values are float64, else float32
+          using acc_t = std::conditional_t<std::is_same_v<mem_t, double> || std::is_same_v<scalar_t, double>,
+                                           double, float>;
           // threads only pay off beyond a few thousand rows' worth of work
           const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
           at::parallel_for(0, static_cast<int64_t>(keep.size()), grain, [&](int64_t begin, int64_t end) {
-            std::vector<double> mixed(d);
             for (int64_t j = begin; j < end; ++j)
-              mix_normalise(bank + int64_t(ids[keep[j]]) * d, vals + keep[j] * d, d, momentum, mixed);
+              mix_normalise<acc_t>(bank + int64_t(ids[keep[j]]) * d, vals + keep[j] * d, d, acc_t(momentum));
           });
         });
       });
