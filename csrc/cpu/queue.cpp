@@ -28,7 +28,9 @@ void queue_push_(at::Tensor queue, at::Tensor ptr, at::Tensor count, const at::T
               "queue_push_: ptr and count must be one-element int64 tensors");
   TORCH_CHECK(labels.has_value() == queue_labels.has_value(), "queue_push_: labels and queue_labels go together");
   const int64_t size = queue.size(0), n = values.size(0), m = std::min(n, size);
-  const int64_t old_ptr = ptr.item<int64_t>();
+  int64_t* const ptr_value = ptr.data_ptr<int64_t>();  // one-element CPU tensors: read and written in place
+  int64_t* const count_value = count.data_ptr<int64_t>();
+  const int64_t old_ptr = *ptr_value;
   TORCH_CHECK(old_ptr >= 0 && old_ptr < size, "queue_push_: ptr ", old_ptr, " is outside [0, ", size, ")");
   // only the newest `size` rows survive a long push; they start at slot (ptr + n - m) mod size
   const int64_t start = (old_ptr + n - m) % size;
@@ -44,8 +46,8 @@ void queue_push_(at::Tensor queue, at::Tensor ptr, at::Tensor count, const at::T
     ring_copy(static_cast<char*>(queue_labels->data_ptr()), static_cast<const char*>(y.data_ptr()), start, m,
               size, sizeof(int64_t));
   }
-  ptr.fill_((old_ptr + n) % size);
-  count.fill_(std::min(count.item<int64_t>() + n, size));
+  *ptr_value = (old_ptr + n) % size;
+  *count_value = std::min(*count_value + n, size);
 }
 
 at::Tensor queue_sample_negatives(const c10::optional<at::Tensor>& queue_labels, int64_t filled,
