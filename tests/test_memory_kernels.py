@@ -156,3 +156,12 @@ def test_memory_queue_uses_kernels_and_reproduces_from_generator(device):
     with pytest.raises(ValueError, match=r"partner_labels\[1\] = 3"):
         same_class.sample_negatives(torch.tensor([1, 3], device=device), 5)
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.cuda
+def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
+    labels, partner = torch.randint(9, (777,)), torch.randint(9, (31,))
+    seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,))
+    on_cpu = memory_ops.queue_sample_negatives(labels, 700, partner, seed, 257, backend="cpu")
+    on_gpu = memory_ops.queue_sample_negatives(labels.cuda(), 700, partner.cuda(), seed.cuda(), 257, backend="cuda")
+    assert torch.equal(on_cpu, on_gpu.cpu())
