@@ -163,8 +163,10 @@ class RelationalContrastiveLoss(nn.Module):
         self.fts_w2, self.fts_b2 = weight(rel_dim, rel_dim), bias(rel_dim, rel_dim)
         self.h1_w, self.h1_b = weight(rel_dim, rel_dim), bias(rel_dim, rel_dim)
         self.h2_w, self.h2_b = weight(rel_dim, rel_dim), bias(rel_dim, rel_dim)
-        self.queue_t = MemoryQueue(queue_size, embed_dim, with_labels=True)
-        self.queue_s = MemoryQueue(queue_size, embed_dim, with_labels=False)
+        # the queues have compiled kernels for 'cpu' and 'cuda' only: any other backend leaves them on 'auto'
+        queue_backend = backend if backend in ("torch", *memory_ops.PUSH_IMPLS) else "auto"
+        self.queue_t = MemoryQueue(queue_size, embed_dim, with_labels=True, backend=queue_backend)
+        self.queue_s = MemoryQueue(queue_size, embed_dim, with_labels=False, backend=queue_backend)
         self.register_buffer("log_z_t", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("log_z_s", torch.tensor(float("nan"), dtype=torch.float64))
         self.num_negatives, self.temperature, self.n_data = num_negatives, temperature, n_data
