@@ -68,30 +68,52 @@ def table(benches: list[dict]) -> list[str]:
 
 
 def plot(benches: list[dict], path: str) -> None:
+    """Horizontal bars, one block per case: speed-up (left) and peak-memory ratio (right) against eager."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = defaultdict(dict)
     for b in benches:
-        groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b["stats"]["median"]
-    names = sorted(groups)
+        groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     providers = sorted({p for g in groups.values() for p in g if p != "eager"})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * max(1, len(providers)) / 2), 4.5))
-    width = 0.8 / max(1, len(providers))
-    for i, provider in enumerate(providers):
-        speedups = [groups[n]["eager"] / groups[n][provider] if "eager" in groups[n] and provider in groups[n]
-                    else 0.0 for n in names]
-        ax.bar([x + i * width for x in range(len(names))], speedups, width, label=provider)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up vs eager reference (median)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
+    rows, ticks, y = [], [], 0.0  # (y, case, provider); a case's block is labelled at its middle
+    for name in sorted(groups):
+        present = [p for p in providers if p in groups[name]]
+        if "eager" not in groups[name] or not present:
+            continue
+        ticks.append((y + (len(present) - 1) / 2, name))
+        rows += [(y + i, name, p) for i, p in enumerate(present)]
+        y += len(present) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.22 * y), sharey=True)
+    for ax, title, value in (
+            (axes[0], "speed-up vs eager (median time)",
+             lambda g, p: g["eager"]["stats"]["median"] / g[p]["stats"]["median"]),
+            (axes[1], "peak extra memory: eager / provider\n(cases where eager needs >= 1 MiB)",
+             lambda g, p: _memory_ratio(g["eager"], g[p]))):
+        for pos, name, provider in rows:
+            v = value(groups[name], provider)
+            if v:
+                ax.barh(pos, v, color=colors[provider], height=0.8)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", which="major", linewidth=0.3)
+    axes[0].set_yticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)
+    axes[0].invert_yaxis()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in providers]
+    fig.legend(handles, providers, loc="lower center", ncol=min(len(providers), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (1.2 + 0.22 * y), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _memory_ratio(eager: dict, other: dict) -> float | None:
+    base, mem = eager["extra_info"].get("peak_extra_bytes"), other["extra_info"].get("peak_extra_bytes")
+    if base is None or mem is None or base < 2 ** 20:
+        return None  # below a MiB, RSS page granularity makes the ratio noise
+    return base / max(mem, 2 ** 20 / 64)  # floor at 16 KiB: "nothing measurable" is not infinitely better
 
 
 def write(json_path: str, out_dirs: list[str]) -> list[str]:

@@ -1,0 +1,38 @@
+"""benchmarks/report.py on a hand-made pytest-benchmark JSON: the ratios in the table and the files."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import report  # noqa: E402
+
+
+def bench(group, provider, median_s, peak_bytes, flop=None):
+    info = {"provider": provider, "device": "Test GPU 80GB", "peak_extra_bytes": peak_bytes, "torch": "t",
+            "triton": "x", "python": "p"}
+    if flop:
+        info["flop"] = flop
+    return {"group": group, "name": f"test[{provider}]", "stats": {"median": median_s}, "extra_info": info}
+
+
+def test_report_table_ratios_and_files(tmp_path):
+    data = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
+        bench("op A [cuda]", "eager", 0.010, 400 * 2 ** 20),
+        bench("op A [cuda]", "compile", 0.005, 200 * 2 ** 20),
+        bench("op A [cuda]", "triton", 0.001, 2 ** 20, flop=4e12),
+        bench("op B [cuda]", "eager", 0.002, 0),
+        bench("op B [cuda]", "cuda", 0.004, 0),
+    ]}
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(data))
+    (base,) = report.write(str(path), [str(tmp_path / "out")])
+    assert os.path.basename(base) == "test-gpu-80gb_2026-11-28"
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in open(base + ".md")
+             if line.startswith("| op")]
+    rows = {(c[0], c[1]): c for c in cells}
+    triton = rows[("op A [cuda]", "triton")]
+    # median ms, vs eager, vs compile, TFLOP/s, peak MB, memory vs eager
+    assert triton[2:] == ["1.000", "10.00x", "5.00x", "4e+03", "1.0", "400.00x"]
+    assert rows[("op B [cuda]", "cuda")][3] == "0.50x"
+    assert os.path.getsize(base + ".png") > 10_000 and json.load(open(base + ".json")) == data
