@@ -7,7 +7,7 @@ export GDRD_BUILD_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-wheels
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -24,3 +24,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# Wheels the GPU machine lacks and cannot download (Python 3.12, no network): carry .whl/ with the
+# tree; benchmarks/gpu/run.sh installs them first.
+GPU_WHEELS := tqdm pyyaml inf-cl
+gpu-wheels: $(BIN)/python
+	$(BIN)/python -m pip download -q $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl
