@@ -111,9 +111,10 @@ def optional_build_ext(base, mode):
 
 ext_modules, cmdclass = extensions()
 setup(
-    packages=find_packages(include=["gdrd_fast", "gdrd_fast.*"]) + ["gdrd_fast.kernels"],
+    # configs/ holds only the packaged recipes (YAML): a data package, listed so setuptools ships it
+    packages=find_packages(include=["gdrd_fast", "gdrd_fast.*"]) + ["gdrd_fast.configs", "gdrd_fast.kernels"],
     package_dir={"gdrd_fast.kernels": "kernels"},
-    package_data={"gdrd_fast": ["configs/*.yaml"]},
+    package_data={"gdrd_fast.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
