@@ -1,6 +1,8 @@
 """pytest-benchmark JSON -> Markdown table + PNG plot, named by device and date (performance.md "Measuring").
 
-    python -m benchmarks.report RESULTS.json --out DIR [--out DIR2 ...]
+    python -m benchmarks.report RESULTS.json [MORE.json ...] --out DIR [--out DIR2 ...]
+
+Several JSON files (one run split into passes) are merged into one result, named after the first.
 
 For every op and size: median time per provider, speed-up against the eager reference, against
 torch.compile(reference) and against each installed peer, effective TFLOP/s (from the benchmark's
@@ -13,17 +15,23 @@ import datetime
 import json
 import os
 import re
-import shutil
 from collections import defaultdict
 
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
 
 
-def load(path: str) -> tuple[dict, list[dict]]:
-    with open(path) as f:
-        data = json.load(f)
-    return data, [b for b in data["benchmarks"] if b.get("stats")]
+def load(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The first file's metadata with every file's benchmarks (those that ran)."""
+    merged = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] = merged["benchmarks"] + data["benchmarks"]
+    return merged, [b for b in merged["benchmarks"] if b.get("stats")]
 
 
 def _slug(text: str) -> str:
@@ -116,8 +124,8 @@ def _memory_ratio(eager: dict, other: dict) -> float | None:
     return base / max(mem, 2 ** 20 / 64)  # floor at 16 KiB: "nothing measurable" is not infinitely better
 
 
-def write(json_path: str, out_dirs: list[str]) -> list[str]:
-    data, benches = load(json_path)
+def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
+    data, benches = load(json_paths)
     name = stem(benches, data)
     info = benches[0]["extra_info"] if benches else {}
     text = [f"# Benchmarks on {info.get('device', 'unknown')} ({data.get('datetime', '')})", "",
@@ -130,8 +138,9 @@ def write(json_path: str, out_dirs: list[str]) -> list[str]:
         base = os.path.join(out, name)
         with open(base + ".md", "w") as f:
             f.write("\n".join(text) + "\n")
-        if os.path.abspath(json_path) != os.path.abspath(base + ".json"):
-            shutil.copyfile(json_path, base + ".json")
+        if [os.path.abspath(p) for p in json_paths] != [os.path.abspath(base + ".json")]:
+            with open(base + ".json", "w") as f:
+                json.dump(data, f, indent=4)
         if benches:
             plot(benches, base + ".png")
         written.append(base)
@@ -140,7 +149,7 @@ def write(json_path: str, out_dirs: list[str]) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json output(s) of one run")
     parser.add_argument("--out", action="append", required=True, help="output directory (repeatable)")
     args = parser.parse_args(argv)
     for base in write(args.json, args.out):
