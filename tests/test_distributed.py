@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gdrd_fast import CRDLoss, MemoryBank, RelationalContrastiveLoss
+from gdrd_fast.distributed.launch import shutdown
 from gdrd_fast.distributed import (DistributedCRDLoss, DistributedRelationalContrastiveLoss, ShardedMemoryBank,
                                    gather_rows, gather_rows_with_grad)
 
@@ -35,8 +36,10 @@ def _rank_main(rank, world, port, out_dir, cases):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {name: worker(rank, *args) for name, (worker, args) in cases.items()}
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the peer may never reach it
+        raise
+    shutdown()  # barrier first: tearing gloo down under a peer's last collective aborts the process
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
