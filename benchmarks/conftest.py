@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from benchmarks.harness import EAGER
+from benchmarks.harness import EAGER, median_seconds
 
 
 def _rows(config):
@@ -20,9 +20,9 @@ def ratio_table(groups) -> list[str]:
     for group in sorted(groups):
         benches = groups[group]
         eager = next((b for b in benches if b.extra_info.get("provider") == EAGER), None)
-        for b in sorted(benches, key=lambda b: b.stats.median):
-            median, mem = b.stats.median, b.extra_info.get("peak_extra_bytes")
-            speed = f"{eager.stats.median / median:.2f}x" if eager else "-"
+        for b in sorted(benches, key=median_seconds):
+            median, mem = median_seconds(b), b.extra_info.get("peak_extra_bytes")
+            speed = f"{median_seconds(eager) / median:.2f}x" if eager else "-"
             eager_mem = eager.extra_info.get("peak_extra_bytes") if eager else None
             mem_ratio = f"{eager_mem / max(mem, 1):.1f}x" if eager_mem is not None and mem is not None else "-"
             mem_mb = f"{mem / 2**20:.1f}" if mem is not None else "-"

@@ -17,6 +17,8 @@ import os
 import re
 from collections import defaultdict
 
+from benchmarks.harness import median_seconds
+
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
 
@@ -55,17 +57,19 @@ def table(benches: list[dict]) -> list[str]:
     for b in benches:
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     peers = [p for p in PEERS if any(p in g for g in groups.values())]
-    header = (["case", "provider", "median ms", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
+    header = (["case", "provider", "median ms (p20-p80)", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
               + ["TFLOP/s", "peak extra MB", "memory vs eager"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in sorted(groups):
         by_provider = groups[group]
-        median = {p: b["stats"]["median"] for p, b in by_provider.items()}
+        median = {p: median_seconds(b) for p, b in by_provider.items()}
         memory = {p: b["extra_info"].get("peak_extra_bytes") for p, b in by_provider.items()}
-        for provider, b in sorted(by_provider.items(), key=lambda kv: kv[1]["stats"]["median"]):
+        for provider, b in sorted(by_provider.items(), key=lambda kv: median[kv[0]]):
             flop = b["extra_info"].get("flop")
             mem = memory[provider]
-            cells = [group, provider, f"{median[provider] * 1e3:.3f}"]
+            spread = (f" ({b['extra_info']['p20_s'] * 1e3:.3f}-{b['extra_info']['p80_s'] * 1e3:.3f})"
+                      if "p20_s" in b["extra_info"] else "")
+            cells = [group, provider, f"{median[provider] * 1e3:.3f}{spread}"]
             cells += [_ratio(median.get(base), median[provider]) for base in BASELINES]
             cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
@@ -97,7 +101,7 @@ def plot(benches: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.22 * y), sharey=True)
     for ax, title, value in (
             (axes[0], "speed-up vs eager (median time)",
-             lambda g, p: g["eager"]["stats"]["median"] / g[p]["stats"]["median"]),
+             lambda g, p: median_seconds(g["eager"]) / median_seconds(g[p])),
             (axes[1], "peak extra memory: eager / provider\n(cases where eager needs >= 1 MiB)",
              lambda g, p: _memory_ratio(g["eager"], g[p]))):
         for pos, name, provider in rows:
@@ -130,7 +134,8 @@ def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
     info = benches[0]["extra_info"] if benches else {}
     text = [f"# Benchmarks on {info.get('device', 'unknown')} ({data.get('datetime', '')})", "",
             f"torch {info.get('torch')}, triton {info.get('triton')}, python {info.get('python')}. "
-            "Medians of pytest-benchmark rounds; fwd+bwd per step; TFLOP/s = the op's cost model / median.", ""]
+            "Times: on GPU triton.testing.do_bench with the L2 flushed (median, p20-p80), on CPU medians of "
+            "pytest-benchmark rounds; fwd+bwd per step; TFLOP/s = the op's cost model / median.", ""]
     text += table(benches)
     written = []
     for out in out_dirs:

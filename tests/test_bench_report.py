@@ -9,11 +9,12 @@ from benchmarks import report  # noqa: E402
 
 
 def bench(group, provider, median_s, peak_bytes, flop=None):
+    """A GPU result: do_bench's median and quantiles in extra_info, pytest-benchmark's host-timed median apart."""
     info = {"provider": provider, "device": "Test GPU 80GB", "peak_extra_bytes": peak_bytes, "torch": "t",
-            "triton": "x", "python": "p"}
+            "triton": "x", "python": "p", "median_s": median_s, "p20_s": 0.9 * median_s, "p80_s": 1.2 * median_s}
     if flop:
         info["flop"] = flop
-    return {"group": group, "name": f"test[{provider}]", "stats": {"median": median_s}, "extra_info": info}
+    return {"group": group, "name": f"test[{provider}]", "stats": {"median": median_s + 1e-2}, "extra_info": info}
 
 
 def test_report_table_ratios_and_files(tmp_path):
@@ -35,7 +36,7 @@ def test_report_table_ratios_and_files(tmp_path):
     rows = {(c[0], c[1]): c for c in cells}
     triton = rows[("op A [cuda]", "triton")]
     # median ms, vs eager, vs compile, TFLOP/s, peak MB, memory vs eager
-    assert triton[2:] == ["1.000", "10.00x", "5.00x", "4e+03", "1.0", "400.00x"]
+    assert triton[2:] == ["1.000 (0.900-1.200)", "10.00x", "5.00x", "4e+03", "1.0", "400.00x"]
     assert rows[("op B [cuda]", "cuda")][3] == "0.50x"
     merged = json.load(open(base + ".json"))
     assert sorted(b["name"] for b in merged["benchmarks"]) == sorted(b["name"] for b in data["benchmarks"])
