@@ -6,7 +6,8 @@ Several JSON files (one run split into passes) are merged into one result, named
 
 For every op and size: median time per provider, speed-up against the eager reference, against
 torch.compile(reference) and against each installed peer, effective TFLOP/s (from the benchmark's
-`flop` extra info) and peak extra memory with its ratio to eager. The JSON is copied alongside.
+`flop` extra info), effective GB/s (from `bytes`: the least traffic the op needs) and peak extra memory
+with its ratio to eager. The JSON is copied alongside.
 """
 from __future__ import annotations
 
@@ -58,21 +59,22 @@ def table(benches: list[dict]) -> list[str]:
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     peers = [p for p in PEERS if any(p in g for g in groups.values())]
     header = (["case", "provider", "median ms (p20-p80)", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
-              + ["TFLOP/s", "peak extra MB", "memory vs eager"])
+              + ["TFLOP/s", "GB/s", "peak extra MB", "memory vs eager"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in sorted(groups):
         by_provider = groups[group]
         median = {p: median_seconds(b) for p, b in by_provider.items()}
         memory = {p: b["extra_info"].get("peak_extra_bytes") for p, b in by_provider.items()}
         for provider, b in sorted(by_provider.items(), key=lambda kv: median[kv[0]]):
-            flop = b["extra_info"].get("flop")
+            flop, nbytes = b["extra_info"].get("flop"), b["extra_info"].get("bytes")
             mem = memory[provider]
-            spread = (f" ({b['extra_info']['p20_s'] * 1e3:.3f}-{b['extra_info']['p80_s'] * 1e3:.3f})"
-                      if "p20_s" in b["extra_info"] else "")
-            cells = [group, provider, f"{median[provider] * 1e3:.3f}{spread}"]
+            spread = (f" ({b['extra_info']['p20_s'] * 1e3:.4g}-{b['extra_info']['p80_s'] * 1e3:.4g})"
+                      if "p20_s" in b["extra_info"] else "")  # 4 significant digits: a 5 us kernel reads 0.005
+            cells = [group, provider, f"{median[provider] * 1e3:.4g}{spread}"]
             cells += [_ratio(median.get(base), median[provider]) for base in BASELINES]
             cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
+                      f"{nbytes / median[provider] / 1e9:.4g}" if nbytes else "-",
                       f"{mem / 2**20:.1f}" if mem is not None else "-",
                       _ratio(memory.get("eager"), max(mem, 1) if mem is not None else None)]
             lines.append("| " + " | ".join(cells) + " |")

@@ -29,6 +29,12 @@ SIZES = {  # (B, K, D, N)
 TEMPERATURE, MOMENTUM, EPS = 0.07, 0.5, 1e-7
 
 
+def gathered_bytes(size_key: str, device: str) -> int:
+    """What one step must read at least: row idx[b, k] of both fp32 banks once, and idx (int64) once."""
+    b, k, d, _ = SIZES["cuda" if device.startswith("cuda") else "cpu"][size_key]
+    return b * (k + 1) * (2 * d * 4 + 8)
+
+
 def repdistiller_scores(bank, v, idx):
     b, cols = idx.shape
     return torch.bmm(torch.index_select(bank, 0, idx.view(-1)).view(b, cols, -1), v.view(b, -1, 1)).squeeze(2)
@@ -129,4 +135,5 @@ def _providers(device: str) -> list[str]:
 @pytest.mark.parametrize("provider,size_key,device", cases(SIZES, _providers))
 def test_crd(benchmark, provider, size_key, device):
     skip_unavailable(crd_nce.PAIR_IMPLS, provider.removesuffix("-gathered"), device)
-    measure(benchmark, __name__, OP, provider, size_key, device, rounds=3 if device == "cpu" else 50)
+    measure(benchmark, __name__, OP, provider, size_key, device, rounds=3 if device == "cpu" else 50,
+            bytes=gathered_bytes(size_key, device))

@@ -8,12 +8,14 @@ sys.path.insert(0, ROOT)
 from benchmarks import report  # noqa: E402
 
 
-def bench(group, provider, median_s, peak_bytes, flop=None):
+def bench(group, provider, median_s, peak_bytes, flop=None, nbytes=None):
     """A GPU result: do_bench's median and quantiles in extra_info, pytest-benchmark's host-timed median apart."""
     info = {"provider": provider, "device": "Test GPU 80GB", "peak_extra_bytes": peak_bytes, "torch": "t",
             "triton": "x", "python": "p", "median_s": median_s, "p20_s": 0.9 * median_s, "p80_s": 1.2 * median_s}
     if flop:
         info["flop"] = flop
+    if nbytes:
+        info["bytes"] = nbytes
     return {"group": group, "name": f"test[{provider}]", "stats": {"median": median_s + 1e-2}, "extra_info": info}
 
 
@@ -23,7 +25,7 @@ def test_report_table_ratios_and_files(tmp_path):
         bench("op A [cuda]", "compile", 0.005, 200 * 2 ** 20),
         bench("op A [cuda]", "triton", 0.001, 2 ** 20, flop=4e12),
         bench("op B [cuda]", "eager", 0.002, 0),
-        bench("op B [cuda]", "cuda", 0.004, 0),
+        bench("op B [cuda]", "cuda", 0.004, 0, nbytes=8e9),
     ]}
     # one run split into two passes (as benchmarks/gpu/run.sh does): the report merges them
     first, second = tmp_path / "core.json", tmp_path / "compile.json"
@@ -35,8 +37,9 @@ def test_report_table_ratios_and_files(tmp_path):
              if line.startswith("| op")]
     rows = {(c[0], c[1]): c for c in cells}
     triton = rows[("op A [cuda]", "triton")]
-    # median ms, vs eager, vs compile, TFLOP/s, peak MB, memory vs eager
-    assert triton[2:] == ["1.000 (0.900-1.200)", "10.00x", "5.00x", "4e+03", "1.0", "400.00x"]
+    # median ms, vs eager, vs compile, TFLOP/s, GB/s, peak MB, memory vs eager
+    assert triton[2:] == ["1 (0.9-1.2)", "10.00x", "5.00x", "4e+03", "-", "1.0", "400.00x"]
+    assert rows[("op B [cuda]", "cuda")][6] == "2000"
     assert rows[("op B [cuda]", "cuda")][3] == "0.50x"
     merged = json.load(open(base + ".json"))
     assert sorted(b["name"] for b in merged["benchmarks"]) == sorted(b["name"] for b in data["benchmarks"])
