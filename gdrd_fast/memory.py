@@ -103,8 +103,9 @@ class MemoryQueue(nn.Module):
 
         With labels, only rows whose label differs from the partner's; a partner with no such row
         raises. A queue without labels samples from all filled rows (partner_labels gives B).
-        The draws are a pure function of one seed taken from `generator` (or the device's default
-        generator): the same seed gives the same indices on every backend (csrc/sampling.h).
+        The draws are a pure function of one int64 seed taken from `generator` (or the queue device's
+        default generator): the same seed gives the same indices on every backend (csrc/sampling.h), so a
+        CPU generator seeded alike gives a CPU and a GPU queue the same indices.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -113,7 +114,10 @@ class MemoryQueue(nn.Module):
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
         check.same_device(queue=self.values, partner_labels=partner_labels)
-        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator, device=self.values.device)
+        # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
+        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator,
+                             device=generator.device if generator is not None else self.values.device)
+        seed = seed.to(self.values.device, non_blocking=True)
         idx = memory_ops.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
         if self.labels is not None:
             missing = idx[:, 0] < 0

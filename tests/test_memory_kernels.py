@@ -165,3 +165,9 @@ def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
     on_cpu = memory_ops.queue_sample_negatives(labels, 700, partner, seed, 257, backend="cpu")
     on_gpu = memory_ops.queue_sample_negatives(labels.cuda(), 700, partner.cuda(), seed.cuda(), 257, backend="cuda")
     assert torch.equal(on_cpu, on_gpu.cpu())
+    # through the module: one CPU generator seeded alike gives both queues the same negatives
+    queues = [MemoryQueue(777, 3).to(device) for device in ("cpu", "cuda")]
+    for queue in queues:
+        queue.push_(torch.zeros(777, 3, device=queue.values.device), labels.to(queue.values.device))
+    draws = [q.sample_negatives(partner.to(q.values.device), 64, torch.Generator().manual_seed(5)) for q in queues]
+    assert torch.equal(draws[0], draws[1].cpu())
