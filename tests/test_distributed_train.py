@@ -15,14 +15,15 @@ from torch import nn
 from gdrd_fast import CRDLoss, RelationalContrastiveLoss
 from gdrd_fast.distributed import DistributedCRDLoss, DistributedRelationalContrastiveLoss, to_distributed
 from gdrd_fast.models import ArcFaceHead
-from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, seed_everything
+from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, load_checkpoint, seed_everything
 from gdrd_fast.train.loop import StepBatchSampler
 
 pytestmark = pytest.mark.distributed
 from train_cases import CLASSES, EMB, N_DATA, Faces
 
 BATCH, STEPS, WORLD = 4, 6, 2
-KINDS = ("rcd", "crd")
+KINDS = ("rcd", "crd", "crd_sharded")
+SHARDED = ("distill.memory_s.rows", "distill.memory_t.rows")  # crd_sharded: each rank holds half the rows
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; only the order of sums differs
 
 
@@ -47,7 +48,7 @@ def build(kind, output_dir=None, fixed_negatives=False):
                                 distill=distill)
     optim = OptimConfig(lr=0.1, epochs=2, milestones=[1], steps=STEPS)
     return Trainer(stage, Faces(), runtime, optim, batch_size=BATCH, seed=3, resolution=4, progress=False,
-                   output_dir=output_dir, log_every=0)
+                   output_dir=output_dir, log_every=0, shard_banks=kind == "crd_sharded")
 
 
 def _state(trainer):
@@ -74,13 +75,15 @@ def _rank_main(rank, port, out_dir):
         straight = build(kind)
         straight.train_steps()
         results[kind]["straight"] = _state(straight)
-        first = build(kind, output_dir=out_dir)
+        first = build(kind, output_dir=os.path.join(out_dir, kind))
         first.train_steps(STEPS // 2)
         results[kind]["saved"] = first.save() is not None
+        results[kind]["at_save"] = _state(first)
+        results[kind]["dir"] = os.path.join(out_dir, kind)
         torch.distributed.barrier()  # rank 0's file is complete before anyone resumes from it
         torch.manual_seed(1000 + rank)  # a resume must not depend on the RNG it starts from
         resumed = build(kind)
-        resumed.resume(os.path.join(out_dir, "stage2.pt"))
+        resumed.resume(os.path.join(out_dir, kind, "stage2.pt"))
         resumed.train_steps()
         results[kind]["resumed"] = _state(resumed)
         torch.distributed.barrier()
@@ -95,6 +98,14 @@ def ranks(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+def _whole(rank_states, name, kind):
+    """A state entry as one process holds it: the ranks' halves of a sharded bank concatenated."""
+    if kind == "crd_sharded" and name in SHARDED:
+        return torch.cat([state[name] for state in rank_states])
+    assert torch.equal(rank_states[0][name], rank_states[1][name]), name  # replicated: bit-identical
+    return rank_states[0][name]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_ranks_train_like_one_process_on_the_global_batch(ranks, kind):
     single = build(kind, fixed_negatives=True)
@@ -102,8 +113,8 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(ranks, kind):
     terms = single.train_steps()
     expected = _state(single)
     for name, value in expected.items():
-        assert torch.equal(ranks[0][kind]["like_single"][name], ranks[1][kind]["like_single"][name]), name
-        torch.testing.assert_close(ranks[0][kind]["like_single"][name], value, **TOL, msg=name)
+        torch.testing.assert_close(_whole([r[kind]["like_single"] for r in ranks], name, kind), value, **TOL,
+                                   msg=name)
     assert not torch.equal(initial["head.5.weight"], expected["head.5.weight"])
     assert not torch.isnan(expected["distill.log_z_t"]), "the contrastive loss must have been active"
     for name in terms:  # the logged terms are the ranks' mean = the global-batch loss
@@ -116,8 +127,22 @@ def test_only_rank_0_saves_and_a_distributed_resume_is_exact(ranks, kind):
     assert [r[kind]["saved"] for r in ranks] == [True, False]
     for r in ranks:
         for name, value in r[kind]["straight"].items():
-            assert torch.equal(value, ranks[0][kind]["straight"][name]), name
+            if not (kind == "crd_sharded" and name in SHARDED):
+                assert torch.equal(value, ranks[0][kind]["straight"][name]), name
             assert torch.equal(r[kind]["resumed"][name], value), f"{name} differs after resume"
+
+
+def test_sharded_checkpoint_keeps_each_rank_rows_apart_and_resumes_in_one_process(ranks):
+    assert ranks[0]["crd_sharded"]["like_single"][SHARDED[0]].shape[0] == (N_DATA + 1) // 2
+    path = os.path.join(ranks[0]["crd_sharded"]["dir"], "stage2.pt")
+    main = load_checkpoint(path)
+    assert not set(SHARDED) & set(main["modules"]), "the main file must not hold a rank's slice"
+    assert [os.path.exists(f"{path}.rank{r}") for r in range(WORLD + 1)] == [True, True, False]
+    single = build("crd")  # one process: the shards are reassembled into whole banks
+    single.resume(path)
+    at_save = [r["crd_sharded"]["at_save"] for r in ranks]
+    for name, value in single.stage.state_dict().items():
+        assert torch.equal(value, _whole(at_save, name, "crd_sharded")), name
 
 
 def test_without_torchrun_the_runtime_is_one_process(monkeypatch):

@@ -216,3 +216,13 @@ def test_stage_arguments_are_checked():
                             distill=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="amp"):
         Runtime.create("cpu", "fp8")
+
+
+def test_save_removes_shard_files_an_earlier_sharded_save_left(tmp_path):
+    trainer = build("crd")
+    path = tmp_path / "stage2.pt"
+    for rank in range(2):  # as a 2-rank sharded run would have left them
+        (tmp_path / f"stage2.pt.rank{rank}").write_bytes(b"stale")
+    trainer.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage2.pt"]
+    build("crd").resume(path)

@@ -43,23 +43,25 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def to_distributed(loss: nn.Module, group=None) -> nn.Module:
-    """The Distributed twin (replicated banks) of a CRDLoss or RelationalContrastiveLoss, with its state."""
+def to_distributed(loss: nn.Module, group=None, sharded: bool = False) -> nn.Module:
+    """The Distributed twin of a CRDLoss or RelationalContrastiveLoss, with its state; sharded=True splits
+    CRD's banks over the ranks (ShardedMemoryBank: each rank keeps its slice of the loaded rows)."""
     if isinstance(loss, (DistributedCRDLoss, DistributedRelationalContrastiveLoss)):
         return loss
     with torch.random.fork_rng(devices=[]):  # the twin's random init is overwritten: draw nothing
-        twin = _twin(loss, group)
+        twin = _twin(loss, group, sharded)
     twin.load_state_dict(loss.state_dict(), assign=True)  # the tensors themselves: same device and dtypes
     twin.generator = loss.generator
     return twin.train(loss.training)
 
 
-def _twin(loss: nn.Module, group) -> nn.Module:
+def _twin(loss: nn.Module, group, sharded: bool) -> nn.Module:
     if isinstance(loss, CRDLoss):
         embed_s, embed_t = loss.embed_s.linear, loss.embed_t.linear
         return DistributedCRDLoss(embed_s.in_features, embed_t.in_features, loss.n_data, embed_s.out_features,
                                   loss.nce_k, loss.nce_t, loss.memory_s.momentum,
-                                  bank_dtype=loss.memory_s.rows.dtype, group=group, backend=loss.backend)
+                                  bank_dtype=loss.memory_s.rows.dtype, sharded=sharded, group=group,
+                                  backend=loss.backend)
     if isinstance(loss, RelationalContrastiveLoss):
         rel_dim, embed_dim = loss.ft_w1.shape
         return DistributedRelationalContrastiveLoss(

@@ -91,6 +91,14 @@ class ShardedMemoryBank(nn.Module):
         rows[order] = answered
         return rows
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A whole bank's rows (a single-process or replicated checkpoint) load as this rank's slice."""
+        key = prefix + "rows"
+        rows = state_dict.get(key)
+        if rows is not None and rows.shape[0] == self.total != self.stop - self.start:
+            state_dict[key] = rows[self.start:self.stop].clone()  # a clone: `assign` must not keep the whole bank
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"n={self.n}, dim={self.rows.shape[1]}, shard=[{self.start}, {self.stop}), "
                 f"momentum={self.momentum}, dtype={self.rows.dtype}")

@@ -60,3 +60,25 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def shard_path(path: str | os.PathLike, rank: int) -> Path:
+    """Where rank `rank` keeps its shard of a sharded state beside the checkpoint at `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def load_shards(path: str | os.PathLike, map_location="cpu") -> list[dict]:
+    """Every rank's shard file of the checkpoint at `path`, in rank order ([] if it has none)."""
+    shards = []
+    while shard_path(path, len(shards)).is_file():
+        shards.append(load_checkpoint(shard_path(path, len(shards)), map_location))
+    return shards
+
+
+def remove_shards(path: str | os.PathLike, first_rank: int = 0) -> None:
+    """Delete the shard files of ranks >= first_rank (left by an earlier save with more ranks)."""
+    rank = first_rank
+    while shard_path(path, rank).is_file():
+        shard_path(path, rank).unlink()
+        rank += 1

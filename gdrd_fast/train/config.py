@@ -89,6 +89,7 @@ class CRDConfig:
     nce_k: int = 16384
     nce_t: float = 0.07
     nce_m: float = 0.5
+    sharded: bool = False  # under torchrun: each rank keeps 1/N of both banks (for very large n_data)
 
 
 @dataclass

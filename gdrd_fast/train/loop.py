@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ..distributed.launch import to_distributed, wrap_ddp
+from ..distributed.memory import ShardedMemoryBank
 from . import checkpoint as ckpt
 from .config import OptimConfig, OptimizerConfig
 from .runtime import Runtime
@@ -81,7 +82,7 @@ class Trainer:
                  seed: int = 0, resolution: int | None = 16, flip: bool = True, interpolation: str = "bilinear",
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
                  log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
-                 group_optims: dict[str, OptimizerConfig | None] | None = None):
+                 group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -95,7 +96,8 @@ class Trainer:
             self.total_steps = optim.epochs * self.steps_per_epoch
             milestones = [m * self.steps_per_epoch for m in optim.milestones]
         if runtime.world_size > 1 and getattr(stage, "distill", None) is not None:
-            stage.distill = to_distributed(stage.distill)  # banks / queues get the global batch's update
+            # banks / queues get the global batch's update; shard_banks splits CRD's banks over the ranks
+            stage.distill = to_distributed(stage.distill, sharded=shard_banks)
         # forward through DDP (gradient averaging); state, saving and eval use the plain stage
         self.model = wrap_ddp(stage, runtime.device) if runtime.world_size > 1 else stage
         # the stage's named parameter groups; a group named in group_optims gets an optimizer of its own
@@ -141,14 +143,37 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"][0], self.runtime.device)
         self.step = int(state["step"])
 
+    def _shard_keys(self) -> list[str]:
+        """State keys that hold only this rank's slice (ShardedMemoryBank rows)."""
+        return [f"{name}.rows" for name, module in self.stage.named_modules() if isinstance(module, ShardedMemoryBank)]
+
     def save(self, path: str | Path | None = None) -> Path | None:
-        """Atomic write; only the main process writes (returns None elsewhere)."""
+        """Atomic write by the main process (None elsewhere); call it on every rank. Sharded bank rows
+        go to one file per rank beside it (<path>.rank<r>), written by their rank."""
+        path = Path(path or self.output_dir / f"{self.stage.name}.pt")
+        state = self.state_dict()
+        shard = {key: state["modules"].pop(key) for key in self._shard_keys()}
+        if shard:
+            ckpt.save_checkpoint({"step": self.step, "world_size": self.runtime.world_size, "modules": shard},
+                                 ckpt.shard_path(path, self.runtime.rank))
         if not self.runtime.is_main:
             return None
-        return ckpt.save_checkpoint(self.state_dict(), path or self.output_dir / f"{self.stage.name}.pt")
+        ckpt.remove_shards(path, self.runtime.world_size if shard else 0)  # an earlier save's extra shards
+        return ckpt.save_checkpoint(state, path)
 
     def resume(self, path: str | Path) -> None:
-        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.runtime.device))
+        """Load a checkpoint (and its shard files), whether written sharded, replicated or by one process."""
+        state = ckpt.load_checkpoint(path, map_location=self.runtime.device)
+        shards = ckpt.load_shards(path, map_location=self.runtime.device)
+        if shards:
+            if any(s["step"] != state["step"] for s in shards):
+                raise ValueError(f"the shard files of {path} are from other steps than the checkpoint")
+            if self._shard_keys() and len(shards) == self.runtime.world_size:
+                state["modules"].update(shards[self.runtime.rank]["modules"])
+            else:  # another layout: reassemble whole banks; a sharded bank keeps its own slice of them
+                for key in shards[0]["modules"]:
+                    state["modules"][key] = torch.cat([s["modules"][key] for s in shards])
+        self.load_state_dict(state)
 
     # --- training ----------------------------------------------------------------------------------
     def _loader(self, stop: int) -> DataLoader:

@@ -39,7 +39,8 @@ def make_trainer(stage, dataset: Dataset, runtime: Runtime, config: TrainConfig,
     return Trainer(stage, dataset, runtime, optim, batch_size=d.batch_size, seed=config.seed,
                    resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias,
                    num_workers=d.num_workers, output_dir=config.output_dir, log_every=config.log_every,
-                   checkpoint_every=config.checkpoint_every, group_optims={"distill": config.stage2.distill_optim})
+                   checkpoint_every=config.checkpoint_every, group_optims={"distill": config.stage2.distill_optim},
+                   shard_banks=config.stage2.crd.sharded)
 
 
 def build_stage1(config: TrainConfig, runtime: Runtime, student: models.Student) -> GenerativeStage:
