@@ -66,7 +66,7 @@ def _eval(args) -> int:
     for r in resolutions:
         transform = None if r is None else (lambda x, r=r: degrade(x, r))
         emb = extract_embeddings(net, images, batch_size=args.batch_size, transform=transform,
-                                 device=torch.device(args.device))
+                                 device=torch.device(args.device), desc=f"embeddings {r or 112}x{r or 112}")
         results[f"{args.arch} {'112x112' if r is None else f'{r}x{r}'}"] = verify(emb[0::2], emb[1::2], issame)
     paths = write_verification_report(args.output, Path(args.pairs).name, results,
                                       extra={"weights": str(args.weights), "arch": args.arch})

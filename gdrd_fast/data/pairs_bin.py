@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .images import atomic_write_bytes, decode_image, encode_png
 
@@ -74,10 +75,11 @@ def read_pairs_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
     return list(images), list(issame)
 
 
-def load_pairs_bin(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+def load_pairs_bin(path: str | os.PathLike, progress: bool = True) -> tuple[Tensor, Tensor]:
     """Decoded pairs: images (2N, 3, H, W) float32 in [-1, 1] RGB, issame (N,) bool."""
     encoded, issame = read_pairs_bin(path)
-    images = [decode_image(b) for b in encoded]
+    images = [decode_image(b) for b in tqdm(encoded, desc=f"decoding {Path(path).name}", unit="img",
+                                             dynamic_ncols=True, disable=not progress, leave=False)]
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
         raise ValueError(f"{path}: images have different shapes {sorted(shapes)}")

@@ -193,7 +193,8 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
                      f"untrained network ({r}x{r}, chance level)": (untrained, to_lr)}
         results = {}
         for name, (net, transform) in evaluated.items():
-            emb = extract_embeddings(net, pair_images, transform=transform, device=runtime.device)
+            emb = extract_embeddings(net, pair_images, transform=transform, device=runtime.device, progress=progress,
+                                     desc=f"embeddings: {name}")
             results[name] = verify(emb[0::2], emb[1::2], issame)
         elapsed = time.perf_counter() - start
         title = f"Verification on {data_name}"

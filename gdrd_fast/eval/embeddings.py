@@ -6,12 +6,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
 def extract_embeddings(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 128,
                        flip: bool = True, transform: Callable[[Tensor], Tensor] | None = None,
-                       device: torch.device | str | None = None) -> Tensor:
+                       device: torch.device | str | None = None, progress: bool = True,
+                       desc: str = "embeddings") -> Tensor:
     """L2-normalised float32 embeddings (N, D) on the CPU.
 
     images: (N, 3, H, W) in [-1, 1]; transform (e.g. degrade at 16x16) is applied per batch before the
@@ -25,7 +27,9 @@ def extract_embeddings(model: Callable[[Tensor], Tensor], images: Tensor, batch_
     if device is None:
         device = next((p.device for p in getattr(model, "parameters", lambda: iter(()))()), images.device)
     out = []
+    bar = tqdm(total=images.shape[0], desc=desc, unit="img", dynamic_ncols=True, disable=not progress, leave=False)
     for batch in images.split(batch_size):
+        bar.update(batch.shape[0])
         batch = batch.to(device, non_blocking=True)
         if transform is not None:
             batch = transform(batch)
@@ -33,4 +37,5 @@ def extract_embeddings(model: Callable[[Tensor], Tensor], images: Tensor, batch_
         if flip:
             emb = emb + model(batch.flip(-1)).float()
         out.append(F.normalize(emb, dim=1).cpu())
+    bar.close()
     return torch.cat(out)
