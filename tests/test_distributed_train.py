@@ -169,3 +169,16 @@ def test_the_distributed_sampler_slices_one_process_batches():
     single = list(StepBatchSampler(N_DATA, 6, 5, 0, 7))
     per_rank = [list(StepBatchSampler(N_DATA, 6, 5, 0, 7, rank=r, world_size=3)) for r in range(3)]
     assert [sum((p[step] for p in per_rank), []) for step in range(7)] == single
+
+
+def test_sync_batchnorm_converts_every_batchnorm_and_refuses_cpu():
+    from gdrd_fast.distributed.launch import sync_batchnorm
+    net = _network()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="sync_batchnorm needs CUDA"):
+        sync_batchnorm(net, torch.device("cpu"))
+    assert type(net[1]) is nn.BatchNorm2d, "a refused conversion must change nothing"
+    weight = net[1].weight
+    converted = sync_batchnorm(net, torch.device("cuda"))  # converting needs no GPU; running it does
+    assert type(converted[1]) is nn.SyncBatchNorm and converted[1].weight is weight  # the optimizer's parameter
+    assert converted.state_dict().keys() == before.keys()

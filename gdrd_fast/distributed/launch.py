@@ -71,6 +71,15 @@ def _twin(loss: nn.Module, group, sharded: bool) -> nn.Module:
                     "RelationalContrastiveLoss")
 
 
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `module` as SyncBatchNorm (statistics over the global batch; same state_dict
+    keys, so checkpoints stay interchangeable). torch runs SyncBatchNorm on GPUs only."""
+    if device.type != "cuda":
+        raise ValueError(f"sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on {device.type}); "
+                         "set sync_batchnorm: false")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around `module`, skipping the buffers that distributed losses keep identical themselves."""
     module._ddp_params_and_buffers_to_ignore = [

@@ -124,6 +124,7 @@ class TrainConfig:
     output_dir: str = "runs/gdrd"
     log_every: int = 50
     checkpoint_every: int = 1000
+    sync_batchnorm: bool = False  # under torchrun on GPUs: batch statistics over the global batch
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from ..distributed.launch import to_distributed, wrap_ddp
+from ..distributed.launch import sync_batchnorm as to_sync_batchnorm, to_distributed, wrap_ddp
 from ..distributed.memory import ShardedMemoryBank
 from . import checkpoint as ckpt
 from .config import OptimConfig, OptimizerConfig
@@ -82,7 +82,8 @@ class Trainer:
                  seed: int = 0, resolution: int | None = 16, flip: bool = True, interpolation: str = "bilinear",
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
                  log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
-                 group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False):
+                 group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False,
+                 sync_batchnorm: bool = False):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -98,6 +99,8 @@ class Trainer:
         if runtime.world_size > 1 and getattr(stage, "distill", None) is not None:
             # banks / queues get the global batch's update; shard_banks splits CRD's banks over the ranks
             stage.distill = to_distributed(stage.distill, sharded=shard_banks)
+        if runtime.world_size > 1 and sync_batchnorm:  # before the optimizer: it must see the new modules
+            to_sync_batchnorm(stage, runtime.device)
         # forward through DDP (gradient averaging); state, saving and eval use the plain stage
         self.model = wrap_ddp(stage, runtime.device) if runtime.world_size > 1 else stage
         # the stage's named parameter groups; a group named in group_optims gets an optimizer of its own

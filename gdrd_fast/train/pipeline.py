@@ -40,7 +40,7 @@ def make_trainer(stage, dataset: Dataset, runtime: Runtime, config: TrainConfig,
                    resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias,
                    num_workers=d.num_workers, output_dir=config.output_dir, log_every=config.log_every,
                    checkpoint_every=config.checkpoint_every, group_optims={"distill": config.stage2.distill_optim},
-                   shard_banks=config.stage2.crd.sharded)
+                   shard_banks=config.stage2.crd.sharded, sync_batchnorm=config.sync_batchnorm)
 
 
 def build_stage1(config: TrainConfig, runtime: Runtime, student: models.Student) -> GenerativeStage:
