@@ -4,6 +4,7 @@ import torch
 
 import gdrd_fast
 from gdrd_fast import functional as Fn
+from gdrd_fast import validation
 
 BACKENDS = ["torch", "auto"]
 
@@ -170,3 +171,17 @@ def test_crd_module_rejects_bad_contrast_idx_without_touching_banks():
         crd(torch.randn(2, 5), torch.randn(2, 6), torch.tensor([0, 1]), torch.full((2, 4), 99))
     for k, v in crd.state_dict().items():
         assert torch.equal(v, state[k]) or (torch.isnan(v).all() and torch.isnan(state[k]).all()), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_catches_every_nan_and_inf_and_no_overflowing_sum(dtype):
+    big = torch.finfo(dtype).max / 2
+    overflowing = torch.full((64,), big, dtype=dtype)  # finite elements whose sum overflows
+    assert validation.all_finite(overflowing) and validation.all_finite(-overflowing)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(1000).to(dtype)
+        t[int(torch.randint(1000, ()))] = bad
+        assert not validation.all_finite(t)
+    both = torch.zeros(10, dtype=dtype)
+    both[2], both[7] = float("inf"), -float("inf")  # their sum is NaN: still caught
+    assert not validation.all_finite(both)

@@ -19,21 +19,27 @@ _CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the CPU path (1 Mi
 
 
 def _chunks(b: int, ct: int, p: int):
-    """(sample slice, pixel slice) blocks of about _CHUNK_ELEMENTS projected values each."""
+    """(sample slice, pixel slice) blocks of about _CHUNK_ELEMENTS projected values each, within [b, p]."""
     pixels = min(p, max(1, _CHUNK_ELEMENTS // ct))
     samples = max(1, _CHUNK_ELEMENTS // (ct * pixels))
     for b0 in range(0, b, samples):
         for p0 in range(0, p, pixels):
-            yield slice(b0, b0 + samples), slice(p0, p0 + pixels)
+            yield slice(b0, min(b0 + samples, b)), slice(p0, min(p0 + pixels, p))
 
 
-def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, rows: slice, pixels: slice):
-    """(x chunk, projection - teacher) for one block, in the accumulation dtype."""
-    xs = x[rows, :, pixels].to(weight.dtype)
-    err = torch.matmul(weight, xs)
+def _columns(t: Tensor, samples: slice, pixels: slice) -> Tensor:
+    """Block [samples, :, pixels] of t [B, C, P] as one [C, samples * pixels] matrix (a view when P = 1)."""
+    return t[samples, :, pixels].transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, samples: slice, pixels: slice):
+    """(x block as columns, projection - teacher) for one block, in the accumulation dtype: one GEMM each,
+    however many samples the block spans."""
+    xs = _columns(x, samples, pixels).to(weight.dtype)
+    err = torch.mm(weight, xs)
     if bias is not None:
         err += bias[:, None]
-    return xs, err.sub_(teacher[rows, :, pixels])
+    return xs, err.sub_(_columns(teacher, samples, pixels))
 
 
 def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -44,7 +50,7 @@ def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | N
     rows = torch.zeros(b, dtype=dt, device=x.device)
     for samples, pixels in _chunks(b, ct, p):
         _, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
-        rows[samples] += err.square_().sum((1, 2))
+        rows[samples] += err.square_().sum(0).view(samples.stop - samples.start, -1).sum(1)
     return rows / (ct * p)
 
 
@@ -59,11 +65,12 @@ def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tens
     grad_bias = torch.zeros(ct, dtype=dt, device=x.device) if bias is not None else None
     for samples, pixels in _chunks(b, ct, p):
         xs, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
-        err.mul_(sample_grad[samples, None, None])
-        grad_x[samples, :, pixels] = torch.matmul(w.t(), err)
-        grad_w += torch.einsum("bop,bcp->oc", err, xs)
+        n_samples = samples.stop - samples.start
+        err.mul_(sample_grad[samples].repeat_interleave(err.shape[1] // n_samples))
+        grad_x[samples, :, pixels] = torch.mm(w.t(), err).view(cs, n_samples, -1).transpose(0, 1)
+        grad_w.addmm_(err, xs.t())
         if grad_bias is not None:
-            grad_bias += err.sum((0, 2))
+            grad_bias += err.sum(1)
     return grad_x, grad_w, grad_bias
 
 
