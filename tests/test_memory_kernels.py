@@ -171,3 +171,19 @@ def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
         queue.push_(torch.zeros(777, 3, device=queue.values.device), labels.to(queue.values.device))
     draws = [q.sample_negatives(partner.to(q.values.device), 64, torch.Generator().manual_seed(5)) for q in queues]
     assert torch.equal(draws[0], draws[1].cpu())
+
+
+def test_compiled_memory_ops_pass_opcheck():
+    """Schemas (what each op mutates), fake kernels and dispatch hold up for torch.compile."""
+    memory_ops.PUSH_IMPLS["cpu"].load()  # loading a compiled op registers the fake kernels
+    ops = {name: getattr(torch.ops.gdrd_fast_C, name).default
+           for name in ("bank_update_", "bank_update_pair_", "queue_push_", "queue_sample_negatives")}
+    bank, idx, values = case(50, 16, 9, torch.float32, torch.int64, "cpu")
+    torch.library.opcheck(ops["bank_update_"], (bank, idx, values, 0.5))
+    torch.library.opcheck(ops["bank_update_pair_"], (bank, values, bank.clone(), values.clone(), idx, 0.5))
+    queue, ptr, count, queue_labels = empty_queue(11, 16, torch.float32, "cpu", with_labels=True)
+    torch.library.opcheck(ops["queue_push_"], (queue, ptr, count, values, torch.arange(9), queue_labels))
+    torch.library.opcheck(ops["queue_sample_negatives"],
+                          (torch.randint(3, (11,)), 11, torch.randint(3, (5,)), torch.tensor([7]), 13))
+    torch.library.opcheck(ops["queue_sample_negatives"], (None, 11, torch.zeros(5, dtype=torch.long),
+                                                          torch.tensor([7]), 13))

@@ -4,15 +4,32 @@ queue_push_ and queue_sample_negatives (cpu/queue.cpp, cuda/queue.cu). Callers v
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .. import backends, reference
 
 
+@functools.cache
+def _register_fakes() -> None:
+    """Shapes for FakeTensor (torch.compile, opcheck): three ops write in place, the sampler returns [B, k]."""
+    for op in ("bank_update_", "bank_update_pair_", "queue_push_"):
+        torch.library.register_fake(f"gdrd_fast_C::{op}", lambda *args: None)
+
+    @torch.library.register_fake("gdrd_fast_C::queue_sample_negatives")
+    def _(queue_labels, filled, partner_labels, seed, k):
+        return partner_labels.new_empty((partner_labels.shape[0], k), dtype=torch.long)
+
+
 def _compiled(op: str):
     """IMPLS of one compiled op: 'cpu' and 'cuda' load the same torch.ops entry, dispatched by device."""
-    load = lambda: getattr(torch.ops.gdrd_fast_C, op)  # noqa: E731
+
+    def load():
+        _register_fakes()  # here: the schemas exist only once the extension is imported
+        return getattr(torch.ops.gdrd_fast_C, op)
+
     return {"cpu": backends.Impl(load, backends.with_compiled_op(op, backends.with_cpu_extension)),
             "cuda": backends.Impl(load, backends.with_compiled_op(op, backends.with_cuda_extension))}
 
