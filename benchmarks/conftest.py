@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from benchmarks.harness import EAGER, median_seconds
+from benchmarks.harness import EAGER, median_seconds, memory_ratio
 
 
 def _rows(config):
@@ -23,8 +23,8 @@ def ratio_table(groups) -> list[str]:
         for b in sorted(benches, key=median_seconds):
             median, mem = median_seconds(b), b.extra_info.get("peak_extra_bytes")
             speed = f"{median_seconds(eager) / median:.2f}x" if eager else "-"
-            eager_mem = eager.extra_info.get("peak_extra_bytes") if eager else None
-            mem_ratio = f"{eager_mem / max(mem, 1):.1f}x" if eager_mem is not None and mem is not None else "-"
+            ratio = memory_ratio(eager.extra_info.get("peak_extra_bytes"), mem) if eager else None
+            mem_ratio = f"{ratio:.1f}x" if ratio is not None else "-"
             mem_mb = f"{mem / 2**20:.1f}" if mem is not None else "-"
             lines.append(f"{group:<44} {b.extra_info.get('provider', b.name):<22} {median * 1e3:>10.2f} "
                          f"{speed:>9} {mem_mb:>14} {mem_ratio:>10}")

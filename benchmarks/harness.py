@@ -113,6 +113,14 @@ def median_seconds(bench) -> float:
     return bench["stats"]["median"] if isinstance(bench, dict) else bench.stats.median
 
 
+def memory_ratio(eager_bytes: int | None, provider_bytes: int | None) -> float | None:
+    """Eager's peak extra memory over a provider's; None where eager needs under 1 MiB (CPU RSS pages make
+    that noise). The provider's is floored at 16 KiB: "nothing measurable" is not infinitely better."""
+    if eager_bytes is None or provider_bytes is None or eager_bytes < 2 ** 20:
+        return None
+    return eager_bytes / max(provider_bytes, 2 ** 14)
+
+
 def measure(benchmark, module: str, op: str, provider: str, size_key: str, device: str,
             rounds: int = 5, **info) -> None:
     """Time one (op, provider, size) case and record its peak extra memory."""

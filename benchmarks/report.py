@@ -18,7 +18,7 @@ import os
 import re
 from collections import defaultdict
 
-from benchmarks.harness import median_seconds
+from benchmarks.harness import median_seconds, memory_ratio
 
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
@@ -47,10 +47,12 @@ def stem(benches: list[dict], data: dict) -> str:
     return f"{_slug(device)}_{when}"
 
 
+def _times(ratio: float | None) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "-"
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> str:
-    if not numerator or not denominator:
-        return "-"
-    return f"{numerator / denominator:.2f}x"
+    return _times(numerator / denominator if numerator and denominator else None)
 
 
 def table(benches: list[dict]) -> list[str]:
@@ -76,7 +78,7 @@ def table(benches: list[dict]) -> list[str]:
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
                       f"{nbytes / median[provider] / 1e9:.4g}" if nbytes else "-",
                       f"{mem / 2**20:.1f}" if mem is not None else "-",
-                      _ratio(memory.get("eager"), max(mem, 1) if mem is not None else None)]
+                      _times(memory_ratio(memory.get("eager"), mem))]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -105,7 +107,8 @@ def plot(benches: list[dict], path: str) -> None:
             (axes[0], "speed-up vs eager (median time)",
              lambda g, p: median_seconds(g["eager"]) / median_seconds(g[p])),
             (axes[1], "peak extra memory: eager / provider\n(cases where eager needs >= 1 MiB)",
-             lambda g, p: _memory_ratio(g["eager"], g[p]))):
+             lambda g, p: memory_ratio(g["eager"]["extra_info"].get("peak_extra_bytes"),
+                                       g[p]["extra_info"].get("peak_extra_bytes")))):
         for pos, name, provider in rows:
             v = value(groups[name], provider)
             if v:
@@ -121,13 +124,6 @@ def plot(benches: list[dict], path: str) -> None:
     fig.tight_layout(rect=(0, 0.6 / (1.2 + 0.22 * y), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _memory_ratio(eager: dict, other: dict) -> float | None:
-    base, mem = eager["extra_info"].get("peak_extra_bytes"), other["extra_info"].get("peak_extra_bytes")
-    if base is None or mem is None or base < 2 ** 20:
-        return None  # below a MiB, RSS page granularity makes the ratio noise
-    return base / max(mem, 2 ** 20 / 64)  # floor at 16 KiB: "nothing measurable" is not infinitely better
 
 
 def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
