@@ -226,3 +226,16 @@ def test_save_removes_shard_files_an_earlier_sharded_save_left(tmp_path):
     trainer.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage2.pt"]
     build("crd").resume(path)
+
+
+def test_recipe_parses_optional_sections_and_checks_them():
+    from gdrd_fast.train import load_config
+    config = load_config("paper", ["stage2.distill_optim={optimizer: adamw, lr: 1.0e-3, weight_decay: 0}",
+                                   "stage2.crd.sharded=true", "sync_batchnorm=true"])
+    assert config.stage2.distill_optim == OptimizerConfig(optimizer="adamw", lr=1e-3, weight_decay=0.0)
+    assert config.stage2.crd.sharded and config.sync_batchnorm
+    assert load_config("paper").stage2.distill_optim is None
+    with pytest.raises(ValueError, match="stage2.distill_optim.milestones"):
+        load_config("paper", ["stage2.distill_optim={milestones: [3]}"])  # a schedule belongs to the stage
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        load_config("paper", ["stage2.distill_optim={optimizer: lamb}"])
