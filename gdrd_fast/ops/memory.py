@@ -14,13 +14,16 @@ from .. import backends, reference
 
 @functools.cache
 def _register_fakes() -> None:
-    """Shapes for FakeTensor (torch.compile, opcheck): three ops write in place, the sampler returns [B, k]."""
-    for op in ("bank_update_", "bank_update_pair_", "queue_push_"):
-        torch.library.register_fake(f"gdrd_fast_C::{op}", lambda *args: None)
-
-    @torch.library.register_fake("gdrd_fast_C::queue_sample_negatives")
-    def _(queue_labels, filled, partner_labels, seed, k):
+    """Shapes for FakeTensor (torch.compile, opcheck): three ops write in place, the sampler returns [B, k].
+    Ops an older build lacks are skipped (their backends report themselves unavailable)."""
+    def sample_shape(queue_labels, filled, partner_labels, seed, k):
         return partner_labels.new_empty((partner_labels.shape[0], k), dtype=torch.long)
+
+    fakes = {"bank_update_": lambda *args: None, "bank_update_pair_": lambda *args: None,
+             "queue_push_": lambda *args: None, "queue_sample_negatives": sample_shape}
+    for op, fake in fakes.items():
+        if hasattr(torch.ops.gdrd_fast_C, op):
+            torch.library.register_fake(f"gdrd_fast_C::{op}", fake)
 
 
 def _compiled(op: str):
