@@ -61,18 +61,18 @@ echo "build: $((SECONDS - start)) s"
 echo "== GPU and Triton tests =="
 # the static sm_90/sm_80 compile checks need no GPU and run in CI; here they would only cost minutes.
 # A module whose imports are missing there must not stop the GPU tests of every other module.
-phase "$(left 200)" "$PYTHON" -m pytest tests -m "cuda or triton" --ignore=tests/test_triton_static.py -q \
+phase "$(left 150)" "$PYTHON" -m pytest tests -m "cuda or triton" --ignore=tests/test_triton_static.py -q \
     -p no:cacheprovider -ra --continue-on-collection-errors --durations=15
 
 echo "== benchmarks: gdrd_fast, eager and peers =="
 core=$(mktemp --suffix=.json)
 compiled=$(mktemp --suffix=.json)
 rm -f "$core" "$compiled"  # report.py takes only the files a pass wrote
-phase "$(left 60)" "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$core" -q -p no:cacheprovider \
+phase "$(left 40)" "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$core" -q -p no:cacheprovider \
     --continue-on-collection-errors --durations=10 -k "not compile" "$@"
 
 echo "== benchmarks: torch.compile providers =="
-phase "$(left 15)" "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$compiled" -q \
+phase "$(left 10)" "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$compiled" -q \
     -p no:cacheprovider --continue-on-collection-errors --durations=10 -k "compile" "$@"
 
 written=()
