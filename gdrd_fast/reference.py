@@ -134,7 +134,7 @@ def relational_scores(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor
     neg = neg_idx.long()[j]                                   # [R, K]
     a = e_t[i]
     # student side: query from the cross-resolution relation, keys from the teacher-space relation
-    q_s = critic_h2(p, relation_ts(p, a, e_s[j]))
+    q_s = critic_h2(p, relation_ts(p, a, e_s.index_select(0, j)))  # index_select: a deterministic backward
     k_s = torch.cat([critic_h1(frozen, relation_t(frozen, a, e_t[j]))[:, None],
                      critic_h1(frozen, relation_t(frozen, a[:, None], queue_t[neg]))], 1)
     # teacher side: query from the teacher-space relation, keys from the cross-resolution relation
