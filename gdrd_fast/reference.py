@@ -101,6 +101,16 @@ def pair_indices(batch: int, device=None) -> tuple[Tensor, Tensor]:
     return i, j
 
 
+def off_diagonal(grid: Tensor) -> Tensor:
+    """grid [B, B, ...] -> its entries (i, j), i != j, as rows [B(B-1), ...] in pair_indices order.
+
+    Only reshapes and slices: the backward scatters nothing (no atomic adds), so it is deterministic on
+    every device, unlike the backward of x[j].
+    """
+    b, rest = grid.shape[0], grid.shape[2:]
+    return grid.reshape(b * b, *rest)[1:].reshape(b - 1, b + 1, *rest)[:, :-1].reshape(b * (b - 1), *rest)
+
+
 def relation_t(p: RelationalParams, a: Tensor, b: Tensor) -> Tensor:
     return F.linear(F.relu(F.linear(a, p.ft_w1) - F.linear(b, p.ft_w1) + p.ft_b1), p.ft_w2, p.ft_b2)
 
@@ -134,7 +144,8 @@ def relational_scores(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor
     neg = neg_idx.long()[j]                                   # [R, K]
     a = e_t[i]
     # student side: query from the cross-resolution relation, keys from the teacher-space relation
-    q_s = critic_h2(p, relation_ts(p, a, e_s.index_select(0, j)))  # index_select: a deterministic backward
+    b = e_s.shape[0]
+    q_s = critic_h2(p, relation_ts(p, a, off_diagonal(e_s.expand(b, *e_s.shape))))  # e_s[j], deterministic grad
     k_s = torch.cat([critic_h1(frozen, relation_t(frozen, a, e_t[j]))[:, None],
                      critic_h1(frozen, relation_t(frozen, a[:, None], queue_t[neg]))], 1)
     # teacher side: query from the teacher-space relation, keys from the cross-resolution relation

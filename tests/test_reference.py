@@ -264,3 +264,10 @@ def test_queue_sampling_matches_a_loop_over_the_other_class():
     only_one_class = R.queue_sample_negatives(torch.zeros(4, dtype=torch.long), 4, torch.tensor([0, 1]),
                                               torch.tensor([seed]), 3)
     assert only_one_class[0].tolist() == [-1] * 3 and set(only_one_class[1].tolist()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+def test_off_diagonal_lists_pairs_in_pair_indices_order(b):
+    grid = torch.randn(b, b, 3)
+    i, j = R.pair_indices(b)
+    assert torch.equal(R.off_diagonal(grid), grid[i, j])

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends import Impl
-from ..reference import RelationalParams, compute_dtype, pair_indices
+from ..reference import RelationalParams, compute_dtype, off_diagonal, pair_indices
 
 EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_contrastive_loss
 
@@ -115,14 +115,11 @@ def _sides(e_t, e_s, queue_t, queue_s, params) -> tuple[_Side, _Side]:
     dt = compute_dtype(e_s)
     p = RelationalParams(*(t.to(dt) for t in params))
     e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
-    i, j = pair_indices(e_t.shape[0], e_t.device)
-    # relations from per-sample projections: W a - W b is projected once per sample, not per pair.
-    # index_select, not x[idx]: its backward (index_add_) sums duplicates in order; indexing's backward
-    # uses parallel atomic adds on CPU, so gradients would differ from run to run in the last bits.
-    hidden_t = torch.relu(F.linear(e_t, p.ft_w1, p.ft_b1).index_select(0, i)
-                          - F.linear(e_t, p.ft_w1).index_select(0, j))
-    hidden_ts = torch.relu(F.linear(e_t, p.fts_u, p.fts_b1).index_select(0, i)
-                           - F.linear(e_s, p.fts_v).index_select(0, j))
+    # relations from per-sample projections: W a - W b is projected once per sample, not per pair. The
+    # pairs come from the broadcast B x B grid, not x[i] - x[j]: indexing's backward accumulates with
+    # atomic adds, so gradients would differ from run to run in the last bits.
+    hidden_t = torch.relu(off_diagonal(F.linear(e_t, p.ft_w1, p.ft_b1)[:, None] - F.linear(e_t, p.ft_w1)[None]))
+    hidden_ts = torch.relu(off_diagonal(F.linear(e_t, p.fts_u, p.fts_b1)[:, None] - F.linear(e_s, p.fts_v)[None]))
     q_teacher = F.normalize(F.linear(F.linear(hidden_t, p.ft_w2, p.ft_b2), p.h1_w, p.h1_b), dim=1)
     q_student = F.normalize(F.linear(F.linear(hidden_ts, p.fts_w2, p.fts_b2), p.h2_w, p.h2_b), dim=1)
     # each side's positive key is the other side's query, stop-grad
