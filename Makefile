@@ -7,7 +7,7 @@ export GDRD_BUILD_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench gpu-wheels
+.PHONY: setup demo test bench docs gpu-wheels
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -24,6 +24,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# The site (docs/, mkdocs.yml) into site/, warnings as errors. The API pages are read from the sources,
+# so only the docs extra's packages are needed (pyproject.toml; ruff formats the signatures), not a build.
+DOCS_DEPS := "mkdocs>=1.6" "mkdocs-material>=9.5" "mkdocstrings[python]>=1.0" "mkdocstrings-python>=2.0" ruff
+docs: $(BIN)/python
+	$(BIN)/python -m pip install -q $(DOCS_DEPS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # Wheels the GPU machine lacks and cannot download (Python 3.12, no network): carry .whl/ with the
 # tree; benchmarks/gpu/run.sh installs them first.

@@ -1,8 +1,8 @@
 """Ground truth of every gdrd_fast op, in readable PyTorch.
 
-Each function materialises what the fast backends avoid (B x K scores, gathered rows, key relations),
-works in float64, and is what every backend is tested against. Formulas: shared/spec/ops.md and
-method.md. Float64 inputs compute in float64; anything else accumulates in float32.
+Each function materialises what the fast backends avoid (B x K scores, gathered rows, key relations).
+It computes in float64 for float64 inputs, and that float64 result is what every backend is tested
+against; other dtypes accumulate in float32. Formulas and numerics: docs/ops/ (one page per op).
 """
 from __future__ import annotations
 

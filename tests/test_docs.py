@@ -1,0 +1,187 @@
+"""The documentation lives in the repository and stays complete:
+
+- every public name (gdrd_fast.__all__ and the __all__ of each public module) has an entry in the API
+  reference pages (docs/api/*.md), and the site builds with `mkdocs build --strict`;
+- every Markdown document that code, comments or build files cite exists in the repository.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+import gdrd_fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_DIR = os.path.join(ROOT, "docs", "api")
+DIRECTIVE = re.compile(r"^:::\s*([\w.]+)\s*$", re.MULTILINE)
+
+
+def _resolve(path: str):
+    """The object a mkdocstrings identifier names: the longest importable module prefix, then attributes."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(path)
+
+
+def _directives() -> list[str]:
+    found = []
+    for name in sorted(os.listdir(API_DIR)):
+        if name.endswith(".md"):
+            with open(os.path.join(API_DIR, name)) as f:
+                found += DIRECTIVE.findall(f.read())
+    return found
+
+
+def _public_modules() -> list[str]:
+    """gdrd_fast and every importable gdrd_fast module without a leading underscore in its path."""
+    names = ["gdrd_fast"]
+    for info in pkgutil.walk_packages(gdrd_fast.__path__, "gdrd_fast.", onerror=lambda name: None):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return names
+
+
+def _exported() -> list[tuple[str, str]]:
+    """(module, name) for every name in the __all__ of a public module."""
+    out = []
+    for module_name in _public_modules():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # an optional third-party dependency is missing here
+            if exc.name and exc.name.split(".")[0] == "gdrd_fast":
+                raise
+            continue
+        out += [(module_name, name) for name in getattr(module, "__all__", ())]
+    return out
+
+
+def test_api_pages_resolve_and_cover_every_public_name():
+    directives = _directives()
+    assert directives, f"no '::: identifier' entries in {API_DIR}"
+    documented = {}
+    for path in directives:
+        documented[path] = _resolve(path)  # a typo'd identifier fails here, with its name
+    documented_ids = {id(obj) for obj in documented.values()}
+    exported = _exported()
+    assert ("gdrd_fast", "crd_nce_loss") in exported
+    missing = [f"{module}.{name}" for module, name in exported
+               if f"{module}.{name}" not in documented
+               and id(getattr(importlib.import_module(module), name)) not in documented_ids]
+    assert not missing, ("public names without an entry in docs/api/*.md (add a line '::: <module>.<name>'): "
+                         + ", ".join(missing))
+
+
+# --- citations of documents -------------------------------------------------------------------------
+SOURCE_SUFFIXES = (".py", ".pyi", ".cpp", ".cc", ".cu", ".cuh", ".h", ".hpp", ".sh", ".yaml", ".yml", ".toml",
+                   ".cfg", ".ini", ".txt")
+SOURCE_NAMES = ("Makefile", "Dockerfile")
+MD_TOKEN = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)\b")
+MD_LITERAL = re.compile(r"""["']([\w.-]+\.md)["']""")
+
+
+def _tracked_files(root: str) -> list[str]:
+    if shutil.which("git") and os.path.exists(os.path.join(root, ".git")):
+        out = subprocess.run(["git", "ls-files"], check=False, cwd=root, capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout.splitlines()
+    files = []  # not a git checkout (an sdist): every file except build outputs
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if (d == ".ci" or not d.startswith(".")) and d not in ("build", "dist", "site")
+                   and d != "__pycache__" and not d.endswith(".egg-info")]
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names]
+    return files
+
+
+def _is_source(path: str) -> bool:
+    return path.endswith(SOURCE_SUFFIXES) or os.path.basename(path) in SOURCE_NAMES or path.startswith(".ci/")
+
+
+def missing_citations(root: str, files: list[str]) -> list[str]:
+    """'path:line: cited' for every X.md that a source file among `files` cites and that is not among them.
+
+    A cited path is looked up from the repository root and from the citing file's folder. A bare name
+    that some Python file spells as a string literal ("results.md") is a file the code writes, not a
+    citation.
+    """
+    existing = {os.path.normpath(p) for p in files}
+    texts = {}
+    for path in files:
+        if _is_source(path) and os.path.isfile(os.path.join(root, path)):
+            with open(os.path.join(root, path), encoding="utf-8", errors="replace") as f:
+                texts[path] = f.read()
+    outputs = {name for path, text in texts.items() if path.endswith(".py") for name in MD_LITERAL.findall(text)}
+    bad = []
+    for path, text in texts.items():
+        here = os.path.dirname(path)
+        for number, line in enumerate(text.splitlines(), 1):
+            for cited in MD_TOKEN.findall(line):
+                if "/" not in cited and cited in outputs:
+                    continue
+                if not {os.path.normpath(cited), os.path.normpath(os.path.join(here, cited))} & existing:
+                    bad.append(f"{path}:{number}: {cited}")
+    return bad
+
+
+def test_the_citation_scan_catches_a_missing_document(tmp_path):
+    """The scan itself, on a made-up tree: only the citation of a file that does not exist is reported."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("# page\n")
+    (tmp_path / "README.md").write_text("# readme\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(
+        '"""Formulas: docs/page.md; usage: README.md; the old spec: specs/ops.md section 2."""\n'
+        'REPORT = "summary.md"  # written by this module\n'
+        '# writes summary.md beside the JSON; see also ../docs/page.md and method.md\n')
+    (tmp_path / "build.sh").write_text("# follows docs/missing.md\n")
+    files = ["docs/page.md", "README.md", "pkg/mod.py", "build.sh"]
+    assert missing_citations(str(tmp_path), files) == [
+        "pkg/mod.py:1: specs/ops.md", "pkg/mod.py:3: method.md", "build.sh:1: docs/missing.md"]
+
+
+# --- the site ---------------------------------------------------------------------------------------
+def _inventory(site: str) -> set[str]:
+    with open(os.path.join(site, "objects.inv"), "rb") as f:
+        data = f.read()
+    body = zlib.decompress(data.split(b"\n", 4)[4]).decode()
+    return {line.split(" ", 1)[0] for line in body.splitlines() if line}
+
+
+@pytest.mark.slow
+def test_site_builds_strict_and_lists_every_public_name(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    pytest.importorskip("material")
+    site = str(tmp_path / "site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", site], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    rendered = _inventory(site)
+    missing = [f"{m}.{n}" for m, n in _exported() if f"{m}.{n}" not in rendered]
+    assert not missing, "public names missing from the built API reference: " + ", ".join(missing)
+
+
+def test_make_docs_installs_the_docs_extra():
+    """`make docs` installs its packages itself; they must be the `docs` extra of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["docs"]
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        line = next(line for line in f if line.startswith("DOCS_DEPS :="))
+    make_deps = [dep.strip('"') for dep in line.split(":=", 1)[1].split()]
+    assert sorted(make_deps) == sorted(extra)
