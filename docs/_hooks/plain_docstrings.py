@@ -1,8 +1,9 @@
 """Griffe extension for the API reference: gdrd_fast's docstrings are plain text, not HTML.
 
 Markdown passes raw HTML through, so formulas such as `<q_b, p_b>` or placeholders such as
-`root/<identity>` would vanish from the rendered page as unknown tags. This escapes `<` in prose
-(outside code spans and indented code blocks, where Markdown already shows it literally).
+`root/<identity>` would vanish from the rendered page as unknown tags, and `B*Ct*H*W` would turn
+into emphasis. This escapes `<` and `*` in prose (outside code spans and indented code
+blocks, where Markdown already shows them literally).
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import griffe
 _CODE_SPAN = re.compile(r"(`+)(?:.+?)\1")
 
 
+def _escape(prose: str) -> str:
+    return prose.replace("<", "&lt;").replace("*", "\\*")
+
+
 def escape_prose(text: str) -> str:
     lines = []
     for line in text.splitlines():
@@ -21,10 +26,10 @@ def escape_prose(text: str) -> str:
             continue
         pieces, last = [], 0
         for span in _CODE_SPAN.finditer(line):
-            pieces.append(line[last:span.start()].replace("<", "&lt;"))
+            pieces.append(_escape(line[last:span.start()]))
             pieces.append(span.group(0))
             last = span.end()
-        pieces.append(line[last:].replace("<", "&lt;"))
+        pieces.append(_escape(line[last:]))
         lines.append("".join(pieces))
     return "\n".join(lines)
 
