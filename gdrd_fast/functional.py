@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import backends, reference
 from . import validation as check
-from .ops import crd_nce, feature_regression, infonce, relational
+from .ops import crd_nce, feature_regression, infonce, infonce_pairs, relational
 from .reference import RelationalParams
 
 __all__ = ["crd_nce_loss", "crd_log_z", "infonce_bank_loss", "relational_contrastive_loss",
@@ -80,24 +80,68 @@ def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float
         return torch.logsumexp(lse, 0) - math.log(idx.numel()) + math.log(n_data)
 
 
-def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,
-                      reduction: str = "mean", backend: str = "auto") -> Tensor:
+def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
+                      reduction: str = "mean", backend: str = "auto", batch_negatives: Tensor | None = None,
+                      normalize: bool = False, labels: Tensor | None = None,
+                      bank_labels: Tensor | None = None) -> Tensor:
     """InfoNCE of each query against its positive and a shared negative bank (MoCo queue).
 
-    loss[b] = logsumexp([<q_b,p_b>, <q_b,bank_k>...] / T) - <q_b,p_b> / T.
+    loss[b] = logsumexp([<q_b,p_b>, <q_b,bank_k>...] / T) - <q_b,p_b> / T. The bank may be empty.
+    Options (pytorch-metric-learning's CrossBatchMemory(NTXentLoss) is all of them together):
+    - batch_negatives [B, D]: in-batch keys; row j != b is one more negative of query b (row b is the
+      query's own positive or the query itself, so it is skipped). Carries gradient if it has one.
+    - normalize: cosine scores (query, positive, bank and batch_negatives L2-normalised first).
+    - labels [B] with bank_labels [K]: a bank or in-batch row of the query's class is a positive, not a
+      negative; each (query, positive) pair is then a row (positive[b], optional now, is one more), and
+      'mean' divides by the number of pairs ('none' gives per-query sums). See
+      gdrd_fast.reference.infonce_bank_pairs_loss for the formula.
+    Without labels the bank still takes the fused single pass; labels mask it in a chunked torch path.
     """
     check.reduction(reduction)
     check.tensor("query", query, 2)
-    check.tensor("positive", positive, 2)
-    check.tensor("bank", bank, 2)
-    device = check.same_device(query=query, positive=positive, bank=bank)
-    if positive.shape != query.shape:
-        raise ValueError(f"positive must match query's shape {tuple(query.shape)}, got {tuple(positive.shape)}")
+    if positive is None and labels is None:
+        raise ValueError("positive is required unless labels are given (then same-label rows are the positives)")
+    if positive is not None:
+        check.tensor("positive", positive, 2)
+    if not isinstance(bank, Tensor) or bank.dim() != 2 or bank.dtype not in check.FLOAT_DTYPES:
+        check.tensor("bank", bank, 2)  # raises the usual message; an empty bank (0 rows) is allowed
+    extended = batch_negatives is not None or normalize or labels is not None or bank.shape[0] == 0
+    if batch_negatives is not None:
+        check.tensor("batch_negatives", batch_negatives, 2)
+    if labels is not None:
+        check.tensor("labels", labels, 1, check.INDEX_DTYPES)
+        check.same_size("batch size", **{"query.shape[0]": query.shape[0], "labels.shape[0]": labels.shape[0]})
+        if bank.shape[0]:
+            if bank_labels is None:
+                raise ValueError("bank_labels is required with labels and a non-empty bank")
+            check.tensor("bank_labels", bank_labels, 1, check.INDEX_DTYPES)
+            check.same_size("bank rows", **{"bank.shape[0]": bank.shape[0], "bank_labels.shape[0]": bank_labels.shape[0]})
+    elif bank_labels is not None:
+        raise ValueError("bank_labels needs labels (the query labels) too")
+    device = check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
+                               labels=labels, bank_labels=bank_labels if bank.shape[0] else None)
+    for name, t in (("positive", positive), ("batch_negatives", batch_negatives)):
+        if t is not None and t.shape != query.shape:
+            raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
     check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
     check.positive("temperature", temperature)
     check.finite("query", query)
-    check.finite("positive", positive)
+    if positive is not None:
+        check.finite("positive", positive)
+    if batch_negatives is not None:
+        check.finite("batch_negatives", batch_negatives)
     name = backends.resolve("infonce_bank_loss", infonce.IMPLS, backend, device)
+    if extended:
+        if name == "torch":
+            return reference.infonce_bank_pairs_loss(
+                query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
+                bank_labels=bank_labels, normalize=normalize, reduction=reduction)
+        rows, pairs = infonce_pairs.pair_rows(query, positive, bank, batch_negatives, labels, bank_labels,
+                                              temperature, normalize, name,
+                                              _needs_grad(query, positive, batch_negatives))
+        if reduction == "mean":
+            return rows.sum() / (pairs.clamp_min(1) if isinstance(pairs, Tensor) else pairs)
+        return reference.reduce_rows(rows, reduction, query.dtype)
     if name == "torch":
         return reference.infonce_bank_loss(query, positive, bank, temperature=temperature, reduction=reduction)
     rows, _, _ = infonce.infonce_bank_op(query, positive, bank.detach(), temperature, name,

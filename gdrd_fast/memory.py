@@ -56,10 +56,14 @@ class MemoryBank(nn.Module):
 
 
 class MemoryQueue(nn.Module):
-    """FIFO ring buffer of `size` rows (and labels); pointer and fill count are buffers too."""
+    """FIFO ring buffer of `size` rows (and, opt-in, labels); pointer and fill count are buffers too.
 
-    def __init__(self, size: int, dim: int, with_labels: bool = True, dtype: torch.dtype = torch.float32,
-                 backend: str = "auto"):
+    gather=True: under torch.distributed every push_ first gathers all ranks' rows in rank order (MoCo's
+    concat_all_gather), so every rank holds the same queue; without a process group it is a no-op.
+    """
+
+    def __init__(self, size: int, dim: int, with_labels: bool = False, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto", *, gather: bool = False, group=None):
         super().__init__()
         if size <= 0 or dim <= 0:
             raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
@@ -68,6 +72,7 @@ class MemoryQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.backend = backend
+        self.gather, self.group = gather, group
         self._full = False  # cached: a full queue stays full, so count is read only until then
         self._register_load_state_dict_pre_hook(self._forget_cache)
 
@@ -92,10 +97,52 @@ class MemoryQueue(nn.Module):
                 raise ValueError("labels are required: this queue was built with_labels=True")
             check.tensor("labels", labels, 1, check.INDEX_DTYPES)
             check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+        elif labels is not None:
+            raise ValueError("labels given, but this queue has none: build it with with_labels=True")
         check.same_device(queue=self.values, values=values, labels=labels)
         check.finite("values", values)
+        if self.gather:
+            values, labels = self._gather(values, labels)
         with torch.no_grad():
             memory_ops.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
+
+    def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""
+        # imported here, not at the top: gdrd_fast.distributed imports this module
+        from .distributed import comm
+
+        if not comm.is_active(self.group):
+            return values, labels
+        sizes = comm.batch_sizes(values.shape[0], values.device, self.group)
+        return (comm.gather_rows(values, sizes, self.group),
+                None if labels is None else comm.gather_rows(labels, sizes, self.group))
+
+    def num_filled(self) -> int:
+        """How many rows hold pushed values (reads the count once, until the queue is full)."""
+        return self.size if self.is_full() else int(self.count)
+
+    def _filled_slice(self, buffer: Tensor, skip_newest: int) -> Tensor:
+        if not isinstance(skip_newest, int) or not 0 <= skip_newest <= self.num_filled():
+            raise ValueError(f"skip_newest must be an int in [0, {self.num_filled()}] (rows filled), "
+                             f"got {skip_newest!r}")
+        if not self.is_full():
+            return buffer[:self.num_filled() - skip_newest]
+        if skip_newest == 0:
+            return buffer
+        # a full ring's oldest row sits at ptr: keep the oldest size - skip_newest rows
+        keep = torch.arange(self.size - skip_newest, device=buffer.device)
+        return buffer[(keep + self.ptr) % self.size]
+
+    def filled(self, skip_newest: int = 0) -> Tensor:
+        """The rows written so far (a view in slot order; an empty queue gives 0 rows), the negatives
+        a MoCo-style loss should see. skip_newest drops the latest pushes' rows (a copy, oldest first)."""
+        return self._filled_slice(self.values, skip_newest)
+
+    def filled_labels(self, skip_newest: int = 0) -> Tensor:
+        """The labels of filled(skip_newest), row for row."""
+        if self.labels is None:
+            raise ValueError("this queue has no labels: build it with with_labels=True")
+        return self._filled_slice(self.labels, skip_newest)
 
     def sample_negatives(self, partner_labels: Tensor, k: int,
                          generator: torch.Generator | None = None) -> Tensor:
@@ -109,7 +156,7 @@ class MemoryQueue(nn.Module):
         """
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        filled = self.size if self.is_full() else int(self.count)
+        filled = self.num_filled()
         if filled == 0:
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)

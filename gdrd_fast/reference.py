@@ -68,6 +68,56 @@ def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperat
     return reduce_rows(rows, reduction, query.dtype)
 
 
+def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
+                            batch_negatives: Tensor | None = None, labels: Tensor | None = None,
+                            bank_labels: Tensor | None = None, normalize: bool = False,
+                            reduction: str = "mean") -> Tensor:
+    """infonce_bank_loss with in-batch keys, labels and cosine scores (CrossBatchMemory(NTXentLoss)).
+
+    Candidates of query b: every bank row and every batch_negatives row j != b. Without labels they are
+    all negatives and positive[b] is the one positive. With labels a candidate whose label equals
+    labels[b] is a positive, any other a negative; positive[b] (optional then) is one more positive.
+    Each (query, positive) pair costs softplus(logsumexp(negatives of b) - s_pos); 'none' gives the
+    per-query sums, 'sum' their total, 'mean' the total over the number of pairs (0 without pairs).
+    """
+    dt = compute_dtype(query)
+
+    def prep(x: Tensor) -> Tensor:
+        return F.normalize(x.to(dt), dim=1) if normalize else x.to(dt)
+
+    q = prep(query)
+    b = q.shape[0]
+    none = torch.zeros(b, 0, dtype=torch.bool, device=q.device)
+    scores, negative, positives = [q.new_zeros(b, 0)], [none], [none]
+    if positive is not None:
+        scores.append((q * prep(positive)).sum(1, keepdim=True))
+        negative.append(torch.zeros(b, 1, dtype=torch.bool, device=q.device))
+        positives.append(~negative[-1])
+    if bank.shape[0]:
+        scores.append(q @ prep(bank.detach()).t())
+        same = (labels[:, None] == bank_labels[None] if labels is not None
+                else torch.zeros(b, bank.shape[0], dtype=torch.bool, device=q.device))
+        negative.append(~same)
+        positives.append(same)
+    if batch_negatives is not None:
+        scores.append(q @ prep(batch_negatives).t())
+        other = ~torch.eye(b, dtype=torch.bool, device=q.device)
+        same = labels[:, None] == labels[None] if labels is not None else torch.zeros_like(other)
+        negative.append(other & ~same)
+        positives.append(other & same)
+    s = torch.cat(scores, 1) / temperature
+    negative, positives = torch.cat(negative, 1), torch.cat(positives, 1)
+    has_negative = negative.any(1, keepdim=True)
+    # a row without negatives gets logsumexp = -inf; its finite stand-in keeps the gradient NaN-free
+    lse = torch.logsumexp(s.masked_fill(~negative, -math.inf).masked_fill(~has_negative, 0.0), 1, keepdim=True)
+    lse = lse.masked_fill(~has_negative, -math.inf)
+    # log(exp(lse) + exp(s)) - s: softplus(lse - s) without F.softplus's linear cut-off above 20
+    rows = torch.where(positives, torch.logaddexp(lse, s) - s, 0.0).sum(1)
+    if reduction == "mean":
+        return rows.sum() / positives.sum().clamp_min(1)
+    return reduce_rows(rows, reduction, query.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. relational_contrastive_loss: CRRCD, both sides, rows (i, j) with i != j, frozen Z per side.
 # ----------------------------------------------------------------------------------------------------

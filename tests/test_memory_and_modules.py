@@ -38,7 +38,7 @@ def test_bank_state_dict_roundtrip():
 
 
 def test_queue_sampling_respects_labels_and_generator():
-    queue = gdrd_fast.MemoryQueue(40, 3)
+    queue = gdrd_fast.MemoryQueue(40, 3, with_labels=True)
     labels = torch.arange(40) % 7
     queue.push_(torch.randn(40, 3), labels)
     partner = torch.randint(7, (23,))
@@ -57,23 +57,23 @@ def test_queue_sampling_respects_labels_and_generator():
 
 
 def test_queue_sampling_only_from_filled_rows_and_clear_error():
-    queue = gdrd_fast.MemoryQueue(10, 2)
+    queue = gdrd_fast.MemoryQueue(10, 2, with_labels=True)
     queue.push_(torch.randn(4, 2), torch.tensor([3, 3, 3, 5]))
     idx = queue.sample_negatives(torch.tensor([3, 5]), 50)
     assert set(idx[0].tolist()) == {3} and set(idx[1].tolist()) <= {0, 1, 2}
     with pytest.raises(ValueError, match="queue is empty"):
-        gdrd_fast.MemoryQueue(5, 2).sample_negatives(torch.tensor([9]), 3)
-    full_same = gdrd_fast.MemoryQueue(3, 2)
+        gdrd_fast.MemoryQueue(5, 2, with_labels=True).sample_negatives(torch.tensor([9]), 3)
+    full_same = gdrd_fast.MemoryQueue(3, 2, with_labels=True)
     full_same.push_(torch.randn(3, 2), torch.tensor([1, 1, 1]))
     with pytest.raises(ValueError, match="no negative of another class"):
         full_same.sample_negatives(torch.tensor([2, 1]), 4)
 
 
 def test_queue_state_roundtrip_keeps_pointer_and_fullness():
-    queue = gdrd_fast.MemoryQueue(5, 2)
+    queue = gdrd_fast.MemoryQueue(5, 2, with_labels=True)
     queue.push_(torch.randn(7, 2), torch.arange(7))
     assert queue.is_full()
-    fresh = _roundtrip(queue, gdrd_fast.MemoryQueue(5, 2))
+    fresh = _roundtrip(queue, gdrd_fast.MemoryQueue(5, 2, with_labels=True))
     assert fresh.is_full() and int(fresh.ptr) == 2
 
 

@@ -138,7 +138,7 @@ def test_queue_sampling_is_uniform_over_the_other_class(device):
 def test_memory_queue_uses_kernels_and_reproduces_from_generator(device):
     def filled_queue(backend):
         torch.manual_seed(3)
-        queue = MemoryQueue(64, 9, backend=backend).to(device)
+        queue = MemoryQueue(64, 9, with_labels=True, backend=backend).to(device)
         for _ in range(5):
             queue.push_(torch.randn(23, 9, device=device), torch.randint(6, (23,), device=device))
         return queue
@@ -151,7 +151,7 @@ def test_memory_queue_uses_kernels_and_reproduces_from_generator(device):
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
     assert bool((ours.labels[draws[0]] != partner[:, None]).all())
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    same_class = MemoryQueue(4, 2, backend=device).to(device)
+    same_class = MemoryQueue(4, 2, with_labels=True, backend=device).to(device)
     same_class.push_(torch.randn(4, 2, device=device), torch.full((4,), 3, device=device))
     with pytest.raises(ValueError, match=r"partner_labels\[1\] = 3"):
         same_class.sample_negatives(torch.tensor([1, 3], device=device), 5)
@@ -166,7 +166,7 @@ def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
     on_gpu = memory_ops.queue_sample_negatives(labels.cuda(), 700, partner.cuda(), seed.cuda(), 257, backend="cuda")
     assert torch.equal(on_cpu, on_gpu.cpu())
     # through the module: one CPU generator seeded alike gives both queues the same negatives
-    queues = [MemoryQueue(777, 3).to(device) for device in ("cpu", "cuda")]
+    queues = [MemoryQueue(777, 3, with_labels=True).to(device) for device in ("cpu", "cuda")]
     for queue in queues:
         queue.push_(torch.zeros(777, 3, device=queue.values.device), labels.to(queue.values.device))
     draws = [q.sample_negatives(partner.to(q.values.device), 64, torch.Generator().manual_seed(5)) for q in queues]

@@ -147,7 +147,7 @@ def test_bank_update_rejects_and_leaves_bank_untouched(over, exc, match):
 
 
 def test_queue_rejects_and_leaves_queue_untouched():
-    queue = gdrd_fast.MemoryQueue(6, 3)
+    queue = gdrd_fast.MemoryQueue(6, 3, with_labels=True)
     queue.push_(torch.randn(2, 3), torch.tensor([1, 2]))
     state = {k: v.clone() for k, v in queue.state_dict().items()}
     bad_calls = [
