@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from . import backends, functional
 from . import validation as check
+from .integrations import repdistiller
+from .memory import MemoryBank, MemoryQueue
 from .ops import crd_nce
 from .ops import memory as memory_ops
-from .memory import MemoryBank, MemoryQueue
 from .reference import RelationalParams
 
 
@@ -44,14 +45,20 @@ class CRDLoss(nn.Module):
     Both banks, both normalisers (NaN until the first batch sets them) and the embeddings live here,
     so state_dict round-trips. Without contrast_idx, K negatives per sample are drawn uniformly from
     all N rows with `self.generator` (None = the global RNG of the device).
+    RepDistiller's `CRDLoss(opt)` works too (opt.s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m),
+    and load_state_dict accepts a RepDistiller criterion's state (gdrd_fast.integrations.repdistiller).
     """
 
     eps = 1e-7  # RepDistiller's NCE eps
 
-    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
-                 nce_t: float = 0.07, nce_m: float = 0.5, *, bank_dtype: torch.dtype = torch.float32,
-                 backend: str = "auto"):
+    def __init__(self, s_dim: int, t_dim: int | None = None, n_data: int | None = None, feat_dim: int = 128,
+                 nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5, *,
+                 bank_dtype: torch.dtype = torch.float32, backend: str = "auto"):
         super().__init__()
+        if t_dim is None and n_data is None and not isinstance(s_dim, int):  # RepDistiller's CRDLoss(opt)
+            s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m = repdistiller.crd_args_from_opt(s_dim)
+        if t_dim is None or n_data is None:
+            raise TypeError("CRDLoss needs (s_dim, t_dim, n_data, ...) or RepDistiller's opt object")
         if nce_k <= 0 or n_data <= 0:
             raise ValueError(f"nce_k and n_data must be positive, got nce_k={nce_k}, n_data={n_data}")
         self.embed_s = Embed(s_dim, feat_dim)
@@ -64,6 +71,11 @@ class CRDLoss(nn.Module):
         self.backend = backend
         self.generator: torch.Generator | None = None
         _z_cache(self)
+        self._register_load_state_dict_pre_hook(self._from_repdistiller)
+
+    def _from_repdistiller(self, state_dict, prefix, *args) -> None:
+        repdistiller.convert_crd_state(state_dict, prefix, nce_k=self.nce_k, nce_t=self.nce_t,
+                                       nce_m=self.memory_s.momentum)
 
     def make_bank(self, n: int, dim: int, momentum: float, dtype: torch.dtype, backend: str) -> nn.Module:
         """One of the two id-indexed banks (gdrd_fast.distributed.DistributedCRDLoss may shard it)."""

@@ -2,6 +2,8 @@
 minimal re-implementation of the peer project's formula written here (no peer code is copied)."""
 from __future__ import annotations
 
+import copy
+import math
 import re
 import socket
 from pathlib import Path
@@ -16,9 +18,10 @@ PAGES = Path(__file__).resolve().parents[1] / "docs" / "switching"
 
 
 def snippet(page: str) -> str:
-    """The page's runnable code: its python blocks that start with an import, in order."""
+    """The page's runnable code: its python blocks, in order, but for those that open with a comment
+    (a "was:" line shown for comparison)."""
     blocks = re.findall(r"```python\n(.*?)```", (PAGES / page).read_text(), flags=re.S)
-    code = "\n".join(b for b in blocks if b.startswith(("import", "from")))
+    code = "\n".join(b for b in blocks if not b.startswith("#"))
     assert code, f"{page} has no runnable python block"
     return code
 
@@ -128,3 +131,139 @@ def test_memory_queue_labels_are_opt_in_and_filled_grows():
     with pytest.raises(ValueError, match="no labels"):
         queue.filled_labels()
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# RepDistiller
+# ---------------------------------------------------------------------------------------------------
+class _RepDistillerStyleEmbed(torch.nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        x = self.linear(x.flatten(1))
+        return x / x.pow(2).sum(1, keepdim=True).sqrt()
+
+
+class RepDistillerStyleCRD(torch.nn.Module):
+    """RepDistiller's CRD formulas, re-written: state under its names (contrast.params = [K, T, Z_v1, Z_v2,
+    momentum], Z = -1 until set; memory_v1 = student bank, memory_v2 = teacher bank)."""
+
+    def __init__(self, opt, dtype=torch.float32):
+        super().__init__()
+        self.embed_s = _RepDistillerStyleEmbed(opt.s_dim, opt.feat_dim)
+        self.embed_t = _RepDistillerStyleEmbed(opt.t_dim, opt.feat_dim)
+        self.contrast = torch.nn.Module()
+        # float32 in RepDistiller, so T is 0.07 rounded to float32 there; float64 runs build it in float64
+        self.contrast.register_buffer("params", torch.tensor([opt.nce_k, opt.nce_t, -1.0, -1.0, opt.nce_m],
+                                                             dtype=dtype))
+        bound = 1 / (opt.feat_dim / 3) ** 0.5
+        for name in ("memory_v1", "memory_v2"):
+            self.contrast.register_buffer(name, torch.rand(opt.n_data, opt.feat_dim) * 2 * bound - bound)
+        self.n_data = opt.n_data
+        self.to(dtype)
+
+    def nce(self, p):
+        """-(log P0/(P0 + K/N + eps) + sum_k log (K/N)/(Pk + K/N + eps)) / B"""
+        c, eps = (p.shape[1] - 1) / self.n_data, 1e-7
+        return -(torch.log(p[:, 0] / (p[:, 0] + c + eps)).sum() + torch.log(c / (p[:, 1:] + c + eps)).sum()) / len(p)
+
+    def forward(self, f_s, f_t, idx, contrast_idx):
+        v1, v2 = self.embed_s(f_s), self.embed_t(f_t)
+        mem = self.contrast
+        _, temperature, _, _, momentum = mem.params.tolist()
+        out_v1 = torch.exp(torch.einsum("bkd,bd->bk", mem.memory_v2[contrast_idx], v1) / temperature)
+        out_v2 = torch.exp(torch.einsum("bkd,bd->bk", mem.memory_v1[contrast_idx], v2) / temperature)
+        if mem.params[2] < 0:  # Z on the first batch
+            mem.params[2] = out_v1.mean().detach() * self.n_data
+        if mem.params[3] < 0:
+            mem.params[3] = out_v2.mean().detach() * self.n_data
+        z_v1, z_v2 = mem.params[2].item(), mem.params[3].item()
+        with torch.no_grad():
+            for bank, v in ((mem.memory_v1, v1), (mem.memory_v2, v2)):
+                row = bank[idx] * momentum + v * (1 - momentum)
+                bank[idx] = row / row.pow(2).sum(1, keepdim=True).sqrt()
+        return self.nce(out_v1 / z_v1) + self.nce(out_v2 / z_v2)
+
+
+def _crd_opt():
+    import types
+
+    return types.SimpleNamespace(s_dim=11, t_dim=13, feat_dim=16, nce_k=37, nce_t=0.07, nce_m=0.5, n_data=101)
+
+
+def _crd_step(opt, batch=9, dtype=torch.float64):
+    idx = torch.randperm(opt.n_data)[:batch]
+    contrast_idx = torch.cat([idx[:, None], torch.randint(opt.n_data, (batch, opt.nce_k))], 1)
+    return (torch.randn(batch, opt.s_dim, dtype=dtype, requires_grad=True),
+            torch.randn(batch, opt.t_dim, dtype=dtype, requires_grad=True), idx, contrast_idx)
+
+
+def _theirs_after_two_steps(opt, dtype):
+    theirs = RepDistillerStyleCRD(opt, dtype)
+    for _ in range(2):  # Z set on the first step, banks moved by both
+        theirs(*_crd_step(opt, dtype=dtype))
+    return theirs
+
+
+def _same_next_step(ours, theirs, opt, dtype, tol):
+    assert float(ours.log_z_s) == pytest.approx(math.log(theirs.contrast.params[2].item()), rel=1e-12)
+    assert float(ours.log_z_t) == pytest.approx(math.log(theirs.contrast.params[3].item()), rel=1e-12)
+    for backend in ("torch", "auto"):
+        ours.backend = backend
+        ours_step, their_step = copy.deepcopy(ours), copy.deepcopy(theirs)
+        f_s, f_t, idx, contrast_idx = _crd_step(opt, dtype=dtype)
+        want = their_step(f_s, f_t, idx, contrast_idx)
+        got = ours_step(f_s, f_t, idx, contrast_idx)
+        assert abs(float(got.detach()) - float(want.detach())) <= tol * max(1.0, abs(float(want.detach())))
+        g_want = torch.autograd.grad(want, [f_s, f_t, *their_step.parameters()])
+        g_got = torch.autograd.grad(got, [f_s, f_t, *ours_step.parameters()])
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(ours_step.memory_s.rows, their_step.contrast.memory_v1, rtol=tol, atol=tol)
+        torch.testing.assert_close(ours_step.memory_t.rows, their_step.contrast.memory_v2, rtol=tol, atol=tol)
+
+
+def test_repdistiller_snippet_resumes_a_repdistiller_state_with_the_same_next_step():
+    opt = _crd_opt()
+    theirs = _theirs_after_two_steps(opt, torch.float32)
+    ns = run_snippet("repdistiller.md", opt=opt, repdistiller_criterion=theirs)
+    _same_next_step(ns["criterion_kd"], theirs, opt, torch.float32, 1e-5)
+
+
+def test_repdistiller_state_converts_exactly_in_float64():
+    import gdrd_fast
+
+    opt = _crd_opt()
+    theirs = _theirs_after_two_steps(opt, torch.float64)
+    ours = gdrd_fast.CRDLoss(opt, bank_dtype=torch.float64).double()
+    ours.load_state_dict(theirs.state_dict())
+    _same_next_step(ours, theirs, opt, torch.float64, 1e-12)
+
+
+def test_repdistiller_state_conversion_checks_opt_and_keeps_unset_z():
+    import gdrd_fast
+
+    opt = _crd_opt()
+    fresh = RepDistillerStyleCRD(opt)
+    ours = gdrd_fast.CRDLoss(opt)
+    ours.load_state_dict(fresh.state_dict())  # Z = -1: not set yet
+    assert torch.isnan(ours.log_z_s) and torch.isnan(ours.log_z_t)
+    assert torch.equal(ours.memory_s.rows, fresh.contrast.memory_v1)
+    other = copy.copy(opt)
+    other.nce_t = 0.1
+    with pytest.raises(ValueError, match="nce_t=0.1"):
+        gdrd_fast.CRDLoss(other).load_state_dict(fresh.state_dict())
+    state = fresh.state_dict()
+    del state["contrast.memory_v2"]
+    with pytest.raises(KeyError, match="memory_v2"):
+        ours.load_state_dict(state)
+    with pytest.raises(TypeError, match="opt has no nce_k"):
+        gdrd_fast.CRDLoss(types_namespace(s_dim=3, t_dim=4, n_data=5, feat_dim=2, nce_t=0.1, nce_m=0.5))
+
+
+def types_namespace(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
