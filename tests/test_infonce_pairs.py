@@ -49,8 +49,8 @@ def _naive(q, p, bank, n, labels, bank_labels, t, normalize):
 @pytest.mark.parametrize("labelled,with_batch,normalize", [(False, True, False), (True, True, True), (True, False, False)])
 def test_reference_equals_naive_loops(labelled, with_batch, normalize):
     q, p, n, bank, labels, bank_labels = _case(5, 7, 4, 3)
-    kw = dict(batch_negatives=n if with_batch else None, labels=labels if labelled else None,
-              bank_labels=bank_labels if labelled else None, normalize=normalize)
+    kw = {"batch_negatives": n if with_batch else None, "labels": labels if labelled else None,
+              "bank_labels": bank_labels if labelled else None, "normalize": normalize}
     ours = reference.infonce_bank_pairs_loss(q, p, bank, temperature=0.3, **kw)
     naive = _naive(q.detach(), p.detach(), bank, n.detach() if with_batch else None, kw["labels"], kw["bank_labels"],
                    0.3, normalize)
@@ -74,9 +74,9 @@ def test_without_options_it_is_the_plain_loss():
 
 
 SIZES = [(1, 0, 31), (1, 123, 31), (47, 1, 100), (47, 123, 31), (6, 0, 128)]
-OPTIONS = [dict(batch_negatives=True), dict(normalize=True), dict(batch_negatives=True, normalize=True),
-           dict(labels=True), dict(labels=True, batch_negatives=True, normalize=True),
-           dict(labels=True, batch_negatives=True, positive=False)]
+OPTIONS = [{"batch_negatives": True}, {"normalize": True}, {"batch_negatives": True, "normalize": True},
+           {"labels": True}, {"labels": True, "batch_negatives": True, "normalize": True},
+           {"labels": True, "batch_negatives": True, "positive": False}]
 
 
 @pytest.mark.parametrize("size,opts", list(itertools.product(SIZES, OPTIONS)))
@@ -84,9 +84,9 @@ def test_fast_path_matches_reference_float64(size, opts):
     b, k, d = size
     with_positive = opts.get("positive", True)
     q, p, n, bank, labels, bank_labels = _case(b, k, d, 3, with_positive=with_positive)
-    kw = dict(temperature=0.13, batch_negatives=n if opts.get("batch_negatives") else None,
-              normalize=opts.get("normalize", False), labels=labels if opts.get("labels") else None,
-              bank_labels=bank_labels if opts.get("labels") else None)
+    kw = {"temperature": 0.13, "batch_negatives": n if opts.get("batch_negatives") else None,
+              "normalize": opts.get("normalize", False), "labels": labels if opts.get("labels") else None,
+              "bank_labels": bank_labels if opts.get("labels") else None}
     inputs = [t for t in (q, p, kw["batch_negatives"]) if t is not None]
     for reduction in ("mean", "sum", "none"):
         got, want = (gdrd_fast.infonce_bank_loss(q, p, bank, reduction=reduction, backend=be, **kw)
@@ -105,7 +105,7 @@ def test_fast_path_matches_reference_float64(size, opts):
 
 def test_fast_path_float32_within_tolerance_and_never_nan():
     q, p, n, bank, labels, bank_labels = _case(33, 257, 64, 4, dtype=torch.float32)
-    kw = dict(temperature=0.07, batch_negatives=n, normalize=True, labels=labels, bank_labels=bank_labels)
+    kw = {"temperature": 0.07, "batch_negatives": n, "normalize": True, "labels": labels, "bank_labels": bank_labels}
     got = gdrd_fast.infonce_bank_loss(q, p, bank, backend="cpu", **kw)
     want = gdrd_fast.infonce_bank_loss(*(t.double() for t in (q, p, bank)), backend="torch",
                                        **{**kw, "batch_negatives": n.double()})

@@ -20,7 +20,7 @@ PAGES = Path(__file__).resolve().parents[1] / "docs" / "switching"
 def snippet(page: str) -> str:
     """The page's runnable code: its python blocks, in order, but for those that open with a comment
     (a "was:" line shown for comparison)."""
-    blocks = re.findall(r"```python\n(.*?)```", (PAGES / page).read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (PAGES / page).read_text(), flags=re.DOTALL)
     code = "\n".join(b for b in blocks if not b.startswith("#"))
     assert code, f"{page} has no runnable python block"
     return code
@@ -28,7 +28,7 @@ def snippet(page: str) -> str:
 
 def run_snippet(page: str, **names) -> dict:
     namespace = dict(names)
-    exec(compile(snippet(page), str(PAGES / page), "exec"), namespace)
+    exec(compile(snippet(page), str(PAGES / page), "exec"), namespace)  # noqa: S102 (our own docs)
     return namespace
 
 
@@ -267,3 +267,26 @@ def types_namespace(**kw):
     import types
 
     return types.SimpleNamespace(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytorch-metric-learning
+# ---------------------------------------------------------------------------------------------------
+def test_pytorch_metric_learning_snippet_equals_the_installed_cross_batch_memory():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    embedding_size, memory_size, batch = 10, 25, 8
+    ns = run_snippet("pytorch-metric-learning.md", embedding_size=embedding_size, memory_size=memory_size,
+                     embeddings=torch.randn(batch, embedding_size, dtype=torch.float64),
+                     labels=torch.randint(3, (batch,)))
+    ours = ns["loss_fn"]
+    theirs = pml.CrossBatchMemory(pml.NTXentLoss(temperature=0.07), embedding_size=embedding_size,
+                                  memory_size=memory_size)
+    theirs(ns["embeddings"], ns["labels"])  # the snippet's own call went into ours: one step each
+    for _ in range(6):  # wraps around the memory
+        emb = torch.randn(batch, embedding_size, dtype=torch.float64, requires_grad=True)
+        labels = torch.arange(batch) % 5  # labels that restart every batch: old rows become positives
+        want, got = theirs(emb, labels), ours(emb, labels)
+        (g_want,) = torch.autograd.grad(want, emb)
+        (g_got,) = torch.autograd.grad(got, emb)
+        assert abs(float(got.detach()) - float(want.detach())) < 1e-6
+        assert float((g_got - g_want).abs().max()) < 1e-6
