@@ -159,3 +159,12 @@ def test_equals_pytorch_metric_learning_cross_batch_ntxent(memory_size, batch, s
             (g_got,) = torch.autograd.grad(got, emb)
             assert abs(float(got) - float(want)) < 1e-6
             assert float((g_got - g_want).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_an_empty_bank_is_moco_from_an_empty_queue(backend):
+    """No negatives at all: logsumexp over the positive alone, loss 0, zero gradient (not NaN)."""
+    q, p = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    loss = gdrd_fast.infonce_bank_loss(q, p, torch.zeros(0, 8), backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and bool((q.grad == 0).all()) and bool((p.grad == 0).all())
