@@ -122,15 +122,22 @@ class CRDLoss(nn.Module):
 
 
 class InfoNCEBankLoss(nn.Module):
-    """InfoNCE against a shared negative bank: forward(query, positive, bank)."""
+    """InfoNCE against a shared negative bank: forward(query, positive, bank, **options), the options
+    (batch_negatives, labels, bank_labels) and normalize as in gdrd_fast.infonce_bank_loss."""
 
-    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", backend: str = "auto",
+                 normalize: bool = False):
         super().__init__()
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.normalize = normalize
 
-    def forward(self, query: Tensor, positive: Tensor, bank: Tensor) -> Tensor:
+    def forward(self, query: Tensor, positive: Tensor | None, bank: Tensor, *,
+                batch_negatives: Tensor | None = None, labels: Tensor | None = None,
+                bank_labels: Tensor | None = None) -> Tensor:
         return functional.infonce_bank_loss(query, positive, bank, temperature=self.temperature,
-                                            reduction=self.reduction, backend=self.backend)
+                                            reduction=self.reduction, backend=self.backend,
+                                            batch_negatives=batch_negatives, normalize=self.normalize,
+                                            labels=labels, bank_labels=bank_labels)
 
 
 class FeatureRegressionLoss(nn.Module):

@@ -290,3 +290,24 @@ def test_pytorch_metric_learning_snippet_equals_the_installed_cross_batch_memory
         (g_got,) = torch.autograd.grad(got, emb)
         assert abs(float(got.detach()) - float(want.detach())) < 1e-6
         assert float((g_got - g_want).abs().max()) < 1e-6
+
+
+@pytest.mark.cuda
+def test_moco_snippet_and_repdistiller_state_on_gpu():
+    from gdrd_fast import CRDLoss, MemoryQueue
+
+    queue = MemoryQueue(8, 4).cuda()
+    keys = F.normalize(torch.randn(11, 4, device="cuda"), dim=1)
+    queue.push_(keys[:3])
+    assert torch.equal(queue.filled(), keys[:3])
+    queue.push_(keys[3:])  # wraps: the oldest surviving row is keys[3]
+    assert torch.equal(queue.filled(skip_newest=2), keys[3:9])
+    opt = _crd_opt()
+    theirs = _theirs_after_two_steps(opt, torch.float64)
+    ours = CRDLoss(opt, bank_dtype=torch.float64).double()
+    ours.load_state_dict(theirs.state_dict())
+    ours.cuda()
+    f_s, f_t, idx, contrast_idx = _crd_step(opt)
+    want = copy.deepcopy(theirs)(f_s, f_t, idx, contrast_idx)
+    got = ours(f_s.cuda(), f_t.cuda(), idx.cuda(), contrast_idx.cuda())
+    assert abs(float(got.detach()) - float(want.detach())) < 1e-10 * abs(float(want.detach()))
