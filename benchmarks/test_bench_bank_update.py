@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gdrd_fast import reference
+from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
 from benchmarks.harness import cases, measure, skip_unavailable
 
@@ -48,7 +49,7 @@ def build(provider: str, size_key: str, device: str):
     if provider == "reference":
         return lambda: (reference.bank_update_(bank_s, pos, v_s, MOMENTUM),
                         reference.bank_update_(bank_t, pos, v_t, MOMENTUM))
-    return lambda: memory_ops.bank_update_pair_(bank_s, v_s, bank_t, v_t, pos, MOMENTUM, provider)
+    return lambda: functional.bank_update_pair_(bank_s, v_s, bank_t, v_t, pos, MOMENTUM, provider)
 
 
 def _providers(device: str) -> list[str]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gdrd_fast import CRDLoss
 from gdrd_fast.ops import crd_nce
-from gdrd_fast.ops import memory as memory_ops
+from gdrd_fast import functional
 from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "crd_nce_loss (both banks, + bank update)"
@@ -103,13 +103,13 @@ def build(provider: str, size_key: str, device: str):
         reason = crd_nce.PAIR_IMPLS[backend].unavailable(torch.device(device))  # also loads the extension
         if reason:
             raise RuntimeError(reason)
-        kernel = crd_nce.PAIR_IMPLS[backend].load()
+        kernel = crd_nce.PAIR_KERNELS[backend]()
 
         def step():  # what crd_nce_pair_op runs when the dense path does not win, and its backward
             rows_s, g_s, rows_t, g_t = kernel(v_s.detach(), bank_t, log_z, v_t.detach(), bank_s, log_z, idx,
                                               1 / TEMPERATURE, k / n, EPS, True)
             v_s.grad, v_t.grad = g_s / b, g_t / b  # the "mean" reduction's backward
-            memory_ops.bank_update_pair_(bank_s, v_s.detach(), bank_t, v_t.detach(), pos, MOMENTUM, backend)
+            functional.bank_update_pair_(bank_s, v_s.detach(), bank_t, v_t.detach(), pos, MOMENTUM, backend)
     else:  # gdrd_fast.CRDLoss on one backend, embeddings given (identity heads)
         crd = CRDLoss(d, d, n, feat_dim=d, nce_k=k, nce_t=TEMPERATURE, nce_m=MOMENTUM, backend=provider).to(device)
         crd.embed_s = crd.embed_t = torch.nn.Identity()

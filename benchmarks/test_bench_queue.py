@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gdrd_fast import reference
+from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
 from benchmarks.harness import cases, measure, skip_unavailable
 
@@ -48,14 +49,14 @@ def build(provider: str, size_key: str, device: str):
             return lambda: moco_enqueue(queue, queue_labels, ptr, keys, labels)
         if provider == "reference":
             return lambda: reference.queue_push_(queue, ptr[0], count, keys, labels, queue_labels)
-        return lambda: memory_ops.queue_push_(queue, ptr, count, keys, labels, queue_labels, provider)
+        return lambda: functional.queue_push_(queue, ptr, count, keys, labels, queue_labels, provider)
     partner = torch.randint(classes, (b,), device=device, generator=gen)
     seed = torch.tensor([1234], device=device)
     if provider == "eager":
         return lambda: multinomial_negatives(queue_labels, partner, k)
     if provider == "reference":
         return lambda: reference.queue_sample_negatives(queue_labels, size, partner, seed, k)
-    return lambda: memory_ops.queue_sample_negatives(queue_labels, size, partner, seed, k, provider)
+    return lambda: functional.queue_sample_negatives(queue_labels, size, partner, seed, k, provider)
 
 
 def _providers(device: str) -> list[str]:

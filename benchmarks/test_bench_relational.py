@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational as relational_ops
-from gdrd_fast.reference import RelationalParams
+from gdrd_fast import RelationalParams
 from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "relational_contrastive_loss"

@@ -4,7 +4,7 @@ from .functional import (crd_log_z, crd_nce_loss, feature_regression_loss, infon
                          relational_contrastive_loss, relational_log_z)
 from .losses import CRDLoss, FeatureRegressionLoss, InfoNCEBankLoss, RelationalContrastiveLoss
 from .memory import MemoryBank, MemoryQueue
-from .reference import RelationalParams
+from .params import RelationalParams
 from .validation import set_checks
 
 __version__ = "0.1.0"

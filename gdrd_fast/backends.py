@@ -103,36 +103,111 @@ def with_triton(device: torch.device) -> str | None:
     return f"the 'triton' backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def anywhere(device: torch.device) -> str | None:
+    return None
+
+
+def dispatch_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a call computes in, for dispatch: float64 if any input is, the inputs' dtype when they
+    agree, else float32 (mixed inputs run an fp32 product)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if torch.float64 in dtypes:
+        return torch.float64
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 @dataclass(frozen=True)
-class Impl:
-    """One backend of one op: a loader for its function (imported on first use) and its availability."""
+class Backend:
+    """One implementation of one op, and what it supports (declared, as xformers' operators do).
+
+    load: the implementation, imported on first use.
+    unavailable(device): None when its compiled parts are there and it runs on `device`, else why not.
+    dtypes: the dtypes it computes itself. max_sizes(dtype): the largest size of each named dimension it
+    takes. Inputs a backend refuses by dtype or size run on the op's exact backend instead.
+    """
     load: Callable[[], Callable]
     unavailable: Callable[[torch.device], str | None]
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    max_sizes: Callable[[torch.dtype], dict[str, int]] | None = None
+
+    def refuses(self, dtype: torch.dtype, **sizes: int) -> str | None:
+        """Why this backend does not take inputs of `dtype` and `sizes` (None: it takes them)."""
+        if dtype not in self.dtypes:
+            return f"it computes {', '.join(str(d) for d in self.dtypes)}, not {dtype}"
+        limits = self.max_sizes(dtype) if self.max_sizes is not None else {}
+        over = [f"{k}={sizes[k]} > {v}" for k, v in limits.items() if k in sizes and sizes[k] > v]
+        return f"sizes beyond its limits ({', '.join(over)})" if over else None
 
 
-def resolve(op: str, impls: dict[str, Impl], backend: str, device: torch.device) -> str:
-    """The backend a call runs on: 'torch' means the reference; others index `impls`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
+# the device's preference order for backend="auto"; "torch" (the reference) when none is available
+AUTO = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_OPS: dict[str, "Op"] = {}
+
+
+class Op:
+    """The backends of one op and the one rule that picks a backend for a call.
+
+    `exact` names the backend that runs on every device and dtype (the reference, or a chunked torch
+    stream): it takes the inputs that the chosen backend refuses by dtype or size.
+    """
+
+    def __init__(self, name: str, backends: dict[str, Backend], exact: str = "torch"):
+        self.name, self.backends, self.exact = name, backends, exact
+        _OPS[name] = self
+
+    def __getitem__(self, backend: str) -> Backend:
+        return self.backends[backend]
+
+    def __contains__(self, backend: str) -> bool:
+        return backend in self.backends
+
+    def check_name(self, backend: str) -> str:
+        """A backend= value this op knows (checked where a Module is built, before any call)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in self.backends:
+            raise ValueError(f"{self.name} has no {backend!r} backend (it has: "
+                             + ", ".join(repr(k) for k in self.backends) + ")")
+        return backend
+
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes) -> str:
+        """The backend that runs this call: the requested one (or auto's pick) unless it refuses the dtype or
+        sizes, then `exact`. Decided once per (op, backend, device type, dtype) outside torch.compile's graph,
+        so a compiled step neither imports nor breaks the graph; size limits are plain comparisons."""
+        chosen, limits = _choose(self.name, backend, device.type, dtype)
+        if any(sizes[k] > v for k, v in limits if k in sizes):
+            return self.exact
+        return chosen
+
+    def available(self, device: torch.device) -> list[str]:
+        return [k for k, v in self.backends.items() if v.unavailable(device) is None]
+
+
+@torch.compiler.assume_constant_result
+def _choose(op_name: str, backend: str, device_type: str, dtype: torch.dtype) -> tuple:
+    return _choose_cached(op_name, backend, device_type, dtype)
+
+
+@lru_cache(None)
+def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dtype) -> tuple:
+    """(backend to run, its size limits as ((dimension, largest), ...)): the exact backend when it refuses dtype."""
+    op = _OPS[op_name]
+    op.check_name(backend)
+    device = torch.device(device_type)
     if backend == "auto":
-        preference = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-        for name in preference:
-            if name in impls and impls[name].unavailable(device) is None:
-                return name
-        return "torch"
-    if backend not in impls:
-        raise ValueError(f"{op} has no {backend!r} backend (available: 'torch', "
-                         + ", ".join(repr(k) for k in impls) + ")")
-    reason = impls[backend].unavailable(device)
-    if reason is not None:
-        raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {reason}")
-    return backend
-
-
-def available_backends(impls: dict[str, Impl], device: torch.device) -> list[str]:
-    return ["torch"] + [k for k, v in impls.items() if v.unavailable(device) is None]
+        usable = [n for n in AUTO.get(device_type, ()) if n in op.backends and op[n].unavailable(device) is None]
+        backend = usable[0] if usable else "torch"
+    else:
+        reason = op[backend].unavailable(device)
+        if reason is not None:
+            raise RuntimeError(f"{op_name}: backend {backend!r} is unavailable: {reason}")
+    chosen = op[backend]
+    if dtype not in chosen.dtypes:
+        return op.exact, ()
+    return backend, tuple((chosen.max_sizes(dtype) if chosen.max_sizes is not None else {}).items())
 
 
 def with_compiled_op(op: str, extension_check: Callable[[torch.device], str | None]):

@@ -14,31 +14,41 @@ from torch import Tensor
 from . import backends, reference
 from . import validation as check
 from .ops import crd_nce, feature_regression, infonce, infonce_pairs, relational
-from .reference import RelationalParams
+from .ops import memory as memory_ops
+from .numerics import compute_dtype, reduce_rows
+from .params import RelationalParams, relational_param_shapes
 
-__all__ = ["crd_nce_loss", "crd_log_z", "infonce_bank_loss", "relational_contrastive_loss",
+__all__ = ["crd_nce_loss", "crd_nce_pair_loss", "crd_log_z", "bank_update_", "bank_update_pair_", "queue_push_",
+           "queue_sample_negatives", "infonce_bank_loss", "relational_contrastive_loss",
            "relational_log_z", "feature_regression_loss"]
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
+def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_crd(anchor, memory, idx, temperature, n_data):
-    check.tensor("anchor", anchor, 2)
-    check.tensor("memory", memory, 2)
-    check.tensor("idx", idx, 2, check.INDEX_DTYPES)
-    device = check.same_device(anchor=anchor, memory=memory, idx=idx)
-    check.same_size("batch size", **{"anchor.shape[0]": anchor.shape[0], "idx.shape[0]": idx.shape[0]})
-    check.same_size("feature dim", **{"anchor.shape[1]": anchor.shape[1], "memory.shape[1]": memory.shape[1]})
+CRD_NAMES = dict(anchor="anchor", memory="memory", idx="idx", log_z="log_z")
+
+
+def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NAMES) -> tuple[torch.device, int]:
+    """Every check of crd_nce_loss / crd_log_z; `names` are the caller's own names for the tensors."""
+    a, m, i = names["anchor"], names["memory"], names["idx"]
+    check.tensor(a, anchor, 2)
+    check.tensor(m, memory, 2)
+    check.tensor(i, idx, 2, check.INDEX_DTYPES)
+    device = check.same_device(**{a: anchor, m: memory, i: idx})
+    check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
+    check.same_size("feature dim", **{f"{a}.shape[1]": anchor.shape[1], f"{m}.shape[1]": memory.shape[1]})
     if idx.shape[1] < 2:
-        raise ValueError(f"idx must hold a positive and at least one negative per row, got shape {tuple(idx.shape)}")
+        raise ValueError(f"{i} must be [B, K+1]: a positive and at least one negative per row, "
+                         f"got shape {tuple(idx.shape)}")
+    check.no_grad_input(m, memory, "a memory bank is updated, not trained")
     check.positive("temperature", temperature)
-    n_data = memory.shape[0] if n_data is None else n_data
-    if not isinstance(n_data, int) or n_data <= 0:
-        raise ValueError(f"n_data must be a positive int, got {n_data!r}")
-    check.index_in_range("idx", idx, memory.shape[0])
-    check.finite("anchor", anchor)
+    check.non_negative("eps", eps)
+    n_data = memory.shape[0] if n_data is None else check.positive_int("n_data", n_data)
+    check.index_in_range(i, idx, memory.shape[0])
+    check.finite(a, anchor)
+    check.finite(m, memory)
     return device, n_data
 
 
@@ -48,29 +58,43 @@ def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: fl
     """CRD's NCE loss of anchors against their gathered memory-bank rows (RepDistiller-exact).
 
     anchor [B, D] (grad), memory [N, D] (no grad), idx [B, K+1] (column 0 = positive), log_z = the
-    frozen normaliser (see crd_log_z).
+    frozen normaliser (see crd_log_z; a float or a one-element tensor, never given a gradient).
     """
     check.reduction(reduction)
-    device, n_data = _check_crd(anchor, memory, idx, temperature, n_data)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    device, n_data = check_crd(anchor, memory, idx, temperature, n_data, eps)
     log_z = check.log_z_value("log_z", log_z, anchor)
-    name = backends.resolve("crd_nce_loss", crd_nce.IMPLS, backend, device)
-    if name == "torch":
-        return reference.crd_nce_loss(anchor, memory, idx, temperature=temperature, log_z=log_z,
-                                      n_data=n_data, eps=eps, reduction=reduction)
-    c = (idx.shape[1] - 1) / n_data
-    rows, _ = crd_nce.crd_nce_op(anchor, memory.detach(), idx, log_z.to(torch.float64), temperature, c,
-                                 eps, name, _needs_grad(anchor))
-    return reference.reduce_rows(rows, reduction, anchor.dtype)
+    rows = crd_nce.IMPLS[crd_nce.IMPLS.resolve(backend, device, anchor.dtype)].load()(
+        anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data, eps=eps)
+    return reduce_rows(rows, reduction, anchor.dtype)
+
+
+def crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a, anchor_b: Tensor, memory_b: Tensor, log_z_b,
+                      idx: Tensor, *, temperature: float = 0.07, n_data: int | None = None, eps: float = 1e-7,
+                      reduction: str = "mean", backend: str = "auto", names_a=CRD_NAMES, names_b=CRD_NAMES) -> Tensor:
+    """crd_nce_loss(anchor_a, memory_a, idx, log_z_a) + crd_nce_loss(anchor_b, memory_b, idx, log_z_b): both
+    sides of CRDLoss from one read of idx (the fused pair kernel). `names_a` / `names_b` name the tensors
+    in errors as the caller knows them."""
+    check.reduction(reduction)
+    device, n_data = check_crd(anchor_a, memory_a, idx, temperature, n_data, eps, names=names_a)
+    check_crd(anchor_b, memory_b, idx, temperature, n_data, eps, names=names_b)
+    if anchor_b.shape != anchor_a.shape or memory_b.shape != memory_a.shape:
+        raise ValueError(f"both sides need the same shapes: {names_a['anchor']} {tuple(anchor_a.shape)} and "
+                         f"{names_b['anchor']} {tuple(anchor_b.shape)}, {names_a['memory']} "
+                         f"{tuple(memory_a.shape)} and {names_b['memory']} {tuple(memory_b.shape)}")
+    log_z_a = check.log_z_value(names_a["log_z"], log_z_a, anchor_a)
+    log_z_b = check.log_z_value(names_b["log_z"], log_z_b, anchor_b)
+    name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b))
+    rows_a, rows_b = crd_nce.PAIR_IMPLS[name].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
+                                                     temperature=temperature, n_data=n_data, eps=eps)
+    return reduce_rows(rows_a, reduction, anchor_a.dtype) + reduce_rows(rows_b, reduction, anchor_b.dtype)
 
 
 def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
-              n_data: int | None = None) -> Tensor:
+              n_data: int | None = None, names=CRD_NAMES) -> Tensor:
     """log(n_data * mean(exp(s / T))) over the batch's B(K+1) scores: CRD's first-batch normaliser."""
-    _, n_data = _check_crd(anchor, memory, idx, temperature, n_data)
+    _, n_data = check_crd(anchor, memory, idx, temperature, n_data, names=names)
     with torch.no_grad():
-        dt = reference.compute_dtype(anchor)
+        dt = compute_dtype(anchor)
         # chunks of rows keep the gather small; the estimate is a log-sum-exp over all scores
         chunk = max(1, 2 ** 22 // (idx.shape[1] * anchor.shape[1]))
         lse = torch.stack([
@@ -124,14 +148,16 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
         if t is not None and t.shape != query.shape:
             raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
     check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
+    check.no_grad_input("bank", bank, "the bank holds constant negatives")
     check.positive("temperature", temperature)
     check.finite("query", query)
     if positive is not None:
         check.finite("positive", positive)
     if batch_negatives is not None:
         check.finite("batch_negatives", batch_negatives)
-    name = backends.resolve("infonce_bank_loss", infonce.IMPLS, backend, device)
-    if extended:
+    check.finite("bank", bank)
+    name = infonce.IMPLS.resolve(backend, device, backends.dispatch_dtype(query, bank), d=query.shape[1])
+    if extended:  # in-batch keys, labels or cosine scores: each (query, positive) pair is a row
         if name == "torch":
             return reference.infonce_bank_pairs_loss(
                 query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
@@ -141,15 +167,12 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
                                               _needs_grad(query, positive, batch_negatives))
         if reduction == "mean":
             return rows.sum() / (pairs.clamp_min(1) if isinstance(pairs, Tensor) else pairs)
-        return reference.reduce_rows(rows, reduction, query.dtype)
-    if name == "torch":
-        return reference.infonce_bank_loss(query, positive, bank, temperature=temperature, reduction=reduction)
-    rows, _, _ = infonce.infonce_bank_op(query, positive, bank.detach(), temperature, name,
-                                         _needs_grad(query, positive))
-    return reference.reduce_rows(rows, reduction, query.dtype)
+        return reduce_rows(rows, reduction, query.dtype)
+    rows = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature)
+    return reduce_rows(rows, reduction, query.dtype)
 
 
-def _check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data):
+def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data) -> torch.device:
     check.tensor("e_t", e_t, 2)
     check.tensor("e_s", e_s, 2)
     check.tensor("queue_t", queue_t, 2)
@@ -157,10 +180,10 @@ def _check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, 
     check.tensor("neg_idx", neg_idx, 2, check.INDEX_DTYPES)
     if not isinstance(params, RelationalParams):
         raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
-    for field, value in params._asdict().items():
-        check.tensor(f"params.{field}", value, (1, 2))
-    device = check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx,
-                               **{f"params.{k}": v for k, v in params._asdict().items()})
+    fields = {f"params.{k}": v for k, v in params._asdict().items()}
+    for field, value in fields.items():
+        check.tensor(field, value, (1, 2))
+    device = check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)
     if e_t.shape != e_s.shape:
         raise ValueError(f"e_t and e_s must have the same shape, got {tuple(e_t.shape)} and {tuple(e_s.shape)}")
     if e_t.shape[0] < 2:
@@ -168,15 +191,21 @@ def _check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, 
     if queue_t.shape != queue_s.shape:
         raise ValueError(f"queue_t and queue_s must have the same shape, got {tuple(queue_t.shape)} "
                          f"and {tuple(queue_s.shape)}")
-    check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1],
-                                        "params.ft_w1.shape[1]": params.ft_w1.shape[1]})
+    check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
+    rel_dim = params.ft_w1.shape[0]
+    for field, expected in relational_param_shapes(e_t.shape[1], rel_dim).items():
+        check.shape(f"params.{field}", getattr(params, field), expected,
+                    f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
     check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
+    if neg_idx.shape[1] < 1:
+        raise ValueError(f"neg_idx must hold at least one negative per partner, got shape {tuple(neg_idx.shape)}")
+    check.no_grad_input("queue_t", queue_t, "queues hold constant keys")
+    check.no_grad_input("queue_s", queue_s, "queues hold constant keys")
     check.positive("temperature", temperature)
-    if not isinstance(n_data, int) or n_data <= 0:
-        raise ValueError(f"n_data must be a positive int, got {n_data!r}")
+    check.positive_int("n_data", n_data)
     check.index_in_range("neg_idx", neg_idx, queue_t.shape[0])
-    check.finite("e_t", e_t)
-    check.finite("e_s", e_s)
+    for name, t in dict(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, **fields).items():
+        check.finite(name, t)
     return device
 
 
@@ -190,32 +219,23 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
     per-row [B(B-1)] sum of both sides.
     """
     check.reduction(reduction)
-    device = _check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
+    device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
     log_z_t = check.log_z_value("log_z_t", log_z_t, e_s)
     log_z_s = check.log_z_value("log_z_s", log_z_s, e_s)
-    name = backends.resolve("relational_contrastive_loss", relational.IMPLS, backend, device)
-    if name == "torch":
-        return reference.relational_contrastive_loss(
-            e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature, log_z_t=log_z_t,
-            log_z_s=log_z_s, n_data=n_data, reduction=reduction)
-    rows_student, rows_teacher = relational.relational_rows(
-        e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, log_z_t, log_z_s, n_data, name)
-    if reduction == "none":
-        return (rows_student + rows_teacher).to(e_s.dtype)
-    return (reference.reduce_rows(rows_student, reduction, e_s.dtype)
-            + reference.reduce_rows(rows_teacher, reduction, e_s.dtype))
+    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
+    rows = relational.IMPLS[name].load().rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+                                              log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
+    return reduce_rows(rows, reduction, e_s.dtype)
 
 
 def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor, neg_idx: Tensor,
                      params: RelationalParams, *, temperature: float = 0.1, n_data: int,
                      backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): each side's log(n_data * mean(exp(s / tau))) over its R(K+1) scores."""
-    device = _check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
-    name = backends.resolve("relational_log_z", relational.IMPLS, backend, device)
-    if name == "torch":
-        return reference.relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params,
-                                          temperature=temperature, n_data=n_data)
-    return relational.relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data, name)
+    device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
+    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
+    return relational.IMPLS[name].load().log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+                                               n_data=n_data)
 
 
 def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -228,7 +248,7 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     check.reduction(reduction)
     check.tensor("student", student, (2, 4))
     check.tensor("teacher", teacher, (2, 4))
-    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+    if isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
         weight = weight.flatten(1)
     check.tensor("weight", weight, 2)
     if bias is not None:
@@ -241,12 +261,83 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
     if bias is not None:
         check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
-    check.finite("student", student)
-    check.finite("teacher", teacher)
-    name = backends.resolve("feature_regression_loss", feature_regression.IMPLS, backend, device)
-    if name == "torch":
-        return reference.feature_regression_loss(student, teacher, weight, bias, reduction=reduction)
-    rows = feature_regression.feature_regression_rows(student, teacher, weight, bias, name)
-    if reduction == "none":
-        return rows.to(student.dtype)
-    return rows.mean() if reduction == "mean" else rows.sum() * math.prod(teacher.shape[1:])
+    check.no_grad_input("teacher", teacher, "the teacher's features are the target")
+    for name, t in dict(student=student, teacher=teacher, weight=weight, bias=bias).items():
+        check.finite(name, t)
+    name = feature_regression.IMPLS.resolve(backend, device, student.dtype)
+    rows = feature_regression.IMPLS[name].load()(student, teacher, weight, bias)
+    return reduce_rows(rows, reduction, student.dtype, row_size=math.prod(teacher.shape[1:]))
+
+
+# --- memory bank and queue: in-place updates, validated before anything is written ---------------------
+def check_bank_update(memory: Tensor, idx: Tensor, values: Tensor, n: int | None = None) -> torch.device:
+    """idx [B] in [0, n) (n: the rows of the whole bank, memory's own by default), values [B, D] finite."""
+    check.tensor("memory", memory, 2)
+    check.tensor("idx", idx, 1, check.INDEX_DTYPES)
+    check.tensor("values", values, 2)
+    device = check.same_device(memory=memory, idx=idx, values=values)
+    check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
+    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "memory.shape[1]": memory.shape[1]})
+    check.index_in_range("idx", idx, memory.shape[0] if n is None else n)
+    check.finite("values", values)
+    return device
+
+
+def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float, backend: str = "auto") -> None:
+    """memory[idx] = normalize(m * memory[idx] + (1 - m) * values), from the rows before the call; the last
+    duplicate of idx wins (RepDistiller's index_copy_)."""
+    device = check_bank_update(memory, idx, values)
+    check.in_unit_interval("momentum", momentum)
+    name = memory_ops.IMPLS.resolve(backend, device, memory.dtype)
+    with torch.no_grad():
+        memory_ops.IMPLS[name].load()(memory, idx, values.detach(), momentum)
+
+
+def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
+                      momentum: float, backend: str = "auto") -> None:
+    """bank_update_ of two banks that share idx (CRD's student and teacher banks), in one launch."""
+    device = check_bank_update(memory_a, idx, values_a)
+    check_bank_update(memory_b, idx, values_b)
+    check.same_device(memory_a=memory_a, memory_b=memory_b)
+    check.in_unit_interval("momentum", momentum)
+    name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
+    with torch.no_grad():
+        memory_ops.PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
+
+
+def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None = None,
+                queue_labels: Tensor | None = None, backend: str = "auto") -> None:
+    """Ring buffer: values (and labels) go to rows ptr, ptr + 1, ... (mod size), the newest `size` kept;
+    ptr and count advance on the device (no host sync)."""
+    check.tensor("queue", queue, 2)
+    check.tensor("values", values, 2)
+    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue.shape[1]": queue.shape[1]})
+    if (labels is None) != (queue_labels is None):
+        raise ValueError("labels and queue_labels go together: pass both or neither")
+    if labels is not None:
+        check.tensor("labels", labels, 1, check.INDEX_DTYPES)
+        check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+    device = check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
+                               queue_labels=queue_labels)
+    check.finite("values", values)
+    name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
+    with torch.no_grad():
+        memory_ops.PUSH_IMPLS[name].load()(queue, ptr, count, values.detach(), labels, queue_labels)
+
+
+def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
+                           backend: str = "auto") -> Tensor:
+    """[B, k] int64 indices into the first `filled` rows, uniform with replacement (with queue_labels: over
+    the rows of another class than partner_labels[b]; a row with none is all -1). The draws are a pure
+    function of the one-element int64 seed, the same on every backend."""
+    check.positive_int("filled", filled)
+    check.positive_int("k", k)
+    check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
+    check.tensor("seed", seed, (0, 1), (torch.int64,))
+    if queue_labels is not None:
+        check.tensor("queue_labels", queue_labels, 1, check.INDEX_DTYPES)
+        if filled > queue_labels.shape[0]:
+            raise ValueError(f"filled = {filled} exceeds the queue's {queue_labels.shape[0]} rows")
+    device = check.same_device(queue_labels=queue_labels, partner_labels=partner_labels, seed=seed)
+    name = memory_ops.SAMPLE_IMPLS.resolve(backend, device, torch.float32)
+    return memory_ops.SAMPLE_IMPLS[name].load()(queue_labels, filled, partner_labels, seed, k)

@@ -10,19 +10,16 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import functional
 from . import validation as check
 from .ops import memory as memory_ops
 
 
-def check_bank_update(rows: Tensor, n: int, idx: Tensor, values: Tensor) -> None:
-    """The argument checks of a bank update over `n` global rows, all before anything is written."""
-    check.tensor("idx", idx, 1, check.INDEX_DTYPES)
-    check.tensor("values", values, 2)
-    check.same_device(rows=rows, idx=idx, values=values)
-    check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
-    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "rows.shape[1]": rows.shape[1]})
-    check.index_in_range("idx", idx, n)
-    check.finite("values", values)
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator torch draws from on `device` when none is given."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 class MemoryBank(nn.Module):
@@ -31,10 +28,9 @@ class MemoryBank(nn.Module):
     def __init__(self, n: int, dim: int, momentum: float = 0.5, dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None, backend: str = "auto"):
         super().__init__()
-        if n <= 0 or dim <= 0:
-            raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check.all_at_once(type(self).__name__, lambda: check.positive_int("n", n), lambda: check.positive_int("dim", dim),
+                          lambda: check.in_unit_interval("momentum", momentum),
+                          lambda: check.float_dtype("dtype", dtype), lambda: memory_ops.IMPLS.check_name(backend))
         bound = 1.0 / math.sqrt(dim / 3)
         rows = torch.rand(n, dim, generator=generator).mul_(2 * bound).sub_(bound)
         self.register_buffer("rows", rows.to(dtype))
@@ -47,9 +43,7 @@ class MemoryBank(nn.Module):
 
     def update_(self, idx: Tensor, values: Tensor) -> None:
         """rows[idx] = normalize(m * rows[idx] + (1 - m) * values); the last duplicate of idx wins."""
-        check_bank_update(self.rows, self.n, idx, values)
-        with torch.no_grad():
-            memory_ops.bank_update_(self.rows, idx, values, self.momentum, self.backend)
+        functional.bank_update_(self.rows, idx, values, self.momentum, self.backend)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, dim={self.rows.shape[1]}, momentum={self.momentum}, dtype={self.rows.dtype}"
@@ -65,8 +59,9 @@ class MemoryQueue(nn.Module):
     def __init__(self, size: int, dim: int, with_labels: bool = False, dtype: torch.dtype = torch.float32,
                  backend: str = "auto", *, gather: bool = False, group=None):
         super().__init__()
-        if size <= 0 or dim <= 0:
-            raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
+        check.all_at_once(type(self).__name__, lambda: check.positive_int("size", size),
+                          lambda: check.positive_int("dim", dim), lambda: check.float_dtype("dtype", dtype),
+                          lambda: memory_ops.PUSH_IMPLS.check_name(backend))
         self.register_buffer("values", torch.zeros(size, dim, dtype=dtype))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long) if with_labels else None)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -103,8 +98,7 @@ class MemoryQueue(nn.Module):
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
-        with torch.no_grad():
-            memory_ops.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
+        functional.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""
@@ -162,13 +156,15 @@ class MemoryQueue(nn.Module):
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
         check.same_device(queue=self.values, partner_labels=partner_labels)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
-        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator,
-                             device=generator.device if generator is not None else self.values.device)
+        generator_used = generator if generator is not None else default_generator(self.values.device)
+        state = generator_used.get_state()
+        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
         seed = seed.to(self.values.device, non_blocking=True)
-        idx = memory_ops.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
+        idx = functional.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
         if self.labels is not None:
             missing = idx[:, 0] < 0
             if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later
+                generator_used.set_state(state)  # a failed call draws nothing
                 bad = int(torch.nonzero(missing)[0, 0])
                 raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
                                  "this label, so no negative of another class exists")

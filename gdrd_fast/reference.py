@@ -1,29 +1,20 @@
-"""Ground truth of every gdrd_fast op, in readable PyTorch.
+"""Ground truth of every gdrd_fast op, in readable PyTorch: the "torch" backend.
 
 Each function materialises what the fast backends avoid (B x K scores, gathered rows, key relations).
-It computes in float64 for float64 inputs, and that float64 result is what every backend is tested
-against; other dtypes accumulate in float32. Formulas and numerics: docs/ops/ (one page per op).
+Float64 inputs compute in float64, exactly and stably (log-space forms: no logit overflows): that is
+what every backend is tested against. Other dtypes accumulate in float32, which gives the tests their
+same-dtype baseline (gdrd_fast.testing). Formulas and numerics: docs/ops/ (one page per op).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def reduce_rows(rows: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:
-    """'none' keeps per-row values in the input dtype; 'mean'/'sum' give an fp32 (fp64) scalar."""
-    if reduction == "none":
-        return rows.to(out_dtype)
-    total = rows.sum()
-    return total / rows.shape[0] if reduction == "mean" else total
+from .numerics import compute_dtype, off_diagonal, pair_indices, reduce_rows
+from .params import RelationalParams
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -36,16 +27,38 @@ def crd_scores(anchor: Tensor, memory: Tensor, idx: Tensor) -> Tensor:
     return torch.einsum("bkd,bd->bk", rows, anchor.to(dt))
 
 
+def softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)), exact for every x (torch's F.softplus returns x itself beyond its threshold of 20)."""
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
+def log_z_like(log_z, s: Tensor) -> Tensor:
+    """log Z (a float or a tensor) in the dtype and on the device of the scores (a float never passes
+    through the default dtype, float32)."""
+    if isinstance(log_z, Tensor):
+        return log_z.to(s.device, s.dtype)
+    return torch.tensor(float(log_z), dtype=s.dtype, device=s.device)
+
+
+def crd_nce_rows(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07, log_z,
+                 n_data: int | None = None, eps: float = 1e-7) -> Tensor:
+    """Per-row losses [B] in the accumulation dtype: RepDistiller's row loss -log(P0 / (P0 + c + eps)) - sum_k log(c / (Pk + c + eps)), P = exp(s/T - log Z),
+    c = K / n_data, in log space: with l = s/T - log Z - log(c + eps) it is exactly
+        softplus(-l_0) + sum_k [softplus(l_k) + log1p(eps / c)],
+    which no logit, however large, overflows (exp then log returns inf past s/T ~ 709 in float64)."""
+    n_data = memory.shape[0] if n_data is None else n_data
+    k = idx.shape[1] - 1
+    c = k / n_data
+    s = crd_scores(anchor, memory.detach(), idx)
+    l = s / temperature - log_z_like(log_z, s) - math.log(c + eps)
+    return softplus(-l[:, 0]) + softplus(l[:, 1:]).sum(1) + k * math.log1p(eps / c)
+
+
 def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
                  log_z, n_data: int | None = None, eps: float = 1e-7,
                  reduction: str = "mean") -> Tensor:
-    n_data = memory.shape[0] if n_data is None else n_data
-    c = (idx.shape[1] - 1) / n_data
-    s = crd_scores(anchor, memory.detach(), idx)
-    p = torch.exp(s / temperature - torch.as_tensor(log_z, dtype=s.dtype, device=s.device))
-    pos = -torch.log(p[:, 0] / (p[:, 0] + c + eps))
-    neg = -torch.log(c / (p[:, 1:] + c + eps)).sum(1)
-    return reduce_rows(pos + neg, reduction, anchor.dtype)
+    rows = crd_nce_rows(anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data, eps=eps)
+    return reduce_rows(rows, reduction, anchor.dtype)
 
 
 def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
@@ -59,13 +72,17 @@ def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float
 # ----------------------------------------------------------------------------------------------------
 # 2. infonce_bank_loss: InfoNCE of each query against its positive and a shared bank (MoCo queue).
 # ----------------------------------------------------------------------------------------------------
-def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,
-                      reduction: str = "mean") -> Tensor:
+def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07) -> Tensor:
+    """Per-row losses [B] in the accumulation dtype: logsumexp([<q,p>, <q,bank_k>...] / T) - <q,p> / T."""
     dt = compute_dtype(query)
     q, p, k = query.to(dt), positive.to(dt), bank.detach().to(dt)
     logits = torch.cat([(q * p).sum(1, keepdim=True), q @ k.t()], 1) / temperature
-    rows = torch.logsumexp(logits, 1) - logits[:, 0]
-    return reduce_rows(rows, reduction, query.dtype)
+    return torch.logsumexp(logits, 1) - logits[:, 0]
+
+
+def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,
+                      reduction: str = "mean") -> Tensor:
+    return reduce_rows(infonce_bank_rows(query, positive, bank, temperature=temperature), reduction, query.dtype)
 
 
 def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
@@ -121,46 +138,6 @@ def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor
 # ----------------------------------------------------------------------------------------------------
 # 3. relational_contrastive_loss: CRRCD, both sides, rows (i, j) with i != j, frozen Z per side.
 # ----------------------------------------------------------------------------------------------------
-class RelationalParams(NamedTuple):
-    """Parameters of CRRCD's relation networks and critic heads (method.md section 3).
-
-    F_t(a, b)  = ft_w2 @ relu(ft_w1 @ a - ft_w1 @ b + ft_b1) + ft_b2
-    F_ts(a, b) = fts_w2 @ relu(fts_u @ a - fts_v @ b + fts_b1) + fts_b2
-    h1(x) = normalize(h1_w @ x + h1_b), h2(x) = normalize(h2_w @ x + h2_b)
-    """
-    ft_w1: Tensor
-    ft_b1: Tensor
-    ft_w2: Tensor
-    ft_b2: Tensor
-    fts_u: Tensor
-    fts_v: Tensor
-    fts_b1: Tensor
-    fts_w2: Tensor
-    fts_b2: Tensor
-    h1_w: Tensor
-    h1_b: Tensor
-    h2_w: Tensor
-    h2_b: Tensor
-
-
-def pair_indices(batch: int, device=None) -> tuple[Tensor, Tensor]:
-    """Rows r = (i, j), i != j, i-major: r = i * (B - 1) + (j if j < i else j - 1)."""
-    i = torch.arange(batch, device=device).repeat_interleave(max(batch - 1, 0))
-    j = torch.arange(batch, device=device).repeat(batch, 1)
-    j = j[~torch.eye(batch, dtype=torch.bool, device=device)]
-    return i, j
-
-
-def off_diagonal(grid: Tensor) -> Tensor:
-    """grid [B, B, ...] -> its entries (i, j), i != j, as rows [B(B-1), ...] in pair_indices order.
-
-    Only reshapes and slices: the backward scatters nothing (no atomic adds), so it is deterministic on
-    every device, unlike the backward of x[j].
-    """
-    b, rest = grid.shape[0], grid.shape[2:]
-    return grid.reshape(b * b, *rest)[1:].reshape(b - 1, b + 1, *rest)[:, :-1].reshape(b * (b - 1), *rest)
-
-
 def relation_t(p: RelationalParams, a: Tensor, b: Tensor) -> Tensor:
     return F.linear(F.relu(F.linear(a, p.ft_w1) - F.linear(b, p.ft_w1) + p.ft_b1), p.ft_w2, p.ft_b2)
 
@@ -208,22 +185,27 @@ def relational_scores(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor
 def relational_side_rows(scores: Tensor, temperature: float, log_z, num_negatives: int, n_data: int,
                          eps: float = 1e-7) -> Tensor:
     """Per-row NCE critic of one side: softplus(-l_0) + sum_k softplus(l_k), l = s/tau - log Z - log(K/N + eps)."""
-    l = scores / temperature - torch.as_tensor(log_z, dtype=scores.dtype, device=scores.device) \
-        - math.log(num_negatives / n_data + eps)
-    return F.softplus(-l[:, 0]) + F.softplus(l[:, 1:]).sum(1)
+    l = scores / temperature - log_z_like(log_z, scores) - math.log(num_negatives / n_data + eps)
+    return softplus(-l[:, 0]) + softplus(l[:, 1:]).sum(1)
+
+
+def relational_rows(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor, neg_idx: Tensor,
+                    params: RelationalParams, *, temperature: float = 0.1, log_z_t, log_z_s, n_data: int,
+                    eps: float = 1e-7) -> Tensor:
+    """Per-row losses [R] in the accumulation dtype: student side + teacher side of each pair (i, j)."""
+    s_student, s_teacher = relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
+    k = neg_idx.shape[1]
+    return (relational_side_rows(s_student, temperature, log_z_s, k, n_data, eps)
+            + relational_side_rows(s_teacher, temperature, log_z_t, k, n_data, eps))
 
 
 def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                                 neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
                                 log_z_t, log_z_s, n_data: int, eps: float = 1e-7,
                                 reduction: str = "mean") -> Tensor:
-    s_student, s_teacher = relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, params)
-    k = neg_idx.shape[1]
-    rows_s = relational_side_rows(s_student, temperature, log_z_s, k, n_data, eps)
-    rows_t = relational_side_rows(s_teacher, temperature, log_z_t, k, n_data, eps)
-    if reduction == "none":
-        return (rows_s + rows_t).to(e_s.dtype)
-    return reduce_rows(rows_s, reduction, e_s.dtype) + reduce_rows(rows_t, reduction, e_s.dtype)
+    rows = relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature, log_z_t=log_z_t,
+                           log_z_s=log_z_s, n_data=n_data, eps=eps)
+    return reduce_rows(rows, reduction, e_s.dtype)
 
 
 def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor, neg_idx: Tensor,
@@ -242,18 +224,21 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
 # ----------------------------------------------------------------------------------------------------
 # 4. feature_regression_loss: 1x1-conv adapter + MSE against a teacher feature map (GDRD stage 1).
 # ----------------------------------------------------------------------------------------------------
-def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
-                            *, reduction: str = "mean") -> Tensor:
-    """'mean' = mean over all B*Ct*H*W elements; 'none' = per-sample mean over Ct*H*W, shape [B]."""
+def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Per-sample mean squared error [B] over Ct*H*W, in the accumulation dtype."""
     dt = compute_dtype(student)
     x, w = student.to(dt), weight.to(dt)
     proj = torch.einsum("oc,bc...->bo...", w, x)
     if bias is not None:
         proj = proj + bias.to(dt).view(1, -1, *([1] * (x.dim() - 2)))
-    err = (proj - teacher.detach().to(dt)).pow(2).flatten(1)
-    if reduction == "none":
-        return err.mean(1).to(student.dtype)
-    return err.mean() if reduction == "mean" else err.sum()
+    return (proj - teacher.detach().to(dt)).pow(2).flatten(1).mean(1)
+
+
+def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
+                            *, reduction: str = "mean") -> Tensor:
+    """'mean' = mean over all B*Ct*H*W elements; 'sum' their sum; 'none' = per-sample mean over Ct*H*W, [B]."""
+    rows = feature_regression_rows(student, teacher, weight, bias)
+    return reduce_rows(rows, reduction, student.dtype, row_size=teacher[0].numel())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,16 @@
-"""Argument checks shared by every public entry point (ops.md section 6).
+"""Argument checks shared by every public entry point and Module.
 
-Shape, dtype and device checks are free. Value checks (index range, NaN/Inf, unset Z) read tensor
-values: they run on CPU tensors in eager mode and, on GPU, only after `set_checks(True)`, since they sync.
+Every check runs before anything is computed, drawn or written, so a failed call changes nothing, and
+every message names the caller's own argument and what it must be.
+
+Shape, dtype, device and grad checks are free and always run. Value checks (index range, NaN/Inf, an
+unset log Z) read tensor values: they run on CPU tensors in eager mode and, on GPU, only after
+`set_checks(True)`, since each costs a host sync. Inside torch.compile they are skipped.
+
+NaN policy, the same for every op: every floating-point tensor a call reads (inputs, banks, queues,
+weights, biases, relational parameters, log Z) must be finite. Where value checks run, a NaN or Inf
+raises ValueError naming the tensor; where they do not (GPU without set_checks(True), compiled code),
+it propagates into the loss, which is then NaN, never silently dropped.
 """
 from __future__ import annotations
 
@@ -51,9 +60,21 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
 
 
-def finite(name: str, t: Tensor) -> None:
-    if value_checks(t) and not all_finite(t):
+def finite(name: str, t: Tensor | None) -> None:
+    if t is not None and value_checks(t) and not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def no_grad_input(name: str, t: Tensor, why: str) -> None:
+    """Tensors that never receive a gradient must not ask for one: silently detaching them would hide a bug."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but {why}, so no gradient reaches it: pass {name}.detach()")
+
+
+def shape(name: str, t: Tensor, expected: tuple[int, ...], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}{' ' + what if what else ''}, "
+                         f"got {tuple(t.shape)}")
 
 
 def same_device(**tensors: Tensor | None) -> torch.device:
@@ -77,11 +98,40 @@ def index_in_range(name: str, idx: Tensor, n: int) -> None:
             raise ValueError(f"{name} has values in [{lo}, {hi}], outside [0, {n - 1}]")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
-            or not math.isfinite(value):
+    if not _is_number(value) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def non_negative(name: str, value: float) -> float:
+    if not _is_number(value) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def in_unit_interval(name: str, value: float) -> float:
+    """A momentum: 0 <= value < 1."""
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def float_dtype(name: str, value) -> torch.dtype:
+    if value not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point dtype ("
+                        + ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES) + f"), got {value!r}")
+    return value
 
 
 def reduction(value: str) -> str:
@@ -90,15 +140,38 @@ def reduction(value: str) -> str:
     return value
 
 
+def all_at_once(owner: str, *checks) -> None:
+    """Run every check (a zero-argument callable) and raise one error listing all that failed, so a
+    constructor reports every bad argument in one go."""
+    errors = []
+    for run in checks:
+        try:
+            run()
+        except (ValueError, TypeError) as exc:
+            if str(exc) not in errors:
+                errors.append(str(exc))
+    if errors:
+        raise ValueError(f"{owner}: " + "; ".join(errors))
+
+
 def log_z_value(name: str, log_z, like: Tensor) -> Tensor:
-    """log Z as a 0-dim tensor on `like`'s device; NaN means CRD's normaliser was never estimated."""
+    """log Z as a 0-dim float64 tensor on `like`'s device (a Python float keeps its float64 value).
+
+    log Z is a frozen normaliser on every backend: no gradient flows to it, so a tensor that requires
+    grad is refused. NaN means the normaliser was never estimated."""
     if log_z is None:
         raise ValueError(f"{name} is required: estimate it first (crd_log_z / relational_log_z)")
-    t = torch.as_tensor(log_z, device=like.device)
-    if t.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        t = t.double()
+    if isinstance(log_z, Tensor):
+        if log_z.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(log_z.shape)}")
+        if log_z.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"{name} must be a real number, got dtype {log_z.dtype}")
+        no_grad_input(name, log_z, "log Z is a frozen normaliser (estimate it with crd_log_z / relational_log_z)")
+        t = log_z.reshape(()).to(like.device, torch.float64)
+    elif _is_number(log_z):
+        t = torch.tensor(float(log_z), dtype=torch.float64, device=like.device)
+    else:
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(log_z).__name__}")
     if value_checks(t) and not bool(torch.isfinite(t)):
         raise ValueError(f"{name} is not set (got {float(t)}): Z has not been estimated yet")
-    return t.reshape(())
+    return t

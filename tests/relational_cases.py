@@ -6,13 +6,14 @@ grad_output != 1, a no-grad forward; error <= same-dtype torch error + per-dtype
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational
-from gdrd_fast.reference import RelationalParams
+from gdrd_fast import RelationalParams
 from gdrd_fast.testing import assert_close
 
 TEMPERATURE, N_DATA = 0.1, 5000
@@ -97,13 +98,23 @@ def check_log_z(backend: str, dtypes, sizes, device: str = "cpu") -> None:
 
 
 def check_nan_poisons_the_loss(backend: str, device: str = "cpu") -> None:
-    """Queues are not validated (cost), so a NaN in a sampled queue row must show in the loss."""
+    """The NaN policy (gdrd_fast/validation.py): where value checks run (CPU tensors), a NaN in a queue
+    raises naming it; where they do not (GPU without set_checks(True)), it must show in the loss."""
     case = make_case(3, 16, 16, 10, 5, device=device)
     log_z = reference.relational_log_z(**case, temperature=TEMPERATURE, n_data=N_DATA)
     case["queue_t"][case["neg_idx"][1, 2]] = float("nan")
-    loss = gdrd_fast.relational_contrastive_loss(**cast(case, torch.float32), temperature=TEMPERATURE,
-                                                 log_z_t=log_z[0], log_z_s=log_z[1], n_data=N_DATA, backend=backend)
-    assert torch.isnan(loss)
+    inputs = cast(case, torch.float32)
+    inputs["e_t"].requires_grad_(False)
+
+    def loss():
+        return gdrd_fast.relational_contrastive_loss(**inputs, temperature=TEMPERATURE, log_z_t=log_z[0],
+                                                     log_z_s=log_z[1], n_data=N_DATA, backend=backend)
+
+    if device == "cpu":
+        with pytest.raises(ValueError, match="queue_t contains NaN"):
+            loss()
+    else:
+        assert torch.isnan(loss())
 
 
 def check_opcheck(backend: str, device: str = "cpu") -> None:

@@ -30,7 +30,7 @@ def test_import_and_losses_work_without_compiled_parts_triton_or_diffusers():
         q = torch.randn(3, 4)
         print(float(gdrd_fast.infonce_bank_loss(q, q, torch.randn(9, 4))))
         print(float(gdrd_fast.crd_nce_loss(q, torch.randn(9, 4), torch.randint(9, (3, 5)), log_z=1.0)))
-        print(gdrd_fast.backends.resolve("crd_nce_loss", crd_nce.IMPLS, "auto", q.device))
+        print(crd_nce.IMPLS.resolve("auto", q.device, q.dtype))
         print(gdrd_fast.env_report())
         try:
             gdrd_fast.crd_nce_loss(q, torch.randn(9, 4), torch.randint(9, (3, 5)), log_z=1.0, backend="cpu")
@@ -58,8 +58,8 @@ def test_ci_build_has_the_cpu_extension():
 
 
 def test_auto_backend_picks_the_cpu_path_on_cpu():
-    assert backends.resolve("infonce_bank_loss", infonce_ops.IMPLS, "auto", torch.device("cpu")) == "cpu"
-    assert "torch" in backends.available_backends(infonce_ops.IMPLS, torch.device("cpu"))
+    assert infonce_ops.IMPLS.resolve("auto", torch.device("cpu"), torch.float32, d=16) == "cpu"
+    assert "torch" in infonce_ops.IMPLS.available(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -89,3 +89,65 @@ def test_compiled_model_has_no_graph_break_on_the_loss():
     step(x, proj).backward()
     torch.testing.assert_close(loss, step(x, proj))
     torch.testing.assert_close(grad, proj.grad)
+
+
+CPU_BACKENDS = ["torch", "auto", pytest.param("cpu", marks=pytest.mark.skipif(
+    backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_losses_compile_with_fullgraph(backend):
+    """Backends are resolved outside the graph (no importlib, no .item()): fullgraph=True holds for every
+    loss, and the compiled loss and gradients equal eager."""
+    torch._dynamo.reset()
+    memory, idx = torch.randn(30, 8), torch.randint(30, (4, 6))
+    teacher, weight = torch.randn(4, 3), torch.randn(3, 8)
+
+    def step(anchor):
+        anchor = torch.nn.functional.normalize(anchor, dim=1)
+        return (gdrd_fast.crd_nce_loss(anchor, memory, idx, temperature=0.1, log_z=2.0, backend=backend)
+                + gdrd_fast.infonce_bank_loss(anchor, anchor.roll(1, 0), memory, temperature=0.1, backend=backend)
+                + gdrd_fast.feature_regression_loss(anchor, teacher, weight, backend=backend))
+
+    anchor = torch.randn(4, 8, requires_grad=True)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(anchor)
+    (grad,) = torch.autograd.grad(loss, anchor)
+    eager = step(anchor)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, torch.autograd.grad(eager, anchor)[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_crd_module_compiles_with_fullgraph_and_matches_eager(backend):
+    """CRDLoss under torch.compile(fullgraph=True): Z estimated on the first step without a host sync
+    (no .item()), frozen after, banks updated; loss, gradients and state equal the eager module's."""
+    torch._dynamo.reset()
+    eager = gdrd_fast.CRDLoss(8, 7, n_data=30, feat_dim=4, nce_k=5, backend=backend)
+    module = gdrd_fast.CRDLoss(8, 7, n_data=30, feat_dim=4, nce_k=5, backend=backend)
+    module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        f_s, f_t, idx = torch.randn(4, 8), torch.randn(4, 7), torch.randperm(30)[:4]
+        contrast_idx = torch.cat([idx[:, None], torch.randint(30, (4, 5))], 1)
+        got, want = compiled(f_s, f_t, idx, contrast_idx), eager(f_s, f_t, idx, contrast_idx)
+        torch.testing.assert_close(got, want)
+        grads = torch.autograd.grad(got, [module.embed_s.linear.weight])
+        torch.testing.assert_close(grads[0], torch.autograd.grad(want, [eager.embed_s.linear.weight])[0])
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value)
+
+
+def test_every_triton_entry_point_sends_float64_to_the_exact_path():
+    """One rule, declared by each backend: the Triton kernels compute fp16/bf16/fp32, so float64 runs the
+    chunked float64 path on any device (the relational path used to run its fp32 kernel: 1.4e-8 error)."""
+    pytest.importorskip("triton")
+    from gdrd_fast.ops import feature_regression, relational
+    cuda = torch.device("cuda")  # resolution reads declarations only: no GPU needed
+    for op, sizes in ((infonce_ops.IMPLS, dict(d=64)), (relational.IMPLS, {}), (feature_regression.IMPLS, {})):
+        assert op.resolve("triton", cuda, torch.float32, **sizes) == "triton", op.name
+        assert op.resolve("auto", cuda, torch.float32, **sizes) == "triton", op.name
+        for backend in ("triton", "auto"):
+            assert op.resolve(backend, cuda, torch.float64, **sizes) == op.exact == "cpu", op.name
+    # a size limit: fp32 InfoNCE wider than any spill-free tile
+    assert infonce_ops.IMPLS.resolve("triton", cuda, torch.float32, d=4096) == "cpu"
+    assert infonce_ops.IMPLS["triton"].refuses(torch.float64) is not None

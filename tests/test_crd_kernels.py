@@ -65,8 +65,8 @@ def test_pair_kernel_equals_two_single_kernels(device, size):
     anchor_a, memory_a, idx, log_z_a = inputs(*size, torch.float32, torch.float32, torch.int64, device)
     anchor_b, memory_b, _, log_z_b = inputs(*size, torch.float32, torch.float32, torch.int64, device)
     if not crd_nce.dense_wins(idx, memory_a):
-        backend = crd_nce.PAIR_IMPLS[device].load()
-        single = crd_nce.IMPLS[device].load()
+        backend = crd_nce.PAIR_KERNELS[device]()
+        single = crd_nce.KERNELS[device]()
         c, inv_t = size[1] / size[3], 1 / 0.1
         pair = backend(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t, c, 1e-7, True)
         expected = (*single(anchor_a, memory_a, idx, inv_t, log_z_a, c, 1e-7, True),
@@ -88,7 +88,7 @@ def test_dense_path_equals_gathered_kernel_in_float64(size):
     assert crd_nce.dense_wins(idx, memory)
     c, inv_t = size[1] / size[3], 1 / 0.07
     dense = crd_nce.dense_forward(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
-    gathered = crd_nce.IMPLS["cpu"].load()(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
+    gathered = crd_nce.KERNELS["cpu"]()(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
     for got, want in zip(dense, gathered):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
@@ -115,3 +115,47 @@ def test_backward_through_no_grad_forward_raises():
     rows, _ = crd_nce.crd_nce_op(anchor, memory, idx, log_z, 0.1, 0.1, 1e-7, "cpu", False)
     with pytest.raises(RuntimeError, match="need_grad=False"):
         rows.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fp32_loss_at_70k_negatives_is_accurate(backend):
+    """K = 70,000 fp32 terms per row: summed in order in fp32 they drift (1.8e-4 relative on 'cpu'); the
+    kernel sums each row in fp64 and the reference in log space, so both stay near fp32 rounding."""
+    b, k, d, n = 2, 70_000, 128, 100_000
+    anchor, memory, idx, _ = inputs(b, k, d, n, torch.float64, torch.float64, torch.int64, "cpu")
+    log_z = reference.crd_log_z(anchor, memory, idx, temperature=0.07)
+    kw = dict(temperature=0.07, log_z=log_z, reduction="none")
+    exact = reference.crd_nce_loss(anchor, memory, idx, **kw)
+    fast = functional.crd_nce_loss(anchor.float(), memory.float(), idx, backend=backend, **kw)
+    assert not crd_nce.dense_wins(idx, memory)
+    assert float(((fast.double() - exact).abs() / exact).max()) < 3e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_float_log_z_keeps_float64(backend):
+    """A Python float log_z used to pass through float32 (5e-9 relative error in float64 CRD)."""
+    anchor, memory, idx, _ = inputs(5, 40, 16, 300, torch.float64, torch.float64, torch.int64, "cpu")
+    log_z = 7.123456789012345
+    got = functional.crd_nce_loss(anchor, memory, idx, temperature=0.1, log_z=log_z, reduction="none",
+                                  backend=backend)
+    want = reference.crd_nce_loss(anchor, memory, idx, temperature=0.1, log_z=torch.tensor(log_z, dtype=torch.float64),
+                                  reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_huge_logits_give_the_exact_finite_loss_on_every_backend(backend):
+    """The issue's repro: T = 0.01 made the 'torch' backend return inf where the loss is ~200."""
+    anchor = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    memory = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    idx = torch.tensor([[0, 1]])
+    c, eps = 0.5, 1e-7
+    # exact by hand: l = s/T - log Z - log(c + eps) with log Z = 0, softplus(-l0) + softplus(l1) + log1p(eps / c)
+    l0, l1 = -100 - math.log(c + eps), 100 - math.log(c + eps)
+    want = math.log1p(math.exp(-abs(l0))) - l0 + l1 + math.log1p(math.exp(-l1)) + math.log1p(eps / c)
+    for scale in (1.0, 10.0):
+        got = functional.crd_nce_loss(anchor * scale, memory * scale, idx, temperature=0.01, log_z=0.0,
+                                      backend=backend)
+        assert torch.isfinite(got)
+        if scale == 1.0:
+            assert float(got) == pytest.approx(want, rel=1e-14)

@@ -80,11 +80,11 @@ def test_crd_loss_failure_mutates_nothing(backend, monkeypatch):
         crd(f, f, torch.tensor([0, 1, 50], device=device))
     with pytest.raises(ValueError, match="contrast_idx|idx"):
         crd(f, f, ids, torch.randint(50, (3, 6), device=device).index_fill_(1, torch.tensor([3], device=device), 99))
-    with pytest.raises(ValueError, match="anchor"):
+    with pytest.raises(ValueError, match="f_s"):
         crd(f.clone().index_fill_(0, nan_row, float("nan")), f, ids)
     with pytest.raises(ValueError, match="f_t"):
         crd(f, f.clone().index_fill_(0, nan_row, float("nan")), ids)
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match=r"f_t must have idx.shape\[0\] = 3 rows"):
         crd(f, f[:2], ids)
     for key, value in crd.state_dict().items():
         torch.testing.assert_close(value, before[key], equal_nan=True)

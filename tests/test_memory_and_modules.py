@@ -118,7 +118,7 @@ def test_relational_module_zero_until_full_then_active():
         loss = rc(e_t, e_s, torch.randint(3, (4,)))
         loss.backward()
         losses.append(loss.item())
-        assert e_s.grad is not None and rc.h2_w.grad is not None
+        assert e_s.grad is not None and rc.cross_critic.weight.grad is not None
     assert losses[:3] == [0.0, 0.0, 0.0] and losses[3] > 0  # queue of 10 holds 4, 8, 12 rows
     assert torch.isfinite(rc.log_z_s) and torch.isfinite(rc.log_z_t)
     fresh = gdrd_fast.RelationalContrastiveLoss(embed_dim=12, rel_dim=8, num_negatives=5, queue_size=10, n_data=100)
@@ -134,3 +134,22 @@ def test_modules_move_with_to_and_keep_state_in_buffers():
     names = {n for n, _ in rc.named_buffers()}
     assert {"queue_t.values", "queue_t.labels", "queue_t.ptr", "queue_t.count", "queue_s.values",
             "log_z_t", "log_z_s"} <= names
+
+
+def test_relational_state_dict_names_read_without_the_formula_and_old_names_load():
+    torch.manual_seed(0)
+    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, num_negatives=2, queue_size=5, n_data=10)
+    names = set(rc.state_dict())
+    assert {"teacher_relation.weight_in", "teacher_relation.bias_in", "teacher_relation.weight_out",
+            "cross_relation.weight_teacher", "cross_relation.weight_student", "teacher_critic.weight",
+            "cross_critic.bias"} <= names
+    assert not any(n.startswith(("ft_", "fts_", "h1_", "h2_")) for n in names)
+    # a checkpoint written with the formula's names (ft_w1, fts_u, h2_b, ...) still loads
+    old = {k: v for k, v in rc.state_dict().items() if "." in k and k.split(".")[0] in ("queue_t", "queue_s")}
+    old.update(log_z_t=rc.log_z_t, log_z_s=rc.log_z_s)
+    params = rc.params()
+    old.update({field: getattr(params, field).detach().clone() + 1 for field in type(params)._fields})
+    fresh = gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, num_negatives=2, queue_size=5, n_data=10)
+    fresh.load_state_dict(old)
+    for field, value in fresh.params()._asdict().items():
+        assert torch.equal(value, old[field]), field

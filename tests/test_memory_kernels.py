@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gdrd_fast import MemoryBank, MemoryQueue, backends, reference, validation
+from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
 
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
@@ -30,7 +31,7 @@ def expected(bank, idx, values, momentum):
 def test_bank_update_matches_reference(device, bank_dtype, idx_dtype, n, d, b):
     bank, idx, values = case(n, d, b, bank_dtype, idx_dtype, device)
     want = expected(bank, idx, values, 0.3)
-    memory_ops.bank_update_(bank, idx, values, 0.3, backend=device)
+    functional.bank_update_(bank, idx, values, 0.3, backend=device)
     # rows the update does not touch are left bit for bit
     untouched = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, idx.long(), False)
     assert torch.equal(bank[untouched].double(), want[untouched])
@@ -44,10 +45,10 @@ def test_last_duplicate_wins_deterministically(device):
     idx[::3] = 7
     want = expected(bank, idx, values, 0.5)
     last_only = bank.clone()  # row 4 written from values[38] only, row 7 from values[39] only
-    memory_ops.bank_update_(last_only, idx[[38, 39]], values[[38, 39]], 0.5, backend=device)
+    functional.bank_update_(last_only, idx[[38, 39]], values[[38, 39]], 0.5, backend=device)
     for _ in range(3):
         got = bank.clone()
-        memory_ops.bank_update_(got, idx, values, 0.5, backend=device)
+        functional.bank_update_(got, idx, values, 0.5, backend=device)
         assert torch.equal(got, last_only)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
@@ -58,9 +59,9 @@ def test_pair_update_equals_two_single_updates(device, bank_dtype):
     bank_a, idx, values_a = case(500, 100, 47, bank_dtype, torch.int64, device)
     bank_b, _, values_b = case(500, 100, 47, bank_dtype, torch.int64, device)
     single_a, single_b = bank_a.clone(), bank_b.clone()
-    memory_ops.bank_update_(single_a, idx, values_a, 0.5, backend=device)
-    memory_ops.bank_update_(single_b, idx, values_b, 0.5, backend=device)
-    memory_ops.bank_update_pair_(bank_a, values_a, bank_b, values_b, idx, 0.5, backend=device)
+    functional.bank_update_(single_a, idx, values_a, 0.5, backend=device)
+    functional.bank_update_(single_b, idx, values_b, 0.5, backend=device)
+    functional.bank_update_pair_(bank_a, values_a, bank_b, values_b, idx, 0.5, backend=device)
     assert torch.equal(bank_a, single_a) and torch.equal(bank_b, single_b)
 
 
@@ -100,7 +101,7 @@ def test_queue_push_matches_reference(device, queue_dtype, value_dtype, d, with_
         values = torch.randn(n, d, dtype=value_dtype, device=device)
         labels = torch.randint(100, (n,), dtype=torch.int32, device=device) if with_labels else None
         queue, ptr, count, queue_labels = ours
-        memory_ops.queue_push_(queue, ptr, count, values, labels, queue_labels, backend=device)
+        functional.queue_push_(queue, ptr, count, values, labels, queue_labels, backend=device)
         reference.queue_push_(ref[0], ref[1], ref[2], values, labels, ref[3])
         for got, want in zip(ours, ref):
             assert (got is None and want is None) or torch.equal(got, want)
@@ -114,7 +115,7 @@ def test_queue_sampling_kernel_draws_the_reference_indices(device, filled, batch
     partner = torch.randint(classes or 5, (batch,), dtype=torch.int32, device=device)
     for seed in [0, -1, 2 ** 63 - 2, int(torch.randint(-2 ** 63, 2 ** 63 - 1, ()))]:
         seed_t = torch.tensor([seed], device=device)
-        got = memory_ops.queue_sample_negatives(queue_labels, filled, partner, seed_t, k, backend=device)
+        got = functional.queue_sample_negatives(queue_labels, filled, partner, seed_t, k, backend=device)
         want = reference.queue_sample_negatives(queue_labels, filled, partner, seed_t, k)
         assert got.dtype == torch.int64 and torch.equal(got, want)
 
@@ -123,7 +124,7 @@ def test_queue_sampling_kernel_draws_the_reference_indices(device, filled, batch
 def test_queue_sampling_is_uniform_over_the_other_class(device):
     labels = torch.arange(60, device=device) % 4
     partner = torch.zeros(200, dtype=torch.long, device=device)
-    idx = memory_ops.queue_sample_negatives(labels, 60, partner, torch.tensor([7], device=device), 900,
+    idx = functional.queue_sample_negatives(labels, 60, partner, torch.tensor([7], device=device), 900,
                                             backend=device)
     counts = torch.bincount(idx.flatten(), minlength=60).double().cpu()
     valid = (labels != 0).cpu()
@@ -162,8 +163,8 @@ def test_memory_queue_uses_kernels_and_reproduces_from_generator(device):
 def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
     labels, partner = torch.randint(9, (777,)), torch.randint(9, (31,))
     seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,))
-    on_cpu = memory_ops.queue_sample_negatives(labels, 700, partner, seed, 257, backend="cpu")
-    on_gpu = memory_ops.queue_sample_negatives(labels.cuda(), 700, partner.cuda(), seed.cuda(), 257, backend="cuda")
+    on_cpu = functional.queue_sample_negatives(labels, 700, partner, seed, 257, backend="cpu")
+    on_gpu = functional.queue_sample_negatives(labels.cuda(), 700, partner.cuda(), seed.cuda(), 257, backend="cuda")
     assert torch.equal(on_cpu, on_gpu.cpu())
     # through the module: one CPU generator seeded alike gives both queues the same negatives
     queues = [MemoryQueue(777, 3, with_labels=True).to(device) for device in ("cpu", "cuda")]
@@ -175,7 +176,7 @@ def test_queue_sampling_draws_the_same_indices_on_cpu_and_gpu():
 
 def test_compiled_memory_ops_pass_opcheck():
     """Schemas (what each op mutates), fake kernels and dispatch hold up for torch.compile."""
-    memory_ops.PUSH_IMPLS["cpu"].load()  # loading a compiled op registers the fake kernels
+    assert memory_ops.PUSH_IMPLS["cpu"].unavailable(torch.device("cpu")) is None  # registers the fake kernels
     ops = {name: getattr(torch.ops.gdrd_fast_C, name).default
            for name in ("bank_update_", "bank_update_pair_", "queue_push_", "queue_sample_negatives")}
     bank, idx, values = case(50, 16, 9, torch.float32, torch.int64, "cpu")

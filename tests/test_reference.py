@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gdrd_fast import RelationalParams, numerics
 from gdrd_fast import reference as R
 
 f64 = torch.float64
@@ -85,7 +86,7 @@ def test_infonce_gradcheck():
 def _params(e, d, requires_grad=False):
     shapes = dict(ft_w1=(d, e), ft_b1=(d,), ft_w2=(d, d), ft_b2=(d,), fts_u=(d, e), fts_v=(d, e), fts_b1=(d,),
                   fts_w2=(d, d), fts_b2=(d,), h1_w=(d, d), h1_b=(d,), h2_w=(d, d), h2_b=(d,))
-    return R.RelationalParams(**{k: (torch.randn(*s, dtype=f64) * 0.5).requires_grad_(requires_grad)
+    return RelationalParams(**{k: (torch.randn(*s, dtype=f64) * 0.5).requires_grad_(requires_grad)
                                  for k, s in shapes.items()})
 
 
@@ -137,7 +138,7 @@ def test_relational_matches_loops():
 
 
 def test_relational_pairs_are_i_major_without_diagonal():
-    i, j = R.pair_indices(4)
+    i, j = numerics.pair_indices(4)
     assert list(zip(i.tolist(), j.tolist()))[:5] == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2)]
     assert len(i) == 12 and bool((i != j).all())
 
@@ -148,10 +149,10 @@ def test_relational_gradients_are_those_of_frozen_keys():
     p = _params(e, d, requires_grad=True)
     e_t, e_s = _unit(b, e).requires_grad_(), _unit(b, e).requires_grad_()
     queue_t, queue_s, neg_idx = _unit(q_size, e), _unit(q_size, e), torch.randint(q_size, (b, k))
-    fixed_params, fixed_e_s = R.RelationalParams(*(t.detach().clone() for t in p)), e_s.detach().clone()
+    fixed_params, fixed_e_s = RelationalParams(*(t.detach().clone() for t in p)), e_s.detach().clone()
 
     def frozen_key_rows(e_s, *flat):
-        s_s, s_t = R.relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, R.RelationalParams(*flat),
+        s_s, s_t = R.relational_scores(e_t, e_s, queue_t, queue_s, neg_idx, RelationalParams(*flat),
                                        key_params=fixed_params, key_e_s=fixed_e_s)
         return R.relational_side_rows(s_s, T, 0.2, k, n_data) + R.relational_side_rows(s_t, T, 0.3, k, n_data)
 
@@ -269,5 +270,61 @@ def test_queue_sampling_matches_a_loop_over_the_other_class():
 @pytest.mark.parametrize("b", [1, 2, 5])
 def test_off_diagonal_lists_pairs_in_pair_indices_order(b):
     grid = torch.randn(b, b, 3)
-    i, j = R.pair_indices(b)
-    assert torch.equal(R.off_diagonal(grid), grid[i, j])
+    i, j = numerics.pair_indices(b)
+    assert torch.equal(numerics.off_diagonal(grid), grid[i, j])
+
+
+# --- stability and exactness of the CRD reference (the log-space form) ----------------------------------
+def _crd_rows_mpmath(anchor, memory, idx, T, log_z, n_data, eps=1e-7):
+    """RepDistiller's row loss at 60 significant digits: exp, then log, as in its code."""
+    import mpmath
+    mpmath.mp.dps = 60
+    c = mpmath.mpf(idx.shape[1] - 1) / n_data
+    rows = []
+    for b in range(idx.shape[0]):
+        total = mpmath.mpf(0)
+        for k in range(idx.shape[1]):
+            s = mpmath.fsum(mpmath.mpf(float(memory[idx[b, k], t])) * mpmath.mpf(float(anchor[b, t]))
+                            for t in range(anchor.shape[1]))
+            p = mpmath.exp(s / mpmath.mpf(T) - mpmath.mpf(log_z))
+            total += -mpmath.log(p / (p + c + eps)) if k == 0 else -mpmath.log(c / (p + c + eps))
+        rows.append(float(total))
+    return torch.tensor(rows, dtype=f64)
+
+
+@pytest.mark.parametrize("T,scale", [(0.01, 1.0), (0.01, 10.0), (0.07, 30.0)])
+def test_crd_reference_is_exact_and_finite_for_logits_in_the_thousands(T, scale):
+    """exp(s/T - log Z) overflows past s/T ~ 709 in float64; the log-space form does not."""
+    anchor = torch.tensor([[1.0, 0.0], [0.3, -0.9]], dtype=f64) * scale
+    memory = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.6, 0.8]], dtype=f64) * scale
+    idx = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    rows = R.crd_nce_loss(anchor, memory, idx, temperature=T, log_z=0.5, n_data=3, reduction="none")
+    assert torch.isfinite(rows).all()
+    torch.testing.assert_close(rows, _crd_rows_mpmath(anchor, memory, idx, T, 0.5, 3), rtol=1e-13, atol=0)
+    a = anchor.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: R.crd_nce_loss(a, memory, idx, temperature=T, log_z=0.5, n_data=3,
+                                                             reduction="none"), (a,))
+
+
+def test_crd_reference_fp32_gradient_is_right_past_logit_44():
+    """In fp32, exp(l) for l > 44 made (P + c + eps) round away c: gradients off by 0.49 relative."""
+    anchor, memory = torch.randn(6, 16, dtype=f64), torch.randn(50, 16, dtype=f64)  # logits far beyond 44
+    idx = torch.randint(50, (6, 9))
+
+    def grad(dtype):
+        a = anchor.to(dtype).requires_grad_(True)
+        loss = R.crd_nce_loss(a, memory.to(dtype), idx, temperature=0.07, log_z=5.0, n_data=50)
+        return torch.autograd.grad(loss, a)[0].double()
+
+    exact = grad(f64)
+    assert (torch.einsum("bkd,bd->bk", memory[idx], anchor) / 0.07 - 5.0).max() > 44
+    assert float((grad(torch.float32) - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_crd_reference_keeps_a_float_log_z_in_float64():
+    n, b, k, d = 37, 5, 9, 11
+    memory, anchor = _unit(n, d), _unit(b, d)
+    idx = torch.randint(n, (b, k + 1))
+    log_z = 2.345678901234567  # not representable in float32
+    ours = R.crd_nce_loss(anchor, memory, idx, temperature=0.07, log_z=log_z, reduction="none")
+    torch.testing.assert_close(ours, _crd_rows_mpmath(anchor, memory, idx, 0.07, log_z, n), rtol=1e-13, atol=0)

@@ -185,3 +185,248 @@ def test_finite_check_catches_every_nan_and_inf_and_no_overflowing_sum(dtype):
     both = torch.zeros(10, dtype=dtype)
     both[2], both[7] = float("inf"), -float("inf")  # their sum is NaN: still caught
     assert not validation.all_finite(both)
+
+
+# --- a failed call changes nothing: state_dict, the module's generator and the global RNG, bit for bit -----
+def _snapshot(module):
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    generator = getattr(module, "generator", None)
+    return state, (generator.get_state() if generator is not None else None), torch.get_rng_state()
+
+
+def _assert_unchanged(module, snapshot, what):
+    state, gen_state, rng = snapshot
+    after = module.state_dict()
+    assert after.keys() == state.keys(), what
+    for key, value in state.items():
+        assert torch.equal(after[key], value) or (
+            value.is_floating_point() and torch.equal(torch.isnan(after[key]), torch.isnan(value))
+            and torch.equal(after[key].nan_to_num(), value.nan_to_num())), f"{what}: {key} changed"
+    if gen_state is not None:
+        assert torch.equal(module.generator.get_state(), gen_state), f"{what}: the module's generator advanced"
+    assert torch.equal(torch.get_rng_state(), rng), f"{what}: the global RNG advanced"
+
+
+def _crd_module(**kw):
+    crd = gdrd_fast.CRDLoss(6, 5, n_data=40, feat_dim=4, nce_k=7, **kw)
+    crd.generator = torch.Generator().manual_seed(1)
+    return crd
+
+
+def _nan_at(t, row=1):
+    t = t.clone()
+    t[row] = float("nan")
+    return t
+
+
+def _relational(full: bool, **kw):
+    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, num_negatives=3, queue_size=8, n_data=50, **kw)
+    rc.generator = torch.Generator().manual_seed(2)
+    if full:
+        rc.queue_t.push_(torch.randn(8, 6), torch.arange(8) % 3)
+        rc.queue_s.push_(torch.randn(8, 6))
+    return rc
+
+
+_INPUTS = torch.Generator().manual_seed(0)
+
+
+def _r(*shape):
+    """Inputs drawn from their own generator: the test watches the global RNG."""
+    return torch.randn(*shape, generator=_INPUTS)
+
+
+def _bad_calls():
+    """(name, module factory, call that must raise) over every Module; f = the module."""
+    f_s, f_t, idx = _r(3, 6), _r(3, 5), torch.tensor([0, 5, 9])
+    e, y = _r(4, 6), torch.tensor([0, 1, 2, 0])
+    crd_calls = {
+        "NaN f_t": lambda m: m(f_s, _nan_at(f_t), idx),
+        "NaN f_s": lambda m: m(_nan_at(f_s), f_t, idx),
+        "f_s too wide": lambda m: m(_r(3, 7), f_t, idx),
+        "rank-1 f_s": lambda m: m(_r(6), f_t, idx),
+        "int f_s": lambda m: m(f_s.int(), f_t, idx),
+        "meta f_s": lambda m: m(f_s.to("meta"), f_t, idx),
+        "f_t batch": lambda m: m(f_s, f_t[:2], idx),
+        "idx range": lambda m: m(f_s, f_t, torch.tensor([0, 5, 40])),
+        "contrast_idx range": lambda m: m(f_s, f_t, idx, torch.full((3, 8), 40)),
+        "contrast_idx K=0": lambda m: m(f_s, f_t, idx, idx[:, None]),
+        "NaN bank": lambda m: (m.memory_t.rows.__setitem__(3, float("nan")), m(f_s, f_t, idx)),
+        "NaN embed weight": lambda m: (m.embed_s.linear.weight.data.__setitem__(0, float("nan")), m(f_s, f_t, idx)),
+    }
+    for name, call in crd_calls.items():
+        yield f"CRDLoss {name}", _crd_module, call
+    yield "CRDLoss unavailable backend", lambda: _crd_module(backend="cuda"), lambda m: m(f_s, f_t, idx)
+    for name, call in crd_calls.items():
+        yield f"DistributedCRDLoss {name}", lambda: _distributed_crd(), call
+    rel_calls = {
+        "e_s batch": lambda m: m(e, e[:3], y),
+        "NaN e_s": lambda m: m(e, _nan_at(e), y),
+        "NaN e_t": lambda m: m(_nan_at(e), e, y),
+        "wrong D": lambda m: m(_r(4, 5), _r(4, 5), y),
+        "int e_s": lambda m: m(e, e.int(), y),
+        "labels length": lambda m: m(e, e, y[:3]),
+        "NaN h2_b": lambda m: (m.cross_critic.bias.data.__setitem__(0, float("nan")), m(e, e, y)),
+    }
+    for full in (False, True):
+        for name, call in rel_calls.items():
+            yield f"RelationalContrastiveLoss (queue {'full' if full else 'filling'}) {name}", \
+                lambda full=full: _relational(full), call
+    yield "RelationalContrastiveLoss no negative of another class", lambda: _relational_one_class(), \
+        lambda m: m(e, e, torch.tensor([0, 0, 0, 0]))
+    yield "RelationalContrastiveLoss NaN queue", lambda: _relational(True), \
+        lambda m: (m.queue_s.values.__setitem__(2, float("nan")), m(e, e, y))
+    yield "MemoryBank NaN values", lambda: gdrd_fast.MemoryBank(10, 4), \
+        lambda m: m.update_(torch.tensor([1, 2]), _nan_at(_r(2, 4)))
+    yield "MemoryQueue wrong dim", lambda: gdrd_fast.MemoryQueue(5, 4), lambda m: m.push_(_r(2, 3), y[:2])
+    yield "MemoryQueue one class", lambda: _queue_one_class(), \
+        lambda m: m.sample_negatives(torch.tensor([0]), 3, torch.Generator().manual_seed(0))
+    yield "MemoryQueue one class, global RNG", lambda: _queue_one_class(), \
+        lambda m: m.sample_negatives(torch.tensor([0]), 3)
+    yield "InfoNCEBankLoss NaN negatives", lambda: gdrd_fast.InfoNCEBankLoss(), \
+        lambda m: m(e, e, _nan_at(_r(9, 6)))
+    yield "FeatureRegressionLoss NaN weight", lambda: gdrd_fast.FeatureRegressionLoss(3, 2), \
+        lambda m: (m.adapter.weight.data.__setitem__(0, float("nan")), m(_r(2, 3, 4, 4), _r(2, 2, 4, 4)))
+
+
+def _distributed_crd():
+    from gdrd_fast.distributed import DistributedCRDLoss
+    crd = DistributedCRDLoss(6, 5, n_data=40, feat_dim=4, nce_k=7)
+    crd.generator = torch.Generator().manual_seed(1)
+    return crd
+
+
+def _relational_one_class():
+    rc = _relational(False)
+    rc.queue_t.push_(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
+    rc.queue_s.push_(torch.randn(8, 6))
+    return rc
+
+
+def _queue_one_class():
+    queue = gdrd_fast.MemoryQueue(5, 4)
+    queue.push_(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
+    return queue
+
+
+@pytest.mark.parametrize("name,make,call", list(_bad_calls()), ids=[c[0] for c in _bad_calls()])
+def test_a_failed_call_changes_no_buffer_and_no_generator(name, make, call):
+    module = make()
+    # the NaN cases write into a parameter or buffer on purpose: snapshot after that write
+    poison = {"NaN bank": lambda m: m.memory_t.rows.__setitem__(3, float("nan")),
+              "NaN embed weight": lambda m: m.embed_s.linear.weight.data.__setitem__(0, float("nan")),
+              "NaN h2_b": lambda m: m.cross_critic.bias.data.__setitem__(0, float("nan")),
+              "NaN queue": lambda m: m.queue_s.values.__setitem__(2, float("nan")),
+              "NaN weight": lambda m: m.adapter.weight.data.__setitem__(0, float("nan"))}
+    for key, write in poison.items():
+        if name.endswith(key):
+            write(module)
+    snapshot = _snapshot(module)
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        call(module)
+    _assert_unchanged(module, snapshot, name)
+
+
+# --- one rule per argument on every backend -----------------------------------------------------------
+CPU_BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    gdrd_fast.backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_log_z_that_requires_grad_is_refused_on_every_backend(backend):
+    """log Z is a frozen normaliser: 'torch' used to give it a gradient and 'cpu' to fail in backward."""
+    args, kw = _crd(log_z=torch.tensor(1.0, requires_grad=True))
+    with pytest.raises(ValueError, match="log_z requires grad"):
+        Fn.crd_nce_loss(**args, **kw, backend=backend)
+    with torch.no_grad():  # without autograd nothing can flow to it: accepted
+        Fn.crd_nce_loss(**args, **kw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_relational_without_negatives_is_refused(backend):
+    args = _relational_args()
+    args["neg_idx"] = torch.zeros(3, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="neg_idx must hold at least one negative"):
+        Fn.relational_contrastive_loss(**args, temperature=0.1, log_z_t=1.0, log_z_s=1.0, n_data=50, backend=backend)
+
+
+SILENT_CASES = [  # accepted silently before: now an error naming the argument
+    (lambda: Fn.crd_nce_loss(**_crd(memory=torch.randn(20, 8, requires_grad=True))[0], log_z=1.0),
+     ValueError, "memory requires grad"),
+    (lambda: Fn.infonce_bank_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9, 8, requires_grad=True)),
+     ValueError, "bank requires grad"),
+    (lambda: Fn.feature_regression_loss(torch.randn(2, 3), torch.randn(2, 4, requires_grad=True), torch.randn(4, 3)),
+     ValueError, "teacher requires grad"),
+    (lambda: Fn.crd_nce_loss(**_crd()[0], log_z=1.0, n_data=True), ValueError, "n_data"),
+    (lambda: Fn.crd_nce_loss(**_crd()[0], log_z=1.0, eps=float("inf")), ValueError, "eps"),
+    (lambda: Fn.crd_nce_loss(**_crd()[0], log_z="5"), TypeError, "log_z"),
+    (lambda: gdrd_fast.MemoryQueue(4, 3, dtype=torch.int32), TypeError, "dtype"),
+    (lambda: gdrd_fast.MemoryBank(4, 3, dtype=torch.int64), TypeError, "dtype"),
+    (lambda: gdrd_fast.CRDLoss(4, 4, n_data=True), ValueError, "n_data"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SILENT_CASES)))
+def test_what_was_silently_accepted_is_refused(case):
+    call, exc, match = SILENT_CASES[case]
+    with pytest.raises((exc, ValueError), match=match):
+        call()
+
+
+def test_relational_parameter_shapes_are_named():
+    for field, bad in (("h2_b", torch.randn(1)), ("fts_v", torch.randn(4, 5)), ("ft_w2", torch.randn(4, 3))):
+        args = _relational_args()
+        args["params"] = args["params"]._replace(**{field: bad})
+        with pytest.raises(ValueError, match=rf"params.{field} must have shape"):
+            Fn.relational_contrastive_loss(**args, temperature=0.1, log_z_t=1.0, log_z_s=1.0, n_data=50)
+
+
+NAN_CASES = [  # the NaN policy: every floating tensor a call reads, named
+    ("memory", lambda: Fn.crd_nce_loss(**_crd(memory=_nan_at(torch.randn(20, 8)))[0], log_z=1.0)),
+    ("bank", lambda: Fn.infonce_bank_loss(torch.randn(4, 8), torch.randn(4, 8), _nan_at(torch.randn(9, 8)))),
+    ("weight", lambda: Fn.feature_regression_loss(torch.randn(2, 3), torch.randn(2, 4), _nan_at(torch.randn(4, 3)))),
+    ("bias", lambda: Fn.feature_regression_loss(torch.randn(2, 3), torch.randn(2, 4), torch.randn(4, 3),
+                                                _nan_at(torch.randn(4)))),
+    ("teacher", lambda: Fn.feature_regression_loss(torch.randn(2, 3), _nan_at(torch.randn(2, 4)), torch.randn(4, 3))),
+    ("params.h1_w", lambda: Fn.relational_contrastive_loss(
+        **{**_relational_args(), "params": _relational_args()["params"]._replace(h1_w=_nan_at(torch.randn(4, 4)))},
+        temperature=0.1, log_z_t=1.0, log_z_s=1.0, n_data=50)),
+    ("queue_s", lambda: Fn.relational_contrastive_loss(
+        **{**_relational_args(), "queue_s": _nan_at(torch.randn(7, 6))}, temperature=0.1, log_z_t=1.0, log_z_s=1.0,
+        n_data=50)),
+]
+
+
+@pytest.mark.parametrize("name,call", NAN_CASES, ids=[c[0] for c in NAN_CASES])
+def test_nan_anywhere_is_refused_by_name(name, call):
+    with pytest.raises(ValueError, match=rf"^{name} contains NaN"):
+        call()
+
+
+CRD_MODULE_ERRORS = [  # errors name the Module's own arguments
+    (lambda m: m(torch.randn(3, 7), torch.randn(3, 5), torch.tensor([0, 1, 2])), r"f_s must be \[B, s_dim=6\]"),
+    (lambda m: m(torch.randn(6), torch.randn(3, 5), torch.tensor([0, 1, 2])), "f_s must have"),
+    (lambda m: m(_nan_at(torch.randn(3, 6)), torch.randn(3, 5), torch.tensor([0, 1, 2])), "f_s contains NaN"),
+    (lambda m: m(torch.randn(3, 6), torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.full((3, 4), 40)),
+     "contrast_idx has values"),
+    (lambda m: m(torch.randn(3, 6, device="meta"), torch.randn(3, 5), torch.tensor([0, 1, 2])), "f_s is on meta"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CRD_MODULE_ERRORS)))
+def test_crd_module_errors_name_its_own_arguments(case):
+    call, match = CRD_MODULE_ERRORS[case]
+    with pytest.raises(ValueError, match=match):
+        call(gdrd_fast.CRDLoss(6, 5, n_data=40, feat_dim=4, nce_k=3))
+
+
+def test_constructors_validate_every_argument_at_once():
+    with pytest.raises(ValueError) as info:
+        gdrd_fast.CRDLoss(6, 5, n_data=40, nce_t=-1.0, nce_m=1.5, backend="bogus")
+    assert "nce_t" in str(info.value) and "nce_m" in str(info.value) and "backend" in str(info.value)
+    with pytest.raises(ValueError, match="CRDLoss: crd_nce_pair_loss has no 'triton' backend"):
+        gdrd_fast.CRDLoss(6, 5, n_data=40, backend="triton")
+    with pytest.raises(ValueError, match="reduction"):
+        gdrd_fast.InfoNCEBankLoss(reduction="avg")
+    with pytest.raises(ValueError, match="temperature"):
+        gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, temperature=0.0, n_data=10)

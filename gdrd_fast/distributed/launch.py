@@ -63,7 +63,7 @@ def _twin(loss: nn.Module, group, sharded: bool) -> nn.Module:
                                   bank_dtype=loss.memory_s.rows.dtype, sharded=sharded, group=group,
                                   backend=loss.backend)
     if isinstance(loss, RelationalContrastiveLoss):
-        rel_dim, embed_dim = loss.ft_w1.shape
+        rel_dim, embed_dim = loss.rel_dim, loss.embed_dim
         return DistributedRelationalContrastiveLoss(
             embed_dim, rel_dim, loss.num_negatives, loss.queue_t.size, loss.temperature, n_data=loss.n_data,
             supervised=loss.supervised, backend=loss.backend, group=group)

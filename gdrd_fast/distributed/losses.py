@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import functional
-from ..losses import CRDLoss, RelationalContrastiveLoss, _z_is_set
+from ..losses import CRDLoss, RelationalContrastiveLoss
 from . import comm
 from .memory import ShardedMemoryBank
 
@@ -71,46 +70,45 @@ class DistributedCRDLoss(CRDLoss):
                                   device=idx.device, dtype=idx.dtype)
         return torch.cat([idx[:, None], negatives[offset:offset + idx.shape[0]]], 1)
 
-    def _agree_on_banks(self) -> None:
-        if comm.is_active(self.group):
-            for bank in (self.memory_s, self.memory_t):
-                dist.broadcast(bank.rows, src=comm.src_rank(self.group), group=self.group)
-        self._banks_agreed = True
+    # --- CRDLoss's hooks over the global batch -------------------------------------------------------
+    def prepare(self) -> None:
+        """Replicated banks start as rank 0's (each rank initialised its own at random)."""
+        if not self._banks_agreed:
+            if comm.is_active(self.group):
+                for bank in (self.memory_s, self.memory_t):
+                    dist.broadcast(bank.rows, src=comm.src_rank(self.group), group=self.group)
+            self._banks_agreed = True
 
-    def _rows_for(self, contrast_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def batch_sizes(self, idx: Tensor) -> list[int]:
+        return comm.batch_sizes(idx.shape[0], idx.device, self.group)
+
+    def bank_rows(self, contrast_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(student bank, teacher bank, idx into them): whole replicas, or just the fetched rows."""
         if not self.sharded:
             return self.memory_s.rows, self.memory_t.rows, contrast_idx
         ids, local_idx = torch.unique(contrast_idx, return_inverse=True)
         return self.memory_s.fetch(ids), self.memory_t.fetch(ids), local_idx
 
-    def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
-        if contrast_idx is not None and (contrast_idx.dim() != 2 or contrast_idx.shape[0] != idx.shape[0]):
-            raise ValueError(f"contrast_idx must be [B, K+1] with B={idx.shape[0]}, got {tuple(contrast_idx.shape)}")
-        if not self._banks_agreed:
-            self._agree_on_banks()
-        v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
-        sizes = comm.batch_sizes(idx.shape[0], idx.device, self.group)
-        if contrast_idx is None:
-            contrast_idx = self.sample_idx(idx, sizes)
-        bank_s, bank_t, bank_idx = self._rows_for(contrast_idx)
-        kw = dict(temperature=self.nce_t, n_data=self.n_data)
-        if not _z_is_set(self, "log_z_s", "log_z_t"):
-            scores_per_row = contrast_idx.shape[1]
-            self.log_z_s.copy_(_global_log_z(functional.crd_log_z(v_s, bank_t, bank_idx, **kw),
-                                             sizes, scores_per_row, self.group))
-            self.log_z_t.copy_(_global_log_z(functional.crd_log_z(v_t, bank_s, bank_idx, **kw),
-                                             sizes, scores_per_row, self.group))
-            self._z_set = True
-        kw.update(reduction="sum", backend=self.backend)
-        loss = (functional.crd_nce_loss(v_s, bank_t, bank_idx, log_z=self.log_z_s, **kw)
-                + functional.crd_nce_loss(v_t, bank_s, bank_idx, log_z=self.log_z_t, **kw))
-        loss = loss * (len(sizes) / sum(sizes))
+    def estimate_log_z(self, v_s, v_t, bank_s, bank_t, bank_idx, sizes):
+        local_s, local_t = super().estimate_log_z(v_s, v_t, bank_s, bank_t, bank_idx, sizes)
+        scores_per_row = bank_idx.shape[1]
+        return (_global_log_z(local_s, sizes, scores_per_row, self.group),
+                _global_log_z(local_t, sizes, scores_per_row, self.group))
+
+    def loss_scale(self, sizes: list[int]) -> float:
+        """sum(row losses) * W / G: DDP's gradient average then equals one process's mean over G rows."""
+        return len(sizes) / sum(sizes)
+
+    def update_banks(self, idx: Tensor, v_s: Tensor, v_t: Tensor, sizes: list[int]) -> None:
+        """Every rank applies the gathered batch in rank order, so the banks stay identical."""
         every_idx = comm.gather_rows(idx, sizes, self.group)
-        every_v = comm.gather_rows(torch.cat([v_s, v_t], 1).detach(), sizes, self.group)
-        self.memory_s.update_(every_idx, every_v[:, :v_s.shape[1]])
-        self.memory_t.update_(every_idx, every_v[:, v_s.shape[1]:])
-        return loss
+        every_v = comm.gather_rows(torch.cat([v_s, v_t], 1), sizes, self.group)
+        every_s, every_t = every_v[:, :v_s.shape[1]], every_v[:, v_s.shape[1]:]
+        if self.sharded:
+            self.memory_s.update_(every_idx, every_s)
+            self.memory_t.update_(every_idx, every_t)
+        else:
+            super().update_banks(every_idx, every_s, every_t, sizes)
 
 
 class DistributedRelationalContrastiveLoss(RelationalContrastiveLoss):

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import validation as check
-from ..memory import check_bank_update
-from ..ops import memory as memory_ops
+from .. import functional
 from . import comm
 
 
@@ -64,12 +63,11 @@ class ShardedMemoryBank(nn.Module):
 
         idx / values are the global batch (identical on every rank), e.g. from comm.gather_rows.
         """
-        check_bank_update(self.rows, self.n, idx, values)
+        functional.check_bank_update(self.rows, idx, values, n=self.n)
         mine = self._owner(idx) == self.rank  # order is kept, so 'last duplicate wins' still holds
         local_idx = idx[mine] - self.start
         if local_idx.numel():
-            with torch.no_grad():
-                memory_ops.bank_update_(self.rows, local_idx, values[mine], self.momentum, self.backend)
+            functional.bank_update_(self.rows, local_idx, values[mine], self.momentum, self.backend)
 
     def fetch(self, idx: Tensor) -> Tensor:
         """[len(idx), dim] rows of the global bank for this rank's idx (collective: call on every rank)."""

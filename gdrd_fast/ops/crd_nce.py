@@ -11,32 +11,68 @@ its row was drawn: the same loss and gradient for less memory traffic.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..backends import Impl
-from ..reference import compute_dtype
+from .. import backends, reference
+from ..backends import Backend, Op
+from ..numerics import compute_dtype
 
 
-def _single():
-    return torch.ops.gdrd_fast_C.crd_nce_forward
+# the compiled kernels, by backend (loaded on first use; the custom ops below call them)
+KERNELS = {"cpu": lambda: torch.ops.gdrd_fast_C.crd_nce_forward, "cuda": lambda: torch.ops.gdrd_fast_C.crd_nce_forward}
+PAIR_KERNELS = {"cpu": lambda: torch.ops.gdrd_fast_C.crd_nce_pair_forward,
+                "cuda": lambda: torch.ops.gdrd_fast_C.crd_nce_pair_forward}
 
 
-def _pair():
-    return torch.ops.gdrd_fast_C.crd_nce_pair_forward
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-IMPLS = {
-    "cpu": Impl(_single, backends.with_compiled_op("crd_nce_forward", backends.with_cpu_extension)),
-    "cuda": Impl(_single, backends.with_compiled_op("crd_nce_forward", backends.with_cuda_extension)),
-}
-PAIR_IMPLS = {
-    "cpu": Impl(_pair, backends.with_compiled_op("crd_nce_pair_forward", backends.with_cpu_extension)),
-    "cuda": Impl(_pair, backends.with_compiled_op("crd_nce_pair_forward", backends.with_cuda_extension)),
-}
+def crd_nce_rows(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float, log_z: Tensor, n_data: int,
+                 eps: float, kernel: str) -> Tensor:
+    """Per-row losses [B] in the accumulation dtype from a compiled kernel, with autograd to anchor."""
+    c = (idx.shape[1] - 1) / n_data
+    return crd_nce_op(anchor, memory, idx, log_z, temperature, c, eps, kernel, _needs_grad(anchor))[0]
+
+
+def crd_nce_pair_rows(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
+                      log_z_b: Tensor, idx: Tensor, *, temperature: float, n_data: int, eps: float,
+                      kernel: str) -> tuple[Tensor, Tensor]:
+    """Both sides' per-row losses from one read of idx, with autograd to both anchors."""
+    c = (idx.shape[1] - 1) / n_data
+    rows_a, _, rows_b, _ = crd_nce_pair_op(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature,
+                                           c, eps, kernel, _needs_grad(anchor_a, anchor_b))
+    return rows_a, rows_b
+
+
+def _reference_pair_rows(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, *, temperature, n_data,
+                         eps):
+    kw = dict(temperature=temperature, n_data=n_data, eps=eps)
+    return (reference.crd_nce_rows(anchor_a, memory_a, idx, log_z=log_z_a, **kw),
+            reference.crd_nce_rows(anchor_b, memory_b, idx, log_z=log_z_b, **kw))
+
+
+def _backend(function, kernel: str, op: str) -> Backend:
+    """A compiled backend: `function` bound to the kernel of that name (every float dtype, any size)."""
+    check = backends.with_cpu_extension if kernel == "cpu" else backends.with_cuda_extension
+    return Backend(lambda: functools.partial(function, kernel=kernel), backends.with_compiled_op(op, check))
+
+
+# backend -> (anchor, memory, idx, *, temperature, log_z, n_data, eps) -> rows [B]
+IMPLS = Op("crd_nce_loss", {
+    "torch": Backend(lambda: reference.crd_nce_rows, backends.anywhere),
+    **{k: _backend(crd_nce_rows, k, "crd_nce_forward") for k in KERNELS},
+})
+# backend -> (anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, *, temperature, n_data, eps)
+#            -> (rows_a, rows_b)
+PAIR_IMPLS = Op("crd_nce_pair_loss", {
+    "torch": Backend(lambda: _reference_pair_rows, backends.anywhere),
+    **{k: _backend(crd_nce_pair_rows, k, "crd_nce_pair_forward") for k in PAIR_KERNELS},
+})
 
 
 def dense_wins(idx: Tensor, memory: Tensor) -> bool:
@@ -71,7 +107,7 @@ def dense_forward(anchor: Tensor, memory: Tensor, idx: Tensor, inv_t: float, log
 def crd_nce_op(anchor: Tensor, memory: Tensor, idx: Tensor, log_z: Tensor, temperature: float, c: float,
                eps: float, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(row losses [B], d row_b / d anchor_b) in the accumulation dtype."""
-    forward = dense_forward if dense_wins(idx, memory) else IMPLS[backend].load()
+    forward = dense_forward if dense_wins(idx, memory) else KERNELS[backend]()
     rows, grad = forward(anchor, memory, idx, 1.0 / temperature, log_z, c, eps, need_grad)
     return rows, grad
 
@@ -115,7 +151,7 @@ def crd_nce_pair_op(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_
     if dense_wins(idx, memory_a):
         return (*dense_forward(anchor_a, memory_a, idx, inv_t, log_z_a, c, eps, need_grad),
                 *dense_forward(anchor_b, memory_b, idx, inv_t, log_z_b, c, eps, need_grad))
-    return tuple(PAIR_IMPLS[backend].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t,
+    return tuple(PAIR_KERNELS[backend]()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t,
                                             c, eps, need_grad))
 
 

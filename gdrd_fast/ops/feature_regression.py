@@ -6,14 +6,15 @@ projection from x instead of keeping it, so neither pass holds a [B, Ct, P] tens
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..backends import Impl
-from ..reference import compute_dtype
+from .. import backends, reference
+from ..backends import Backend, Op
+from ..numerics import compute_dtype
 
 _CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the CPU path (1 MiB in fp32)
 
@@ -79,15 +80,13 @@ def _triton():
     return module.feature_regression_forward, module.feature_regression_backward
 
 
-IMPLS = {
-    "cpu": Impl(lambda: (chunked_forward, chunked_backward), backends.on_cpu),
-    "triton": Impl(_triton, backends.with_triton),
-}
+# the Triton kernels accumulate in fp32: float64 runs the exact chunked path (any device)
+# the kernels, by backend: (forward, backward), loaded on first use (the custom ops below call them)
+KERNELS = {"cpu": lambda: (chunked_forward, chunked_backward), "triton": _triton}
 
 
 def _functions(backend: str, x: Tensor):
-    # the Triton kernels accumulate in fp32; float64 inputs take the exact chunked path on any device
-    return IMPLS["cpu" if x.dtype == torch.float64 else backend].load()
+    return KERNELS[backend]()
 
 
 @torch.library.custom_op("gdrd_fast::feature_regression", mutates_args=())
@@ -134,8 +133,8 @@ def _backward(ctx, grad_rows):
 feature_regression_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None,
-                            backend: str) -> Tensor:
+def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, *,
+                            kernel: str) -> Tensor:
     """Per-sample mean squared error [B] of conv1x1(student, weight, bias) against teacher (detached).
 
     student [B, Cs, H, W] or [N, Cs]; weight [Ct, Cs]; fp32 result (fp64 for fp64 inputs), with autograd
@@ -143,4 +142,14 @@ def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bi
     """
     x = student.reshape(student.shape[0], student.shape[1], -1).contiguous()
     t = teacher.detach().reshape(teacher.shape[0], teacher.shape[1], -1).contiguous()
-    return feature_regression_op(x, t, weight.contiguous(), bias, backend)
+    return feature_regression_op(x, t, weight.contiguous(), bias, kernel)
+
+
+# backend -> (student, teacher, weight, bias) -> per-sample mean squared errors [B]. The Triton kernels
+# accumulate in fp32: float64 runs the exact chunked path (on any device)
+IMPLS = Op("feature_regression_loss", {
+    "torch": Backend(lambda: reference.feature_regression_rows, backends.anywhere),
+    "cpu": Backend(lambda: functools.partial(feature_regression_rows, kernel="cpu"), backends.on_cpu),
+    "triton": Backend(lambda: functools.partial(feature_regression_rows, kernel="triton"), backends.with_triton,
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32)),
+}, exact="cpu")

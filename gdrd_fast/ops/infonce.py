@@ -1,12 +1,14 @@
 """infonce_bank_loss: custom op, autograd and the chunked CPU backend (ops.md section 2)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..backends import Impl
-from ..reference import compute_dtype
+from .. import backends, reference
+from ..backends import Backend, Op
+from ..numerics import compute_dtype
 
 
 def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
@@ -49,17 +51,37 @@ def _triton():
     return backends.kernels().infonce.infonce_bank_forward
 
 
-IMPLS = {
-    "cpu": Impl(lambda: infonce_bank_chunked, backends.on_cpu),
-    "triton": Impl(_triton, backends.with_triton),
-}
+def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
+    """The widest feature dim with a spill-free tile: fp32-accurate products need narrower tiles."""
+    kernels = backends.kernels().infonce
+    return {"d": kernels.MAX_D[kernels.mma_in_fp32(torch.empty(0, dtype=dtype))]}
+
+
+# the kernels, by backend (loaded on first use; the custom op below calls them)
+KERNELS = {"cpu": lambda: infonce_bank_chunked, "triton": _triton}
+
+
+def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str) -> Tensor:
+    """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive."""
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or positive.requires_grad)
+    return infonce_bank_op(query, positive, bank, temperature, kernel, need_grad)[0]
+
+
+# backend -> (query, positive, bank, *, temperature) -> rows [B]. float64, and fp32 wider than any
+# spill-free tile, run the exact chunked stream (on any device)
+IMPLS = Op("infonce_bank_loss", {
+    "torch": Backend(lambda: reference.infonce_bank_rows, backends.anywhere),
+    "cpu": Backend(lambda: functools.partial(infonce_bank_rows, kernel="cpu"), backends.on_cpu),
+    "triton": Backend(lambda: functools.partial(infonce_bank_rows, kernel="triton"), backends.with_triton,
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32), max_sizes=_triton_max_sizes),
+}, exact="cpu")
 
 
 @torch.library.custom_op("gdrd_fast::infonce_bank", mutates_args=())
 def infonce_bank_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
                     need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(row losses [B], d row_b / d query_b, d row_b / d positive_b), in the accumulation dtype."""
-    rows, gq, gp = IMPLS[backend].load()(query, positive, bank, temperature, need_grad)
+    rows, gq, gp = KERNELS[backend]()(query, positive, bank, temperature, need_grad)
     return rows, gq, gp
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import compute_dtype
+from ..numerics import compute_dtype
 from . import infonce
 
 

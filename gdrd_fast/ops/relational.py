@@ -1,12 +1,8 @@
-"""relational_contrastive_loss (CRRCD): fast backends (ops.md section 3).
+"""relational_contrastive_loss (CRRCD): the backends, the custom op and its autograd.
 
-Contract used by gdrd_fast.functional:
-- IMPLS: backend name -> Impl (see gdrd_fast.backends).
-- relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, log_z_t, log_z_s, n_data,
-  backend) -> (rows_student [R], rows_teacher [R]) in the accumulation dtype, with autograd to e_s and
-  params.
-- relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data, backend)
-  -> (log_z_t, log_z_s).
+IMPLS: backend -> Entry(rows, log_z), with the signatures of reference.relational_rows and
+reference.relational_log_z; the 'cpu' and 'triton' entries run relational_rows / relational_log_z below
+over the kernel of that name (KERNELS).
 
 Decomposition. Keys are stop-grad, so every gradient flows through the per-row queries (small, [R, d])
 and the positive scores; plain torch autograd computes those. What is of size R x K, the negative keys
@@ -17,16 +13,18 @@ loss sum_k softplus(<q_r, key_rk>/tau - offset) and its gradient in q_r, or logs
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
-from ..backends import Impl
-from ..reference import RelationalParams, compute_dtype, off_diagonal, pair_indices
+from .. import backends, reference
+from ..backends import Backend, Op
+from ..numerics import compute_dtype, off_diagonal, pair_indices
+from ..params import RelationalParams
 
 EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_contrastive_loss
 
@@ -52,7 +50,7 @@ def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Te
             rows[start:start + chunk] = torch.logsumexp(s, 1)
             continue
         logit = s.sub_(offset)
-        rows[start:start + chunk] = F.softplus(logit).sum(1)
+        rows[start:start + chunk] = reference.softplus(logit).sum(1)
         if need_grad:  # sum_k sigmoid(l_k) / tau * z_k / |z_k|, the norm folded into the weights
             weight = torch.sigmoid(logit).mul_(inv_norm).mul_(inv_t)
             grad[start:start + chunk] = torch.bmm(weight[:, None, :], z)[:, 0]
@@ -63,10 +61,26 @@ def _triton():
     return backends.kernels().crrcd.relational_negatives
 
 
-IMPLS = {
-    "cpu": Impl(lambda: relational_negatives_chunked, backends.on_cpu),
-    "triton": Impl(_triton, backends.with_triton),
-}
+# the Triton kernel computes in float32: float64 runs the exact chunked path (any device)
+KERNELS = {"cpu": lambda: relational_negatives_chunked, "triton": _triton}
+
+
+class Entry(NamedTuple):
+    """What a backend provides: per-row losses [R] (accumulation dtype, autograd to e_s and params) and
+    the (log_z_t, log_z_s) estimate, with the signatures of reference.relational_rows / relational_log_z."""
+    rows: Callable[..., Tensor]
+    log_z: Callable[..., tuple[Tensor, Tensor]]
+
+
+def _kernel_entry(kernel: str) -> Entry:
+    return Entry(functools.partial(relational_rows, kernel=kernel), functools.partial(relational_log_z, kernel=kernel))
+
+
+IMPLS = Op("relational_contrastive_loss", {
+    "torch": Backend(lambda: Entry(reference.relational_rows, reference.relational_log_z), backends.anywhere),
+    "cpu": Backend(lambda: _kernel_entry("cpu"), backends.on_cpu),
+    "triton": Backend(lambda: _kernel_entry("triton"), backends.with_triton, dtypes=(torch.float16, torch.bfloat16, torch.float32)),
+}, exact="cpu")
 
 
 @torch.library.custom_op("gdrd_fast::relational_negatives", mutates_args=())
@@ -74,7 +88,7 @@ def relational_negatives_op(anchors: Tensor, projected: Tensor, neg_idx: Tensor,
                             fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float, backend: str,
                             need_grad: bool, log_sum_exp: bool) -> tuple[Tensor, Tensor]:
     """(per-row negative loss or log-sum-exp [R], d rows_r / d queries_r [R, d] or empty), in queries' dtype."""
-    rows, grad = IMPLS[backend].load()(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset,
+    rows, grad = KERNELS[backend]()(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset,
                                        temperature, need_grad, log_sum_exp)
     return rows.to(queries.dtype), grad.to(queries.dtype)
 
@@ -150,27 +164,28 @@ def _gemm_dtype(e_s: Tensor) -> torch.dtype:
     return torch.float16 if e_s.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, log_z_t, log_z_s, n_data,
-                    backend):
+def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, log_z_t, log_z_s, n_data,
+                    kernel):
+    """Per-row losses [R] (student side + teacher side) in the accumulation dtype, keys from `kernel`."""
     student, teacher = _sides(e_t, e_s, queue_t, queue_s, params)
     shift = math.log(neg_idx.shape[1] / n_data + EPS)
 
     def side_rows(side: _Side, log_z: Tensor) -> Tensor:
         offset = (log_z.to(side.queries.dtype) + shift).detach()
-        positive = F.softplus(offset - side.positive / temperature)
-        return positive + _negatives(side, neg_idx, offset, temperature, backend, False, _gemm_dtype(e_s))
+        positive = reference.softplus(offset - side.positive / temperature)
+        return positive + _negatives(side, neg_idx, offset, temperature, kernel, False, _gemm_dtype(e_s))
 
-    return side_rows(student, log_z_s), side_rows(teacher, log_z_t)
+    return side_rows(student, log_z_s) + side_rows(teacher, log_z_t)
 
 
-def relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data, backend):
+def relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, n_data, kernel):
     with torch.no_grad():
         student, teacher = _sides(e_t, e_s, queue_t, queue_s, params)
         count = student.positive.numel() * (neg_idx.shape[1] + 1)
 
         def estimate(side: _Side) -> Tensor:
             unused = side.queries.new_zeros(())
-            negatives = _negatives(side, neg_idx, unused, temperature, backend, True, _gemm_dtype(e_s))
+            negatives = _negatives(side, neg_idx, unused, temperature, kernel, True, _gemm_dtype(e_s))
             lse = torch.logsumexp(torch.cat([side.positive / temperature, negatives]), 0)
             return lse - math.log(count) + math.log(n_data)
 

@@ -75,7 +75,7 @@ class ModelConfig:
 
 
 @dataclass
-class RCDConfig:
+class RelationalConfig:
     rel_dim: int = 128
     num_negatives: int = 512
     queue_size: int = 16384
@@ -107,7 +107,7 @@ class Stage2Config:
     kd_temperature: float = 4.0
     arcface_scale: float = 64.0
     arcface_margin: float = 0.5
-    rcd: RCDConfig = field(default_factory=RCDConfig)
+    rcd: RelationalConfig = field(default_factory=RelationalConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
     # its own optimizer for the distillation module's parameters (the critic), on the stage's schedule;
     # None: they train with the student's optimizer

@@ -7,8 +7,9 @@ from relational_cases import SIZES, check_backend, check_log_z, check_nan_poison
 pytestmark = pytest.mark.triton
 
 # the interpreter costs Python time per tile operation: each dtype once, every size once
+# float64 runs the exact chunked path (the kernel computes in float32)
 CASES = [(torch.float32, SIZES[0]), (torch.float32, SIZES[1]), (torch.float16, SIZES[2]),
-         (torch.bfloat16, SIZES[1])]
+         (torch.bfloat16, SIZES[1]), (torch.float64, SIZES[1])]
 
 
 @pytest.mark.parametrize("dtype,sizes", CASES, ids=[size_id(*c) for c in CASES])
