@@ -278,7 +278,7 @@ def _bad_calls():
         lambda m: (m.queue_s.values.__setitem__(2, float("nan")), m(e, e, y))
     yield "MemoryBank NaN values", lambda: gdrd_fast.MemoryBank(10, 4), \
         lambda m: m.update_(torch.tensor([1, 2]), _nan_at(_r(2, 4)))
-    yield "MemoryQueue wrong dim", lambda: gdrd_fast.MemoryQueue(5, 4), lambda m: m.push_(_r(2, 3), y[:2])
+    yield "MemoryQueue wrong dim", lambda: gdrd_fast.MemoryQueue(5, 4, with_labels=True), lambda m: m.push_(_r(2, 3), y[:2])
     yield "MemoryQueue one class", lambda: _queue_one_class(), \
         lambda m: m.sample_negatives(torch.tensor([0]), 3, torch.Generator().manual_seed(0))
     yield "MemoryQueue one class, global RNG", lambda: _queue_one_class(), \
@@ -304,7 +304,7 @@ def _relational_one_class():
 
 
 def _queue_one_class():
-    queue = gdrd_fast.MemoryQueue(5, 4)
+    queue = gdrd_fast.MemoryQueue(5, 4, with_labels=True)
     queue.push_(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
     return queue
 
