@@ -3,6 +3,7 @@
   gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
   gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
   gdrd-fast eval --weights student.pt --pairs lfw.bin        LFW-protocol verification at 8/16/32
+  gdrd-fast data pack FOLDER OUT.rec       identity folders -> insightface train.rec + train.idx
   gdrd-fast bench [-- pytest args]         the kernel benchmarks (pytest-benchmark)
   gdrd-fast env                            what was built and which devices exist
 """
@@ -75,6 +76,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _data_pack(args) -> int:
+    from .data import pack_folder
+    rec, idx = pack_folder(args.folder, args.out, progress=not args.no_progress)
+    print(f"wrote {rec} and {idx}")
+    return 0
+
+
 def _bench(args) -> int:
     extra = [a for a in args.pytest_args if a != "--"]
     return subprocess.call([sys.executable, "-m", "pytest", args.path, "--benchmark-only", *extra])
@@ -123,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=_eval)
+
+    data = sub.add_parser("data", help="training-set tools: pack identity folders into insightface RecordIO")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pack = data_sub.add_parser("pack", help="identity folders -> OUT.rec + OUT.idx (insightface's layout)")
+    pack.add_argument("folder", help="identity-folder root: one sub-folder of images per identity")
+    pack.add_argument("out", help="the .rec to write; its .idx is written beside it")
+    pack.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pack.set_defaults(func=_data_pack)
 
     bench = sub.add_parser("bench", help="run the kernel benchmarks: pytest <path> --benchmark-only [args]")
     bench.add_argument("--path", default="benchmarks", help="benchmark folder or file")

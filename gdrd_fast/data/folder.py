@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, decode_image_uint8, load_image
 
 
 class IdentityFolderDataset(Dataset):
@@ -21,18 +21,22 @@ class IdentityFolderDataset(Dataset):
 
     image_size: resize every image to image_size x image_size (bilinear, antialias) when it differs;
     None keeps the stored size. transform: applied to the (3, H, W) tensor in [-1, 1].
+    as_uint8: items hold uint8 (3, H, W) RGB decoded by torchvision (the trainer converts them on its
+    device), and no transform is allowed.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int | None = 112,
                  transform: Callable[[Tensor], Tensor] | None = None,
-                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
+                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, as_uint8: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root {str(self.root)!r} is not a directory")
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                        or image_size < 1):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-        self.image_size, self.transform = image_size, transform
+        if as_uint8 and transform is not None:
+            raise ValueError("as_uint8=True returns raw pixels: a transform needs as_uint8=False")
+        self.image_size, self.transform, self.as_uint8 = image_size, transform, as_uint8
         extensions = tuple(e.lower() for e in extensions)
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
@@ -51,6 +55,9 @@ class IdentityFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         path, label = self.samples[index]
+        if self.as_uint8:
+            return resize_uint8(decode_image_uint8((self.root / path).read_bytes(), str(self.root / path)),
+                                self.image_size), label, index
         image = load_image(self.root / path)
         if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
             image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
@@ -66,3 +73,12 @@ class IdentityFolderDataset(Dataset):
 def index_by_path(samples: list[tuple[str, int]]) -> dict[str, int]:
     """Relative path ('/'-separated) -> dataset index, for datasets that list (path, label) samples."""
     return {Path(path).as_posix(): i for i, (path, _) in enumerate(samples)}
+
+
+def resize_uint8(pixels: Tensor, size: int | None) -> Tensor:
+    """uint8 (3, H, W) resized to size x size (bilinear, antialias, rounded) when it differs."""
+    if size is None or pixels.shape[-2:] == (size, size):
+        return pixels
+    resized = F.interpolate(pixels[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +35,28 @@ def decode_image(data: bytes) -> Tensor:
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         pixels = pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
     return from_uint8(pixels)
+
+
+def decode_image_uint8(data: bytes, where: str = "image") -> Tensor:
+    """Encoded image -> uint8 (3, H, W) RGB through torchvision's decoders (libjpeg-turbo, libpng), PIL
+    for the formats torchvision does not read. `where` names the image in the error for non-images."""
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+
+    # torchvision 0.29 announces that its decoders move to torchcodec; until then they are the fastest here
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                            DeprecationWarning)
+    try:
+        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+            pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            return pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"{where} is not an image ({len(data)} bytes: {exc})") from None
 
 
 def load_image(path: str | os.PathLike) -> Tensor:

@@ -50,7 +50,7 @@ class OptimConfig(OptimizerConfig):
 
 @dataclass
 class DataConfig:
-    train_root: str | None = None  # identity-folder tree (one folder per identity)
+    train_root: str | None = None  # identity-folder tree, a .rec (+ .idx), or a folder holding train.rec
     image_size: int = 112
     resolution: int = 16  # the LR side; the student sees it upsampled back to image_size
     interpolation: str = "bilinear"

@@ -1,4 +1,4 @@
-"""A recipe (TrainConfig) turned into the two GDRD stages on an identity-folder dataset, and run.
+"""A recipe (TrainConfig) turned into the two GDRD stages on a training set (identity folders or .rec), and run.
 
 Stage 1 writes <output_dir>/stage1.pt, stage 2 writes stage2.pt, and the trained student is saved as a
 plain IResNet state dict (insightface keys) in student.pt, ready for `gdrd-fast eval`.
@@ -74,7 +74,7 @@ def build_stage2(config: TrainConfig, runtime: Runtime, student: models.Student,
 
 def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: Dataset | None = None) -> Path:
     """Both stages end to end (resuming from a stage1.pt or stage2.pt); returns the student.pt path."""
-    from ..data import IdentityFolderDataset
+    from ..data import open_dataset
     runtime = Runtime.create(config.device, config.amp)
     seed_everything(config.seed)
     out = Path(config.output_dir)
@@ -82,9 +82,9 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
     try:
         if dataset is None:
             if config.data.train_root is None:
-                raise ValueError("data.train_root is not set: pass an identity-folder tree "
-                                 "(e.g. --set data.train_root=/path/to/casia)")
-            dataset = IdentityFolderDataset(config.data.train_root, config.data.image_size)
+                raise ValueError("data.train_root is not set: pass an identity-folder tree, a .rec or a folder "
+                                 "holding train.rec (e.g. --set data.train_root=/data/faces_webface_112x112)")
+            dataset = open_dataset(config.data.train_root, config.data.image_size, as_uint8=True)
         num_classes = int(max(dataset.targets)) + 1
         log.info("config %s", to_dict(config))
         log.info("data %d images, %d identities", len(dataset), num_classes)

@@ -1,0 +1,432 @@
+"""insightface's packed training sets (train.rec + train.idx) read and written without mxnet.
+
+The format is mxnet's indexed RecordIO (dmlc-core recordio) with insightface's conventions on top:
+
+* A record on disk: uint32 magic 0xced7230a, uint32 lrecord, then the payload, zero-padded to a
+  multiple of 4 bytes. lrecord holds the payload length in its low 29 bits and a continuation flag
+  in its upper 3: 0 = a whole record; 1, 2, 3 = first, middle, last part of a record that was split
+  where its payload held the magic word at a 4-byte-aligned position (the writer drops that word, a
+  reader puts it back between the parts). All words are little-endian.
+* The .idx beside the .rec: one text line per record, "key<TAB>byte offset of its magic".
+* A payload: the IRHeader, struct 'IfQQ' = (flag uint32, label float32, id uint64, id2 uint64),
+  then, when flag > 0, `flag` float32 labels (the header's label field is then 0), then the bytes of
+  an encoded image.
+* insightface: record 0 carries flag > 0 and label[0:2] = (first identity record, end of identity
+  records); the image records are keys 1 .. label[0] - 1, each labelled with its identity (a float,
+  or the first element of a label array). Records label[0] .. label[1] - 1 hold, per identity, the
+  range [start, end) of its image keys. When record 0 has flag 0, every key of the .idx is an image.
+
+Readers map the .rec with mmap, opened lazily in the process that reads (DataLoader workers under
+fork or spawn, torchrun ranks), and index it only through the .idx.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .folder import IdentityFolderDataset, resize_uint8
+from .images import decode_image_uint8
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LENGTH_MASK = (1 << 29) - 1
+_WORDS = struct.Struct("<II")          # magic, lrecord
+IR_HEADER = struct.Struct("<IfQQ")      # flag, label, id, id2: 24 bytes, no padding
+MAX_PAYLOAD = 1 << 29
+
+
+class RecordIOError(ValueError):
+    """A .rec / .idx that does not follow the format; the message names the file and the byte offset."""
+
+
+class IRHeader(NamedTuple):
+    flag: int
+    label: float | np.ndarray   # a float, or the float32 label array when flag > 0
+    id: int
+    id2: int
+
+
+def pack_record(label: float | Iterable[float], image: bytes, id: int = 0, id2: int = 0) -> bytes:
+    """One payload: IRHeader + labels + image bytes (mxnet.recordio.pack's layout)."""
+    if isinstance(label, (int, float, np.floating, np.integer)):
+        return IR_HEADER.pack(0, float(label), id, id2) + image
+    labels = np.asarray(list(label), dtype="<f4")
+    if labels.size == 0:
+        raise ValueError("a label array must hold at least one value")
+    return IR_HEADER.pack(labels.size, 0.0, id, id2) + labels.tobytes() + image
+
+
+def unpack_record(payload: bytes, where: str = "record") -> tuple[IRHeader, bytes]:
+    """(IRHeader, image bytes) of one payload; `where` names the record in errors."""
+    if len(payload) < IR_HEADER.size:
+        raise RecordIOError(f"{where}: payload of {len(payload)} bytes is shorter than the 24-byte IRHeader")
+    flag, label, id_, id2 = IR_HEADER.unpack_from(payload)
+    rest = memoryview(payload)[IR_HEADER.size:]
+    if flag > 0:
+        if len(rest) < 4 * flag:
+            raise RecordIOError(f"{where}: IRHeader announces {flag} labels but only {len(rest)} bytes follow")
+        label = np.frombuffer(rest[:4 * flag], dtype="<f4").copy()
+        rest = rest[4 * flag:]
+    return IRHeader(flag, label, id_, id2), bytes(rest)
+
+
+def first_label(header: IRHeader) -> float:
+    """insightface's identity label: the float, or the first element of a label array."""
+    return float(header.label[0]) if header.flag > 0 else float(header.label)
+
+
+class RecordWriter:
+    """Writes an indexed .rec + .idx pair the way mxnet's MXIndexedRecordIO does; both files appear
+    atomically on close() (they are written beside the targets, then renamed)."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self.rec_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (self.rec_path, self.idx_path)]
+        self._rec, self._idx = open(self._tmp[0], "wb"), open(self._tmp[1], "w")
+        self._keys: set[int] = set()
+
+    def write(self, key: int, payload: bytes) -> None:
+        if key in self._keys:
+            raise ValueError(f"key {key} was already written to {self.rec_path}")
+        if len(payload) >= MAX_PAYLOAD:
+            raise ValueError(f"a record holds less than 2**29 bytes, got {len(payload)}")
+        self._keys.add(key)
+        self._idx.write(f"{key}\t{self._rec.tell()}\n")
+        # split where the magic word sits at an aligned position, so a reader that lost its place
+        # can find the next record by scanning for the magic (dmlc-core's rule)
+        start, parts = 0, []
+        for i in range(0, len(payload) - len(payload) % 4, 4):
+            if payload[i:i + 4] == _MAGIC_BYTES:
+                parts.append((payload[start:i], 1 if start == 0 else 2))
+                start = i + 4
+        parts.append((payload[start:], 3 if parts else 0))
+        for data, cflag in parts:
+            self._rec.write(_WORDS.pack(MAGIC, (cflag << 29) | len(data)) + data)
+        self._rec.write(b"\0" * (-len(payload) % 4))  # middle parts are whole words: only the end pads
+
+    def close(self) -> None:
+        if self._rec.closed:
+            return
+        self._rec.close()
+        self._idx.close()
+        os.replace(self._tmp[0], self.rec_path)
+        os.replace(self._tmp[1], self.idx_path)
+
+    def abort(self) -> None:
+        self._rec.close()
+        self._idx.close()
+        for tmp in self._tmp:
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, offsets) of a .idx, both int64, in file order."""
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise RecordIOError(f"{idx_path}: index file not found (a .rec needs its .idx beside it)")
+    lines = idx_path.read_text().splitlines()
+    keys, offsets = np.empty(len(lines), np.int64), np.empty(len(lines), np.int64)
+    n = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        try:
+            keys[n], offsets[n] = int(fields[0]), int(fields[1])
+            if len(fields) != 2 or offsets[n] < 0:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise RecordIOError(f"{idx_path}:{number}: expected '<key>\\t<byte offset>', got {line!r}") from None
+        n += 1
+    if n == 0:
+        raise RecordIOError(f"{idx_path}: the index is empty")
+    return keys[:n], offsets[:n]
+
+
+class RecordFile:
+    """Random access to the records of a .rec through its .idx. Picklable: the mmap is (re)opened
+    lazily in whichever process reads, so DataLoader workers (fork or spawn) and torchrun ranks
+    each get their own mapping."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        if not self.rec_path.is_file():
+            raise RecordIOError(f"{self.rec_path}: record file not found")
+        self.keys, self.offsets = read_index(self.idx_path)
+        self.size = self.rec_path.stat().st_size
+        order = np.argsort(self.keys, kind="stable")
+        self._sorted_keys, self._sorted_pos = self.keys[order], order
+        dup = self._sorted_keys[1:] == self._sorted_keys[:-1]
+        if dup.any():
+            raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[1:][dup][0])} appears twice")
+        self._mm: mmap.mmap | None = None
+        self._pid: int | None = None
+        self.check_offsets(self.offsets)
+
+    # --- process-local mapping ---------------------------------------------------------------------
+    def _map(self) -> mmap.mmap:
+        if self._mm is None or self._pid != os.getpid():
+            with open(self.rec_path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+            self._pid = os.getpid()
+        return self._mm
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mm": None, "_pid": None}
+
+    def close(self) -> None:
+        if self._mm is not None and self._pid == os.getpid():
+            self._mm.close()
+        self._mm = None
+
+    # --- validation ----------------------------------------------------------------------------------
+    def check_offsets(self, offsets: np.ndarray) -> None:
+        """Every record's 8-byte head at `offsets` lies inside the file, starts with the magic, and its
+        first part fits in the file: one vectorised pass; the bad record at the smallest offset raises
+        (a truncated file reports the record it cut, not the ones after it)."""
+        inside = offsets <= self.size - _WORDS.size
+        words = np.zeros((len(offsets), 2), np.int64)
+        words[inside] = self._words(offsets[inside])
+        bad_magic = inside & (words[:, 0] != MAGIC)
+        end = offsets + _WORDS.size + (words[:, 1] & _LENGTH_MASK)
+        short = inside & ~bad_magic & (end > self.size)
+        bad = ~inside | bad_magic | short
+        if not bad.any():
+            return
+        i = int(np.flatnonzero(bad)[np.argmin(offsets[bad])])
+        off = int(offsets[i])
+        if not inside[i]:
+            what = "past the end of" if off >= self.size else "in the last 8 bytes of"
+            raise RecordIOError(f"{self.rec_path}: byte offset {off} from {self.idx_path.name} is {what} the "
+                                f"file ({self.size} bytes): truncated file or wrong index")
+        if bad_magic[i]:
+            raise RecordIOError(f"{self.rec_path}: bad magic 0x{int(words[i, 0]):08x} at byte offset {off} "
+                                f"(expected 0x{MAGIC:08x})")
+        raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {off}: it needs {int(end[i]) - off} "
+                            f"bytes, the file ends {self.size - off} bytes later")
+
+    def _bytes_at(self, offsets: np.ndarray, width: int) -> np.ndarray:
+        """(len(offsets), width) uint8: the bytes at each offset (all inside the file)."""
+        buf = np.frombuffer(self._map(), dtype=np.uint8)
+        return buf[offsets[:, None] + np.arange(width)]
+
+    def _words(self, offsets: np.ndarray) -> np.ndarray:
+        """(n, 2) uint32 (magic, lrecord) at each offset, gathered in chunks to bound memory."""
+        out = np.empty((len(offsets), 2), np.int64)
+        if len(offsets) == 0:
+            return out
+        for s in range(0, len(offsets), 1 << 20):
+            chunk = np.ascontiguousarray(self._bytes_at(offsets[s:s + (1 << 20)], 8))
+            out[s:s + len(chunk)] = chunk.view("<u4").reshape(-1, 2)
+        return out
+
+    # --- reading -------------------------------------------------------------------------------------
+    def _positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self._sorted_keys, keys).clip(max=len(self._sorted_keys) - 1)
+        return pos, self._sorted_keys[pos] == keys
+
+    def has_keys(self, keys: np.ndarray) -> np.ndarray:
+        return self._positions(np.asarray(keys, np.int64))[1]
+
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        pos, found = self._positions(np.asarray(keys, np.int64))
+        if not found.all():
+            raise KeyError(f"key {int(np.asarray(keys)[~found][0])} is not in {self.idx_path}")
+        return self.offsets[self._sorted_pos[pos]]
+
+    def offset_of(self, key: int) -> int:
+        return int(self.offsets_of(np.array([key]))[0])
+
+    def __contains__(self, key: int) -> bool:
+        return bool(self.has_keys(np.array([key]))[0])
+
+    def read_at(self, offset: int) -> bytes:
+        """The payload of the record starting at byte `offset` (split parts joined with the magic)."""
+        mm, start, parts = self._map(), offset, []
+        while True:
+            if offset > self.size - _WORDS.size:
+                raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {start}: the file ends at "
+                                    f"{self.size} inside the record starting there")
+            magic, lrec = _WORDS.unpack_from(mm, offset)
+            if magic != MAGIC:
+                raise RecordIOError(f"{self.rec_path}: bad magic 0x{magic:08x} at byte offset {offset} "
+                                    f"(expected 0x{MAGIC:08x}; record starting at {start})")
+            cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            body = offset + _WORDS.size
+            if body + length > self.size:
+                raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {offset}: {length} bytes "
+                                    f"announced, {self.size - body} left in the file")
+            if cflag not in ((0, 1) if not parts else (2, 3)):
+                raise RecordIOError(f"{self.rec_path}: continuation flag {cflag} at byte offset {offset} out of "
+                                    f"sequence (record starting at {start})")
+            parts.append(mm[body:body + length])
+            if cflag in (0, 3):
+                return _MAGIC_BYTES.join(parts)
+            offset = body + length + (-length % 4)
+
+    def read(self, key: int) -> bytes:
+        return self.read_at(self.offset_of(key))
+
+    def header(self, key: int) -> IRHeader:
+        offset = self.offset_of(key)
+        return unpack_record(self.read_at(offset), f"{self.rec_path}: record {key} at byte offset {offset}")[0]
+
+
+class RecordDataset(Dataset):
+    """insightface's MXFaceDataset semantics on a .rec + .idx: items (image, label, index).
+
+    image: uint8 (3, H, W) RGB when as_uint8 (the trainer converts it on its device; a quarter of the
+    bytes through collate and pinning), else float32 in [-1, 1] like IdentityFolderDataset. Images of
+    another size are resized to image_size (bilinear, antialias); image_size=None keeps them.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 image_size: int | None = 112, as_uint8: bool = False):
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        self.file = RecordFile(rec_path, idx_path)
+        self.image_size, self.as_uint8 = image_size, as_uint8
+        rec = self.file
+        head = rec.header(0) if 0 in rec else None
+        if head is not None and head.flag > 0:
+            first_identity = int(head.label[0])
+            keys = np.arange(1, first_identity, dtype=np.int64)
+            if len(keys) == 0 or not rec.has_keys(keys).all():
+                raise RecordIOError(f"{rec.rec_path}: record 0 (byte offset {rec.offset_of(0)}) gives image keys "
+                                    f"1..{first_identity - 1}, which {rec.idx_path.name} does not all hold")
+        else:
+            keys = np.sort(rec.keys)
+        self.keys = keys
+        self._offsets = rec.offsets_of(keys)
+        self.targets = torch.from_numpy(self._labels())
+        self.num_classes = int(self.targets.max()) + 1
+
+    def _labels(self) -> np.ndarray:
+        """Every image's identity label straight from the headers, vectorised over whole records; split
+        records (rare) are read one by one."""
+        rec, offsets = self.file, self._offsets
+        words = rec._words(offsets)
+        length, cflag = words[:, 1] & _LENGTH_MASK, words[:, 1] >> 29
+        simple = (cflag == 0) & (length >= IR_HEADER.size)
+        labels = np.empty(len(offsets), np.float64)
+        head = np.ascontiguousarray(rec._bytes_at(offsets[simple] + 8, IR_HEADER.size))
+        flag = head[:, 0:4].copy().view("<u4").ravel()
+        label = head[:, 4:8].copy().view("<f4").ravel().astype(np.float64)
+        arrays = flag > 0
+        if arrays.any():   # the label is the first element of the array after the header
+            ok = length[simple][arrays] >= IR_HEADER.size + 4
+            if not ok.all():
+                off = int(offsets[simple][arrays][~ok][0])
+                raise RecordIOError(f"{rec.rec_path}: record at byte offset {off} announces a label array "
+                                    "but holds none")
+            first = rec._bytes_at(offsets[simple][arrays] + 8 + IR_HEADER.size, 4)
+            label[arrays] = np.ascontiguousarray(first).view("<f4").ravel()
+        labels[simple] = label
+        for i in np.flatnonzero(~simple):
+            off = int(offsets[i])
+            labels[i] = first_label(unpack_record(rec.read_at(off), f"{rec.rec_path}: record at byte offset {off}")[0])
+        if len(labels) and (labels.min() < 0 or not np.isfinite(labels).all()):
+            i = int(np.argmin(np.where(np.isfinite(labels), labels, -np.inf)))
+            raise RecordIOError(f"{rec.rec_path}: record at byte offset {int(offsets[i])} has label {labels[i]}, "
+                                "expected an identity >= 0")
+        return labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, index: int) -> tuple[IRHeader, bytes, int]:
+        offset = int(self._offsets[index])
+        where = f"{self.file.rec_path}: record {int(self.keys[index])} at byte offset {offset}"
+        header, image = unpack_record(self.file.read_at(offset), where)
+        return header, image, offset
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        index %= len(self)
+        _, data, offset = self.read(index)
+        try:
+            pixels = decode_image_uint8(data, f"{self.file.rec_path}: record {int(self.keys[index])} at byte "
+                                              f"offset {offset}")
+        except ValueError as exc:
+            raise RecordIOError(str(exc)) from None
+        pixels = resize_uint8(pixels, self.image_size)
+        image = pixels if self.as_uint8 else pixels.float().div_(127.5).sub_(1.0)
+        return image, int(self.targets[index]), index
+
+
+def rec_paths(path: str | os.PathLike) -> tuple[Path, Path] | None:
+    """(rec, idx) if `path` is a .rec file or a folder holding train.rec, else None."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".rec":
+        return path, path.with_suffix(".idx")
+    if path.is_dir() and (path / "train.rec").is_file():
+        return path / "train.rec", path / "train.idx"
+    return None
+
+
+def open_dataset(path: str | os.PathLike, image_size: int | None = 112, as_uint8: bool = False) -> Dataset:
+    """The training set at `path`: a .rec (with its .idx beside it), a folder holding train.rec
+    (insightface's faces_*_112x112 layout), or an identity-folder root. Items are (image, label, index)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"training data {str(path)!r} does not exist")
+    paths = rec_paths(path)
+    if paths is not None:
+        return RecordDataset(*paths, image_size=image_size, as_uint8=as_uint8)
+    if path.is_file():
+        raise ValueError(f"training data {str(path)!r} is a file but not a .rec: pass a .rec, a folder holding "
+                         "train.rec, or an identity-folder root")
+    return IdentityFolderDataset(path, image_size, as_uint8=as_uint8)
+
+
+def pack_folder(folder: str | os.PathLike, rec_path: str | os.PathLike, progress: bool = True) -> tuple[Path, Path]:
+    """Pack an identity-folder tree into insightface's layout (record 0, image records 1..n with the
+    files' own encoded bytes, then one range record per identity). Returns (rec, idx)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    from tqdm.auto import tqdm
+
+    rec_path = Path(rec_path)
+    if rec_path.suffix != ".rec":
+        raise ValueError(f"the output must end in .rec, got {str(rec_path)!r}")
+    listing = IdentityFolderDataset(folder, image_size=None)
+    n, classes = len(listing.samples), len(listing.classes)
+    ranges, start = [], 1
+    for label in range(classes):
+        count = int((listing.targets == label).sum())
+        ranges.append((start, start + count))
+        start += count
+    with RecordWriter(rec_path) as writer:
+        writer.write(0, pack_record([n + 1, n + 1 + classes], b""))
+        for key, (rel, label) in enumerate(tqdm(listing.samples, desc=f"packing {rec_path.name}", unit="img",
+                                                dynamic_ncols=True, disable=not progress, leave=False), start=1):
+            data = (listing.root / rel).read_bytes()
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                raise ValueError(f"{listing.root / rel} is not a readable image: {exc}") from None
+            writer.write(key, pack_record(float(label), data, id=key))
+        for label, (a, b) in enumerate(ranges):
+            writer.write(n + 1 + label, pack_record([a, b], b"", id=n + 1 + label))
+    return writer.rec_path, writer.idx_path
