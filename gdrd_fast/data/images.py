@@ -1,6 +1,7 @@
 """Pixel conventions of aligned faces: RGB, float in [-1, 1] = (x/255 - 0.5)/0.5 (insightface)."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -38,25 +39,34 @@ def decode_image(data: bytes) -> Tensor:
 
 
 def decode_image_uint8(data: bytes, where: str = "image") -> Tensor:
-    """Encoded image -> uint8 (3, H, W) RGB through torchvision's decoders (libjpeg-turbo, libpng), PIL
-    for the formats torchvision does not read. `where` names the image in the error for non-images."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
-
-    # torchvision 0.29 announces that its decoders move to torchcodec; until then they are the fastest here
-    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
-                            DeprecationWarning)
-    try:
-        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
+    """Encoded image -> uint8 (3, H, W) RGB through torchvision's decoders (libjpeg-turbo, libpng) where
+    torchvision is installed, else PIL (also for the formats torchvision does not read). `where` names
+    the image in the error for non-images."""
+    tv = _torchvision_decoder()
+    if tv is not None:
+        try:
+            return tv(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except (RuntimeError, ValueError):
+            pass
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
-            pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"{where} is not an image ({len(data)} bytes: {exc})") from None
+
+
+@functools.cache
+def _torchvision_decoder():
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+    # torchvision 0.29 announces that its decoders move to torchcodec; until then they are the fastest here
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                            DeprecationWarning)
+    return functools.partial(decode_image, mode=ImageReadMode.RGB)
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
