@@ -115,6 +115,20 @@ class Stage2Config:
 
 
 @dataclass
+class EvalConfig:
+    """Verification during training (train/validation.py): every val_every steps of the stage that
+    trains the student's output (stage 2) and at its end, on rank 0, at data.resolution."""
+    val_targets: list[str] = field(default_factory=list)  # insightface pairs .bin files (lfw.bin, cfp_fp.bin, ...)
+    val_every: int = 2000  # steps; 0: only at the end of the stage
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if self.val_every < 0 or self.batch_size < 1:
+            raise ValueError(f"need eval.val_every >= 0 and eval.batch_size >= 1, got {self.val_every}, "
+                             f"{self.batch_size}")
+
+
+@dataclass
 class TrainConfig:
     name: str = "gdrd"
     seed: int = 0
@@ -129,6 +143,7 @@ class TrainConfig:
     models: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.amp not in AMP_MODES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ class Trainer:
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
                  log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
                  group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False,
-                 sync_batchnorm: bool = False):
+                 sync_batchnorm: bool = False, scalars=None, step_hooks: Sequence[Callable] = ()):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -122,6 +123,9 @@ class Trainer:
         self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
         self.name = name or stage.name  # what the progress bar and the log call this run
         self.log = logging.getLogger("gdrd_fast.train")
+        # scalars: a validation.ScalarLogger (rank 0) for the logged loss terms; step_hooks: called as
+        # hook(trainer, terms) after every step, e.g. validation.Validator
+        self.scalars, self.step_hooks = scalars, list(step_hooks)
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -231,8 +235,12 @@ class Trainer:
                 self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
                               self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
                               self.schedulers[0].get_last_lr()[0], rate, eta)
+                if self.scalars is not None:
+                    self.scalars.add(self.stage.name, self.step, terms_out)
             if self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0:
                 self.save()
+            for hook in self.step_hooks:
+                hook(self, terms_out)
         bar.close()
         return terms_out
 

@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from .config import Stage2Config, TrainConfig, to_dict
 from .loop import Trainer, log_to_file
 from .runtime import Runtime, seed_everything
+from .validation import ScalarLogger, Validator
 from .stages import DiscriminativeStage, GenerativeStage
 
 log = logging.getLogger("gdrd_fast.train")
@@ -34,9 +35,10 @@ def make_distill(stage2: Stage2Config, n_data: int, embedding_dim: int, backend:
     return None
 
 
-def make_trainer(stage, dataset: Dataset, runtime: Runtime, config: TrainConfig, optim) -> Trainer:
+def make_trainer(stage, dataset: Dataset, runtime: Runtime, config: TrainConfig, optim, **hooks) -> Trainer:
+    """hooks: Trainer's scalars= and step_hooks=."""
     d = config.data
-    return Trainer(stage, dataset, runtime, optim, batch_size=d.batch_size, seed=config.seed,
+    return Trainer(stage, dataset, runtime, optim, **hooks, batch_size=d.batch_size, seed=config.seed,
                    resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias,
                    num_workers=d.num_workers, output_dir=config.output_dir, log_every=config.log_every,
                    checkpoint_every=config.checkpoint_every, group_optims={"distill": config.stage2.distill_optim},
@@ -79,6 +81,7 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
     seed_everything(config.seed)
     out = Path(config.output_dir)
     handler = log_to_file(out / "train.log", runtime)
+    scalars = None
     try:
         if dataset is None:
             if config.data.train_root is None:
@@ -90,17 +93,24 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
         log.info("data %d images, %d identities", len(dataset), num_classes)
         state = ckpt.load_checkpoint(resume) if resume is not None else None
         student = models.build_student(config.models.student)
+        scalars = ScalarLogger(out) if runtime.is_main else None
+        validators = [] if not config.eval.val_targets else [Validator(
+            student.net, config.eval.val_targets, out, every=config.eval.val_every,
+            resolution=config.data.resolution, image_size=config.data.image_size,
+            interpolation=config.data.interpolation, antialias=config.data.antialias,
+            batch_size=config.eval.batch_size)]
         if state is None or state["stage"] == "stage1":
             stage1 = make_trainer(build_stage1(config, runtime, student), dataset, runtime, config,
-                                  config.stage1.optim)
+                                  config.stage1.optim, scalars=scalars)
             if state is not None:
                 stage1.load_state_dict(state)
                 state = None
             stage1.train_steps()
             stage1.save()
             del stage1
+        # stage 2 trains the student's output: it is the stage that validates
         stage2 = make_trainer(build_stage2(config, runtime, student, num_classes, len(dataset)), dataset, runtime,
-                              config, config.stage2.optim)
+                              config, config.stage2.optim, scalars=scalars, step_hooks=validators)
         if state is not None:
             stage2.load_state_dict(state)
         stage2.train_steps()
@@ -111,5 +121,7 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
         log.info("student saved to %s", path)
         return path
     finally:
+        if scalars is not None:
+            scalars.close()
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)
