@@ -2,7 +2,8 @@
 
   gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
   gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
-  gdrd-fast eval --weights student.pt --pairs lfw.bin        LFW-protocol verification at 8/16/32
+  gdrd-fast eval --weights student.pt --pairs lfw.bin cfp_fp.bin   LFW-protocol verification at 8/16/32
+  gdrd-fast identify tinyface --weights student.pt --root TinyFace/Testing_Set   CMC (also uccs, ar)
   gdrd-fast data pack FOLDER OUT.rec       identity folders -> insightface train.rec + train.idx
   gdrd-fast bench [-- pytest args]         the kernel benchmarks (pytest-benchmark)
   gdrd-fast env                            what was built and which devices exist
@@ -53,25 +54,50 @@ def _resolutions(values: list[str]) -> list[int | None]:
 
 def _eval(args) -> int:
     import torch
-    import torch.nn.functional as F
 
     from . import models
-    from .data import degrade, load_pairs_bin
-    from .eval import extract_embeddings, markdown_table, verification_rows, verify, write_verification_report
+    from .eval import markdown_table, verification_rows, write_verification_report
+    from .eval.protocols import plot_accuracy_vs_resolution, verify_sets, write_sets_report
     resolutions = _resolutions(args.resolutions)
     net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
-    images, issame = load_pairs_bin(args.pairs)
-    if images.shape[-1] != 112:
-        images = F.interpolate(images, size=(112, 112), mode="bilinear", antialias=True, align_corners=False)
-    results = {}
-    for r in resolutions:
-        transform = None if r is None else (lambda x, r=r: degrade(x, r))
-        emb = extract_embeddings(net, images, batch_size=args.batch_size, transform=transform,
-                                 device=torch.device(args.device), desc=f"embeddings {r or 112}x{r or 112}")
-        results[f"{args.arch} {'112x112' if r is None else f'{r}x{r}'}"] = verify(emb[0::2], emb[1::2], issame)
-    paths = write_verification_report(args.output, Path(args.pairs).name, results,
-                                      extra={"weights": str(args.weights), "arch": args.arch})
-    print(markdown_table(verification_rows(results)))
+    results = verify_sets(net, args.pairs, resolutions, batch_size=args.batch_size, device=torch.device(args.device))
+    extra = {"weights": str(args.weights), "arch": args.arch}
+    if len(args.pairs) == 1:  # one set: its table, ROC curves and accuracy against resolution
+        (name, per), = results.items()
+        per = {f"{args.arch} {label}": r for label, r in per.items()}
+        paths = write_verification_report(args.output, Path(args.pairs[0]).name, per, extra=extra)
+        paths["figure"] = plot_accuracy_vs_resolution(Path(args.output) / "accuracy_vs_resolution.png", results,
+                                                      f"{args.arch} on {name}")
+        print(markdown_table(verification_rows(per)))
+    else:
+        paths = write_sets_report(args.output, results, extra=extra)
+        print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _identify(args) -> int:
+    import torch
+
+    from . import models
+    from .eval import identification_rows, markdown_table, protocols
+    default = ["hr"] if args.benchmark == "tinyface" else ["16"]
+    resolutions = _resolutions(args.resolutions or default)
+    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    kw = dict(resolutions=resolutions, batch_size=args.batch_size, device=torch.device(args.device),
+              num_workers=args.num_workers)
+    top1 = subsets = None
+    if args.benchmark == "tinyface":
+        ranks = protocols.tinyface(net, args.root, **kw)
+    elif args.benchmark == "uccs":
+        if args.split is None:
+            raise ValueError("uccs needs --split: a split file with 'train' and 'test' lines")
+        top1, ranks = protocols.uccs(net, args.root, args.split, **kw)
+    else:
+        ranks, subsets = protocols.ar(net, args.root, **kw)
+    paths = protocols.write_report(args.output, f"{args.benchmark} ({args.root})", args.arch, ranks, top1, subsets)
+    print(markdown_table(identification_rows({f"{args.arch} {k}": v for k, v in ranks.items()},
+                                             None if top1 is None else {f"{args.arch} {k}": v for k, v in top1.items()})))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -121,16 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="LFW-protocol verification of an IResNet student on a pairs .bin")
+    ev = sub.add_parser("eval", help="LFW-protocol verification of an IResNet student on pairs .bin files")
     ev.add_argument("--weights", required=True, help="IResNet state dict (insightface keys), e.g. student.pt")
     ev.add_argument("--arch", default="r18", help="IResNet arch: r18, r34, r50, r100")
-    ev.add_argument("--pairs", required=True, help="insightface pairs .bin (e.g. lfw.bin)")
+    ev.add_argument("--pairs", required=True, nargs="+",
+                    help="insightface pairs .bin files (e.g. lfw.bin cfp_fp.bin agedb_30.bin)")
     ev.add_argument("--resolutions", nargs="+", default=["8", "16", "32"],
                     help="input sides to degrade to before the 112x112 network ('hr' = none)")
-    ev.add_argument("--output", default="eval_output", help="folder for results.json, results.md, roc.png")
+    ev.add_argument("--output", default="eval_output",
+                    help="folder for the table (.md + .json) and accuracy_vs_resolution.png (one set: also roc.png)")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=_eval)
+
+    ident = sub.add_parser("identify", help="identification benchmarks over their released layouts: "
+                                            "tinyface, uccs, ar (README: Evaluation layouts)")
+    ident.add_argument("benchmark", choices=["tinyface", "uccs", "ar"])
+    ident.add_argument("--weights", required=True, help="IResNet state dict (insightface keys), e.g. student.pt")
+    ident.add_argument("--arch", default="r18", help="IResNet arch: r18, r34, r50, r100")
+    ident.add_argument("--root", required=True,
+                       help="tinyface: Testing_Set (Probe, Gallery_Match, Gallery_Distractor); uccs: identity "
+                            "folders; ar: gallery/ and one folder per probe subset")
+    ident.add_argument("--split", help="uccs: split file with 'train' and 'test' lines")
+    ident.add_argument("--resolutions", nargs="+", default=None,
+                       help="input sides to degrade to ('hr' = none); default: hr for tinyface, 16 otherwise")
+    ident.add_argument("--output", default="identify_output", help="folder for identification.json / .md")
+    ident.add_argument("--batch-size", type=int, default=128)
+    ident.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    ident.add_argument("--device", default="cpu")
+    ident.set_defaults(func=_identify)
 
     data = sub.add_parser("data", help="training-set tools: pack identity folders into insightface RecordIO")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -82,3 +82,29 @@ def resize_uint8(pixels: Tensor, size: int | None) -> Tensor:
     resized = F.interpolate(pixels[None].float(), size=(size, size), mode="bilinear", antialias=True,
                             align_corners=False)[0]
     return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ImageListDataset(Dataset):
+    """Images at the given paths as uint8 (3, image_size, image_size) RGB: items (image, index).
+
+    For evaluation layouts that list files rather than identity folders (TinyFace's flat folders).
+    """
+
+    def __init__(self, paths: list[str | os.PathLike], image_size: int | None = 112):
+        self.paths, self.image_size = [Path(p) for p in paths], image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path = self.paths[index]
+        return resize_uint8(decode_image_uint8(path.read_bytes(), str(path)), self.image_size), index
+
+
+def image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files directly in `folder` and below it, sorted by relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a directory")
+    return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions),
+                  key=lambda p: p.relative_to(folder).as_posix())

@@ -36,10 +36,16 @@ def cmc(gallery_features: Tensor, gallery_labels: Tensor, probe_features: Tensor
         raise ValueError(f"probe_labels has identities absent from the gallery: {sorted(missing)[:5]}")
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks must be positive ints, got {ranks!r}")
-    scores = F.normalize(p, dim=1) @ F.normalize(g, dim=1).T                # (probes, gallery)
-    correct = pl[:, None] == gl[None, :]
-    best_correct = scores.masked_fill(~correct, -torch.inf).max(1).values
-    rank = 1 + ((scores >= best_correct[:, None]) & ~correct).sum(1)       # 1-based rank of the first hit
+    p, g = F.normalize(p, dim=1), F.normalize(g, dim=1)
+    ranks_of_hits = []
+    # probes in chunks: TinyFace's full gallery (150k+ distractors) would need GBs of scores at once
+    chunk = max(1, (1 << 24) // max(1, g.shape[0]))
+    for s in range(0, p.shape[0], chunk):
+        scores = p[s:s + chunk] @ g.T                                      # (probes, gallery)
+        correct = pl[s:s + chunk, None] == gl[None, :]
+        best_correct = scores.masked_fill(~correct, -torch.inf).max(1).values
+        ranks_of_hits.append(1 + ((scores >= best_correct[:, None]) & ~correct).sum(1))  # 1-based
+    rank = torch.cat(ranks_of_hits)
     return {int(k): float((rank <= k).double().mean()) for k in ranks}
 
 
