@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+# The two commands of the README: `make demo` and `make test`. Both set everything up first, once: the setup
+# is redone only when setup.py, pyproject.toml, csrc/ or the pins below change (stamp: .venv/.setup-done).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,22 +8,48 @@ export GDRD_BUILD_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench docs gpu-wheels
+# torch: the CUDA build where CUDA can run or be compiled for (a GPU or nvcc), else the CPU build (0.9 GB
+# instead of 5.5 GB). PyPI's Linux torch 2.13.0 is the CUDA one: elsewhere, point pip at the CPU wheels,
+# e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu. Triton (1 GB) only with CUDA: on a
+# CPU-only machine its kernels could only run in the interpreter.
+HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 || command -v nvcc >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(HAVE_CUDA),torch==2.14.1,torch==2.13.0)
+EXTRAS ?= app,demo,test,peers$(if $(HAVE_CUDA),$(comma)triton)
+comma := ,
+# torchvision (pulled by torchdistill) must match the torch in use
+TORCHVISION = $(if $(findstring 2.14,$(TORCH)),torchvision==0.29.1,$(if $(findstring 2.13,$(TORCH)),torchvision==0.28.0))
+
+STAMP := $(VENV)/.setup-done
+PINS := $(VENV)/.setup-pins
+CSRC := $(shell find csrc -type f)
+
+.PHONY: setup demo test bench docs gpu-wheels FORCE
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q "torch==2.14.1" numpy ninja
-	$(BIN)/python -m pip install -q -e ".[test,triton,diffusion,demo,peers]" --no-build-isolation
+# rewritten only when a pin changes, so that the stamp below sees the change
+$(PINS): FORCE | $(BIN)/python
+	@echo "$(TORCH) $(TORCHVISION) [$(EXTRAS)] GDRD_BUILD_CUDA=$(GDRD_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)" > $@.new
+	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
 
-demo: setup
+# -v: pip shows the compiler's progress (minutes with CUDA) instead of a silent spinner
+$(STAMP): setup.py pyproject.toml $(CSRC) $(PINS)
+	@rm -f $@
+	$(BIN)/python -m pip install --upgrade pip "setuptools>=77"
+	$(BIN)/python -m pip install "$(TORCH)" $(TORCHVISION) numpy ninja
+	$(BIN)/python -m pip install -v --no-build-isolation -e ".[$(EXTRAS)]" "$(TORCH)" $(TORCHVISION)
+	$(BIN)/python -m gdrd_fast env
+	@touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
 	$(BIN)/gdrd-fast demo $(DEMO_ARGS)
 
-test: setup
+test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-bench: setup
+bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 # The site (docs/, mkdocs.yml) into site/, warnings as errors. The API pages are read from the sources,
@@ -38,3 +65,5 @@ GPU_WHEELS := tqdm pyyaml inf-cl
 gpu-wheels: $(BIN)/python
 	$(BIN)/python -m pip download -q $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl
+
+FORCE:
