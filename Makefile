@@ -23,7 +23,7 @@ STAMP := $(VENV)/.setup-done
 PINS := $(VENV)/.setup-pins
 CSRC := $(shell find csrc -type f)
 
-.PHONY: setup demo test bench docs gpu-wheels FORCE
+.PHONY: setup demo test bench docs gpu-wheels gpu-prebuilt FORCE
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -65,5 +65,12 @@ GPU_WHEELS := tqdm pyyaml inf-cl
 gpu-wheels: $(BIN)/python
 	$(BIN)/python -m pip download -q $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl
+
+# The GPU machine's extensions built here, for its Python 3.12 and torch 2.11.0+cu130 (GPU_PYTHON: a Python
+# with that torch): carry gdrd_fast/*cpython-312* with the tree and benchmarks/gpu/run.sh uses them
+# instead of building, if they were built from the same sources.
+GPU_PYTHON ?= python3.12
+gpu-prebuilt:
+	GDRD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(GPU_PYTHON) setup.py build_ext --inplace
 
 FORCE:

@@ -9,13 +9,14 @@
 - TORCH_CUDA_ARCH_LIST (default "9.0"), MAX_JOBS (ninja parallelism), CUDA_HOME (derived from nvcc when unset).
 Build against the installed torch: `pip install -e . --no-build-isolation`.
 
-What was built, skipped or failed, and why, goes to gdrd_fast/_build.json, which env_report() reads.
+What was built, skipped or failed, and why, goes to gdrd_fast/_build.<python abi>.json, which env_report() reads.
 
 This file is also the PEP 517 backend (pyproject.toml: build-backend = "setup"): setuptools' own hooks,
 reached through here so that a Python without setuptools, or with one too old to build wheels, gets the
 command that fixes it, not "Cannot import 'setuptools.build_meta'" or "invalid command 'bdist_wheel'".
 """
 import glob
+import hashlib
 import json
 import os
 import re
@@ -36,7 +37,8 @@ except ImportError as exc:
                       f"then `{INSTALL}` again") from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RECORD = os.path.join("gdrd_fast", "_build.json")
+# one record per Python ABI, like the extensions themselves: builds for two Pythons can share a checkout
+RECORD = os.path.join("gdrd_fast", f"_build.{sysconfig.get_config_var('SOABI')}.json")
 # extension name -> "built", or why it is not: written to RECORD after the build
 STATUS: dict[str, str] = {}
 
@@ -47,6 +49,17 @@ def require_build_tools():
     if int(setuptools.__version__.split(".")[0]) < 77:
         sys.exit(f"error: gdrd_fast needs setuptools >= 77 to build (this Python has {setuptools.__version__}): "
                  f"run `{BUILD_TOOLS}`, then `{INSTALL}` again")
+
+
+def sources_digest() -> str:
+    """sha256 over setup.py and csrc/: benchmarks/gpu/run.sh uses a carried prebuilt extension only if it
+    was built from exactly these sources."""
+    digest = hashlib.sha256()
+    for path in ["setup.py", *sorted(glob.glob("csrc/**/*", recursive=True, root_dir=ROOT))]:
+        if os.path.isfile(os.path.join(ROOT, path)):
+            with open(os.path.join(ROOT, path), "rb") as f:
+                digest.update(path.encode() + b"\0" + f.read())
+    return digest.hexdigest()
 
 
 def cuda_mode() -> str:
@@ -153,6 +166,7 @@ def recording_build_ext(base, mode, torch_version):
             super().copy_extensions_to_source()
 
         def run(self):
+            STATUS["sources"] = sources_digest()
             super().run()
             self.write_record()
 

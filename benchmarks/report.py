@@ -134,6 +134,11 @@ def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
             f"torch {info.get('torch')}, triton {info.get('triton')}, python {info.get('python')}. "
             "Times: on GPU triton.testing.do_bench with the L2 flushed (median, p20-p80), on CPU medians of "
             "pytest-benchmark rounds; fwd+bwd per step; TFLOP/s = the op's cost model / median.", ""]
+    if "correctness" in data:  # benchmarks/gpu/run.sh: the kernels' check against the float64 reference
+        verdict = data["correctness"]
+        text += [f"Correctness of the kernels benchmarked here (float64 reference, fp32/fp16/bf16): "
+                 f"**{verdict['status']}** ({', '.join(f'{k} {v}' for k, v in sorted(verdict['counts'].items()))}).",
+                 ""]
     text += table(benches)
     written = []
     for out in out_dirs:

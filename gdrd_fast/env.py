@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import shutil
+import sysconfig
 
 import torch
 
@@ -12,7 +13,8 @@ from . import backends
 
 REBUILD = "pip install -e . --no-build-isolation"
 # written by setup.py's build: for each compiled part, "built against torch ..." or why it is not there
-_BUILD_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build.json")
+_BUILD_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             f"_build.{sysconfig.get_config_var('SOABI')}.json")
 
 
 def build_record() -> dict[str, str]:

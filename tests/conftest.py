@@ -27,3 +27,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# benchmarks/gpu/run.sh sets GDRD_GPU_OUTCOMES: every GPU test's kernel, dtype and outcome go there as JSON,
+# from which benchmarks/gpu/verdict.py writes the correctness verdict of the run.
+_OUTCOMES_PATH = os.environ.get("GDRD_GPU_OUTCOMES")
+_outcomes: dict[str, dict] = {}
+
+
+def _gpu_test_info(item) -> dict:
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    dtypes = [str(v).replace("torch.", "") for v in params.values() if isinstance(v, torch.dtype)]
+    kernel = "triton" if "triton" in item.keywords else str(params.get("backend", "cuda"))
+    return {"op": item.module.__name__.removeprefix("test_"), "kernel": kernel,
+            "dtype": dtypes[0] if dtypes else "", "outcome": "not run", "message": ""}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    if _OUTCOMES_PATH:
+        _outcomes.update({item.nodeid: _gpu_test_info(item) for item in session.items if "cuda" in item.keywords})
+
+
+def pytest_runtest_logreport(report):
+    info = _outcomes.get(report.nodeid)
+    if info is None or (report.when != "call" and report.passed):
+        return
+    if report.failed:
+        info["outcome"] = "failed" if report.when == "call" else "error"
+        info["message"] = report.longreprtext.strip().splitlines()[-1][:300] if report.longreprtext else ""
+    elif report.skipped:
+        info["outcome"], info["message"] = "skipped", str(report.longrepr[-1] if report.longrepr else "")[:300]
+    elif info["outcome"] == "not run":
+        info["outcome"] = "passed"
+
+
+def pytest_sessionfinish(session):
+    if _OUTCOMES_PATH:
+        import json
+        with open(_OUTCOMES_PATH, "w") as f:
+            json.dump(_outcomes, f, indent=1)
