@@ -47,7 +47,7 @@ def test_crd_loss_matches_repdistiller_float64(backend, n_data, nce_k):
                   bank_dtype=torch.float64, backend=backend).double().to(device_of(backend))
     bank_s, bank_t = crd.memory_s.rows.clone(), crd.memory_t.rows.clone()
     z_s = z_t = None
-    for step in range(3):  # Z is estimated on step 0 and frozen afterwards
+    for _step in range(3):  # Z is estimated on step 0 and frozen afterwards
         kw = dict(dtype=torch.float64, device=device_of(backend))
         f_s = torch.randn(b, s_dim, **kw, requires_grad=True)
         f_t = torch.randn(b, t_dim, **kw, requires_grad=True)

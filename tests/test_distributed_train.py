@@ -17,9 +17,9 @@ from gdrd_fast.distributed import DistributedCRDLoss, DistributedRelationalContr
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import DiscriminativeStage, OptimConfig, Runtime, Trainer, load_checkpoint, seed_everything
 from gdrd_fast.train.loop import StepBatchSampler
+from train_cases import CLASSES, EMB, N_DATA, Faces
 
 pytestmark = pytest.mark.distributed
-from train_cases import CLASSES, EMB, N_DATA, Faces
 
 BATCH, STEPS, WORLD = 4, 6, 2
 KINDS = ("rcd", "crd", "crd_sharded")
