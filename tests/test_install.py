@@ -2,6 +2,7 @@
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,3 +169,31 @@ def test_env_report_says_when_a_built_extension_no_longer_imports(record, monkey
     reason = env.why_missing("gdrd_fast._C")
     assert "built against torch 2.11.0, but it does not import" in reason and "undefined symbol" in reason
     assert "pip install -e . --no-build-isolation" in reason
+
+
+def test_make_reuses_the_setup_until_an_input_or_a_pin_changes(tmp_path):
+    """`make demo` after `make test` must not set up again; a changed source or pin must. The venv's
+    python and gdrd-fast are stubs that log their calls."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+    venv, calls = tmp_path / "venv", tmp_path / "calls"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("python", "gdrd-fast"):
+        stub = venv / "bin" / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        stub.chmod(0o755)
+
+    def demo(*args) -> list[str]:
+        calls.write_text("")
+        out = subprocess.run([make, "demo", f"VENV={venv}", "TORCH=torch==2.13.0", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return calls.read_text().splitlines()
+
+    first = demo()
+    assert any("pip install" in c and "torch==2.13.0" in c for c in first) and first[-1].startswith("gdrd-fast demo")
+    assert demo() == ["gdrd-fast demo"]  # set up: straight to the demo
+    assert any("pip install" in c for c in demo("-W", "csrc/ops.cpp"))  # a changed source rebuilds
+    assert demo() == ["gdrd-fast demo"]
+    assert any("torch==2.11.0" in c for c in demo("TORCH=torch==2.11.0"))  # a changed pin sets up again
