@@ -8,13 +8,14 @@ export GDRD_BUILD_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-# torch: the CUDA build where CUDA can run or be compiled for (a GPU or nvcc), else the CPU build (0.9 GB
-# instead of 5.5 GB). PyPI's Linux torch 2.13.0 is the CUDA one: elsewhere, point pip at the CPU wheels,
-# e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu. Triton (1 GB) only with CUDA: on a
-# CPU-only machine its kernels could only run in the interpreter.
+# torch: the CUDA build where CUDA can run or be compiled for (a GPU or nvcc), else the CPU build (0.75 GB
+# instead of 4.4 GB). PyPI's Linux torch 2.13.0 is the CUDA one: elsewhere, point pip at the CPU wheels,
+# e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu. Only with CUDA: triton (1 GB; on a
+# CPU-only machine its kernels run only in the interpreter) and the benchmarks' peers (torchdistill,
+# pytorch-metric-learning). `make test EXTRAS=app,demo,test,triton,peers` adds them anywhere.
 HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 || command -v nvcc >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAVE_CUDA),torch==2.14.1,torch==2.13.0)
-EXTRAS ?= app,demo,test,peers$(if $(HAVE_CUDA),$(comma)triton)
+EXTRAS ?= app,demo,test$(if $(HAVE_CUDA),$(comma)triton$(comma)peers)
 comma := ,
 # torchvision (pulled by torchdistill) must match the torch in use
 TORCHVISION = $(if $(findstring 2.14,$(TORCH)),torchvision==0.29.1,$(if $(findstring 2.13,$(TORCH)),torchvision==0.28.0))
