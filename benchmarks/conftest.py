@@ -1,4 +1,5 @@
-"""Prints, after the pytest-benchmark tables, one table per op and size with ratios against eager."""
+"""Prints, after the pytest-benchmark tables, one table per op and size with ratios against eager; puts the
+GPU run's correctness verdict (benchmarks/gpu/run.sh) into the results JSON."""
 from __future__ import annotations
 
 import json

@@ -80,7 +80,10 @@ def write(outcomes_path: str, out_dirs: list[str]) -> dict:
             f.write("\n".join(text) + "\n")
         with open(os.path.join(out, stem + ".json"), "w") as f:
             json.dump(result, f, indent=1)
-    print("\n".join(text))
+    shown = text if len(result["not_passed"]) <= 10 else text[:-(len(result["not_passed"][:50]) - 10)]
+    print("\n".join(shown))
+    if len(shown) < len(text):
+        print(f"- ... the whole list in {os.path.join(out_dirs[-1], stem + '.md')}")
     return result
 
 
