@@ -19,6 +19,7 @@ PYTHON=${PYTHON:-python3}
 RESULTS=benchmarks/results
 OUT_DIR=${OUT:-$RESULTS}
 BUDGET=${GDRD_GPU_BUDGET_S:-420}
+BENCH=${GDRD_GPU_BENCH:-benchmarks}  # the benchmark files: all of them (a dry run on CPU narrows this)
 # predicted seconds per phase on one H100 with 16 cores; estimates until a GPU run replaces them with the
 # durations its log reports. Their sum with a fresh build is 410 s; with a carried build 290 s.
 PREDICT_BUILD=120 PREDICT_TESTS=140 PREDICT_BENCH=100 PREDICT_COMPILE=40 PREDICT_REPORT=10
@@ -119,10 +120,10 @@ core=$(mktemp --suffix=.json)
 compiled=$(mktemp --suffix=.json)
 rm -f "$core" "$compiled"  # report.py takes only the files a pass wrote
 phase "benchmarks: gdrd_fast, eager and peers" "$PREDICT_BENCH" "$(left $((PREDICT_COMPILE / 2)))" \
-    "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$core" -q -p no:cacheprovider \
+    "$PYTHON" -m pytest $BENCH --benchmark-only --benchmark-json="$core" -q -p no:cacheprovider \
     --continue-on-collection-errors --durations=10 -k "not compile" "$@"
 phase "benchmarks: torch.compile providers" "$PREDICT_COMPILE" "$(left "$PREDICT_REPORT")" \
-    "$PYTHON" -m pytest benchmarks --benchmark-only --benchmark-json="$compiled" -q \
+    "$PYTHON" -m pytest $BENCH --benchmark-only --benchmark-json="$compiled" -q \
     -p no:cacheprovider --continue-on-collection-errors --durations=10 -k "compile" "$@"
 
 written=()
