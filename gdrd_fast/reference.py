@@ -42,8 +42,9 @@ def log_z_like(log_z, s: Tensor) -> Tensor:
 
 def crd_nce_rows(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07, log_z,
                  n_data: int | None = None, eps: float = 1e-7) -> Tensor:
-    """Per-row losses [B] in the accumulation dtype: RepDistiller's row loss -log(P0 / (P0 + c + eps)) - sum_k log(c / (Pk + c + eps)), P = exp(s/T - log Z),
-    c = K / n_data, in log space: with l = s/T - log Z - log(c + eps) it is exactly
+    """Per-row losses [B] in the accumulation dtype: RepDistiller's row loss
+    -log(P0 / (P0 + c + eps)) - sum_k log(c / (Pk + c + eps)), P = exp(s/T - log Z), c = K / n_data,
+    in log space: with l = s/T - log Z - log(c + eps) it is exactly
         softplus(-l_0) + sum_k [softplus(l_k) + log1p(eps / c)],
     which no logit, however large, overflows (exp then log returns inf past s/T ~ 709 in float64)."""
     n_data = memory.shape[0] if n_data is None else n_data

@@ -93,7 +93,7 @@ def test_losses_run_with_only_torch_and_numpy_importable():
         student = torch.randn(2, 4, 5, 5, requires_grad=True)
         check("feature_regression", regress(student, torch.randn(2, 6, 5, 5)), student)
 
-        queue = gdrd_fast.MemoryQueue(size=32, dim=16)
+        queue = gdrd_fast.MemoryQueue(size=32, dim=16, with_labels=True)
         queue.push_(torch.randn(20, 16), labels=torch.randint(5, (20,)))
         assert queue.sample_negatives(torch.randint(5, (3,)), k=4).shape == (3, 4)
         print(gdrd_fast.env_report())
