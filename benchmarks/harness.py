@@ -7,12 +7,12 @@ and calls `measure(benchmark, __name__, op, provider, size_key, device)` from it
 
 Time: on CPU, pytest-benchmark's rounds (host clock). On CUDA, triton.testing.do_bench (CUDA events, L2
 flushed before every call): its median, p20 and p80 go to extra_info as median_s / p20_s / p80_s and are
-the numbers the reports use (performance.md "Measuring"); a few host-timed rounds still run for
+the numbers the reports use (docs/performance/measuring.md); a few host-timed rounds still run for
 pytest-benchmark's own table. `median_seconds` reads whichever a result has.
 
 Memory: on CUDA, max_memory_allocated over one call minus what was allocated before it. On CPU torch
 allocations are invisible to tracemalloc, so each case runs once more in a fresh subprocess that reads
-its own peak RSS (VmHWM, reset through /proc/self/clear_refs) around one call (performance.md).
+its own peak RSS (VmHWM, reset through /proc/self/clear_refs) around one call (docs/performance/measuring.md).
 """
 from __future__ import annotations
 

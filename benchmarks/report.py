@@ -1,4 +1,4 @@
-"""pytest-benchmark JSON -> Markdown table + PNG plot, named by device and date (performance.md "Measuring").
+"""pytest-benchmark JSON -> Markdown table + PNG plot, named by device and date (docs/performance/measuring.md).
 
     python -m benchmarks.report RESULTS.json [MORE.json ...] --out DIR [--out DIR2 ...]
 

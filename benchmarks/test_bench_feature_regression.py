@@ -11,7 +11,7 @@ from gdrd_fast.ops import feature_regression as fr_ops
 from benchmarks.harness import cases, measure, skip_unavailable
 
 OP = "feature_regression_loss"
-# (B, Cs, Ct, H=W): performance.md targets Cs <= 128 and Cs >= 512
+# (B, Cs, Ct, H=W): docs/performance/index.md targets Cs <= 128 and Cs >= 512
 SIZES = {
     "cpu": {"B32-Cs128-Ct128-8x8": (32, 128, 128, 8), "B16-Cs512-Ct512-4x4": (16, 512, 512, 4)},
     "cuda": {f"B{b}-Cs{cs}-Ct{ct}-{hw}x{hw}": (b, cs, ct, hw) for b, cs, ct, hw in
@@ -21,7 +21,7 @@ PROVIDERS = ["eager", "compile", "cpu", "triton"]
 
 
 def flops(size_key: str, device: str) -> int:
-    """Forward 2 N Cs Ct plus gradients for input and weight: 6 N Cs Ct (performance.md)."""
+    """Forward 2 N Cs Ct plus gradients for input and weight: 6 N Cs Ct (docs/performance/index.md)."""
     b, cs, ct, hw = SIZES["cuda" if device.startswith("cuda") else "cpu"][size_key]
     return 6 * b * hw * hw * cs * ct
 

@@ -1,5 +1,5 @@
 """infonce_bank_loss fwd+bwd: eager reference, torch.compile(reference), gdrd_fast backends and, on GPU,
-FlexAttention (the stock-PyTorch expert spelling) and Inf-CL when installed (performance.md "Measuring")."""
+FlexAttention (the stock-PyTorch expert spelling) and Inf-CL when installed (docs/performance/measuring.md)."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +21,7 @@ GPU_PEERS = ["flex_attention", "inf-cl"]
 
 
 def flops(size_key: str, device: str) -> int:
-    """Forward + dQuery in one pass: 4 B K D (performance.md cost model)."""
+    """Forward + dQuery in one pass: 4 B K D (docs/performance/index.md)."""
     b, k, d = SIZES["cuda" if device.startswith("cuda") else "cpu"][size_key]
     return 4 * b * k * d
 

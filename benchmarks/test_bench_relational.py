@@ -25,7 +25,7 @@ TEMPERATURE, N_DATA = 0.1, 100_000
 
 
 def flops(size_key: str, device: str) -> float:
-    """Forward FLOP of the key relations, both sides: 2 * R(K+1) * d^2 per side (performance.md)."""
+    """Forward FLOP of the key relations, both sides: 2 * R(K+1) * d^2 per side (docs/performance/index.md)."""
     b, k, d, _, _ = SIZES["cuda" if device.startswith("cuda") else "cpu"][size_key]
     return 2 * 2 * b * (b - 1) * (k + 1) * d * d
 

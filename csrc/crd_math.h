@@ -1,4 +1,4 @@
-// Scalar numerics of CRD's fused NCE loss, shared by the CPU and CUDA kernels (method.md section 2).
+// Scalar numerics of CRD's fused NCE loss, shared by the CPU and CUDA kernels (docs/ops/crd.md).
 // With l = s/T - log Z - log(c + eps): positive term softplus(-l), each negative softplus(l) + log((c+eps)/c),
 // d/ds = (sigmoid(l) - [k == 0]) / T.
 #pragma once

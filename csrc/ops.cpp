@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(gdrd_fast_C, m) {
-  // CRD's NCE loss over gathered bank rows (ops.md section 1). Returns per-row losses [B] and, when
+  // CRD's NCE loss over gathered bank rows (docs/ops/crd.md). Returns per-row losses [B] and, when
   // need_grad, d row_b / d anchor_b [B, D] (else an empty tensor), both in the accumulation dtype.
   m.def("crd_nce_forward(Tensor anchor, Tensor memory, Tensor idx, float inv_t, Tensor log_z, float c, "
         "float eps, bool need_grad) -> (Tensor, Tensor)");
@@ -14,12 +14,12 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
         "Tensor memory_b, Tensor log_z_b, Tensor idx, float inv_t, float c, float eps, bool need_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last
-  // duplicate of idx wins (ops.md section 5). The pair form updates two banks with one idx.
+  // duplicate of idx wins (docs/ops/memory.md). The pair form updates two banks with one idx.
   m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");
   m.def("bank_update_pair_(Tensor(a!) memory_a, Tensor values_a, Tensor(b!) memory_b, Tensor values_b, "
         "Tensor idx, float momentum) -> ()");
   // MemoryQueue.push_: rows of values go to slots ptr, ptr + 1, ... (mod size), the newest `size` kept;
-  // ptr and count advance on the device (ops.md section 5). Labels are written alongside when given.
+  // ptr and count advance on the device (docs/ops/memory.md). Labels are written alongside when given.
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) count, Tensor values, Tensor? labels, "
         "Tensor(d!)? queue_labels) -> ()");
   // MemoryQueue.sample_negatives: [B, k] int64 draws, uniform with replacement over the first `filled`

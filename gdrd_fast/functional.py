@@ -1,4 +1,4 @@
-"""The public functional losses: plain tensors in, a loss out (ops.md).
+"""The public functional losses: plain tensors in, a loss out (docs/ops/index.md).
 
 Each function validates its arguments, picks a backend ('auto' = fastest available for the tensors'
 device, 'torch' = gdrd_fast.reference) and reduces the per-row losses. Float64 inputs stay float64;
@@ -213,7 +213,7 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
                                 neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
                                 log_z_t, log_z_s, n_data: int, reduction: str = "mean",
                                 backend: str = "auto") -> Tensor:
-    """CRRCD's relational contrastive loss, student side + teacher side (method.md section 3).
+    """CRRCD's relational contrastive loss, student side + teacher side (docs/ops/relational.md).
 
     Rows are all pairs (i, j), i != j; neg_idx[j] holds partner j's K queue negatives. 'none' gives the
     per-row [B(B-1)] sum of both sides.

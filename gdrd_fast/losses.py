@@ -1,4 +1,4 @@
-"""nn.Module forms of the losses: hyper-parameters and state in __init__, tensors in forward."""
+"""nn.Module forms of the losses: hyper-parameters and state in `__init__`, tensors in `forward`."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """MemoryBank (id-indexed, momentum-updated) and MemoryQueue (FIFO ring buffer with labels).
 
-All state lives in buffers, so state_dict round-trips and checkpoints carry the banks (ops.md section 5).
+All state lives in buffers, so state_dict round-trips and checkpoints carry the banks (docs/ops/memory.md).
 Every method validates before it writes: a failed call leaves the state untouched.
 """
 from __future__ import annotations

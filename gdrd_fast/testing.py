@@ -1,4 +1,4 @@
-"""Tolerance rules for checking a fast backend against the float64 reference (ops.md section 7).
+"""Tolerance rules for checking a fast backend against the float64 reference (docs/design/testing.md).
 
 A fast result passes when its error against float64 is at most the error of the reference run in the
 input's own dtype, plus a per-dtype tolerance: "no worse than PyTorch's own rounding, plus tol".

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels for a GPU that is not here (performance.md "static checks").
+"""Ahead-of-time compilation of Triton kernels for a GPU that is not here (docs/performance/measuring.md).
 
 `compile_config(config, arch)` lowers one shipped kernel configuration to PTX for sm_90 or sm_80 with
 triton.compile(target=GPUTarget(...)), assembles it with the ptxas that Triton bundles and reports

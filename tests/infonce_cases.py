@@ -9,7 +9,7 @@ import gdrd_fast
 from gdrd_fast import reference
 from loss_checks import check_loss_and_grads
 
-# odd sizes from ops.md section 7: (B, K, D); K=1000 spans several bank splits with a ragged last tile
+# odd sizes from docs/design/testing.md: (B, K, D); K=1000 spans several bank splits with a ragged last tile
 SIZES = [(1, 1, 31), (47, 123, 100), (5, 1000, 128), (3, 77, 512)]
 
 

@@ -1,5 +1,5 @@
 """One check for every fast path of a loss: the loss AND every gradient against the float64 reference,
-with a random per-row grad_output (never all ones), plus a no-grad forward (ops.md section 7).
+with a random per-row grad_output (never all ones), plus a no-grad forward (docs/design/testing.md).
 """
 from __future__ import annotations
 

@@ -161,6 +161,14 @@ def missing_citations(root: str, files: list[str]) -> list[str]:
     return bad
 
 
+def test_code_cites_only_documents_in_the_repository():
+    # this file cites made-up documents on purpose; mkdocs.yml's nav is checked by `mkdocs build --strict`
+    files = [p for p in _tracked_files(ROOT) if p not in ("tests/test_docs.py", "mkdocs.yml")]
+    bad = missing_citations(ROOT, files)
+    assert not bad, ("citations of documents that are not in the repository (cite docs/<page>.md by its "
+                     "path, or drop the citation):\n" + "\n".join(bad))
+
+
 def test_the_citation_scan_catches_a_missing_document(tmp_path):
     """The scan itself, on a made-up tree: only the citation of a file that does not exist is reported."""
     (tmp_path / "docs").mkdir()

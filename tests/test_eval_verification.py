@@ -55,7 +55,7 @@ def test_folds_match_sklearn_when_installed():
 
 
 def _brute_force(dist, issame, far_target):
-    """Loop-by-loop restatement of method.md section 6 (independent of the vectorised code)."""
+    """Loop-by-loop restatement of docs/method/evaluation.md (independent of the vectorised code)."""
     n = len(dist)
     sizes = [n // 10 + (1 if k < n % 10 else 0) for k in range(10)]
     starts = np.cumsum([0] + sizes)

@@ -1,4 +1,4 @@
-"""The paper-scale modules at their real sizes (method.md sections 1 and 4), one step of each stage on CPU:
+"""The paper-scale modules at their real sizes (docs/method/models.md), one step of each stage on CPU:
 IResNet-18 student (112x112), PGDiff encoder teacher (448x448 -> 512x14x14), IResNet-50 ArcFace teacher,
 ArcFace head over CASIA-WebFace's 10,575 identities."""
 import pytest

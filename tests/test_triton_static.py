@@ -1,6 +1,6 @@
 """Static GPU checks that need no GPU: every shipped Triton configuration compiles for sm_90 and sm_80,
 ptxas reports 0 spill bytes and shared memory within the per-block limit, and tensor-core kernels
-show wgmma in their sm_90 PTX (performance.md "static checks"; conventions in kernels/_aot.py).
+show wgmma in their sm_90 PTX (docs/performance/measuring.md; conventions in kernels/_aot.py).
 """
 import importlib
 import pkgutil

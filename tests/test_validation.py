@@ -1,4 +1,4 @@
-"""Bad input gives a clear error naming the argument, and nothing (bank, queue) changes (ops.md section 6)."""
+"""Bad input gives a clear error naming the argument, and nothing (bank, queue) changes (docs/ops/index.md)."""
 import pytest
 import torch
 

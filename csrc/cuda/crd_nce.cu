@@ -1,5 +1,5 @@
 // Gathered CRD NCE loss on CUDA: one pass reads idx once, gathers row idx[b, k] of every side's bank,
-// scores it and accumulates that side's loss and anchor gradient (method.md section 2, fusable form).
+// scores it and accumulates that side's loss and anchor gradient (docs/ops/crd.md, fusable form).
 // A warp owns one column k at a time; lane l holds features l, l + 32, ... of the anchor and the row, so
 // each row read is coalesced. Blocks (b, column range) meet through atomics on row b's outputs.
 #include <cuda_bf16.h>

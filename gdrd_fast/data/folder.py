@@ -1,6 +1,6 @@
 """Identity-folder face datasets: root/<identity>/<image>, aligned crops (112x112 by convention).
 
-Items are (image, label, index): the dataset index addresses the CRD memory banks (method.md section 2).
+Items are (image, label, index): the dataset index addresses the CRD memory banks (docs/ops/crd.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A deterministic, labelled, SYNTHETIC face-like data set for the offline demo (method.md section 7).
+"""A deterministic, labelled, SYNTHETIC face-like data set for the offline demo (docs/method/demo.md).
 
 No labelled face set can be downloaded here, so identities are drawn, not photographed. The task is
 hard the way the real one is:

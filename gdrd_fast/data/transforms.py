@@ -1,7 +1,7 @@
 """The two views GDRD trains on: the HR face for the teacher, its degraded copy for the student.
 
 Horizontal flip is drawn once per sample and applied before degrading, so both views are flipped
-identically (method.md section 5).
+identically (docs/method/training.md).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class DenoiserConfig:
 class DemoConfig:
     name: str = "gdrd-demo"
     seed: int = 0
-    image_size: int = 64  # HR side (method.md section 7: 112 or 64)
+    image_size: int = 64  # HR side (docs/method/demo.md: 112 or 64)
     resolution: int = 16
     batch_size: int = 64
     width: int = 16  # SmallFaceNet width

@@ -211,7 +211,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
         atomic_write_bytes(paths["markdown"], "\n".join(md).encode())
         write_json(paths["json"], {
             "synthetic": synthetic, "note": note, "dataset": data_name,
-            "protocol": "LFW verification (insightface conventions, method.md section 6)",
+            "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md)",
             "results": {name: res.as_dict() for name, res in results.items()},
             "timings_s": demo.timings | {"total": elapsed}, "config": to_dict(config)})
         plot_roc(paths["roc"], results, f"ROC, {data_name}")

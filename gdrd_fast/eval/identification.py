@@ -1,4 +1,4 @@
-"""Identification protocols (method.md section 6): CMC with cosine scores, the UCCS-style linear probe,
+"""Identification protocols (docs/method/evaluation.md): CMC with cosine scores, the UCCS-style linear probe,
 and AR-style reports per subset (occlusion, illumination, ...)."""
 from __future__ import annotations
 

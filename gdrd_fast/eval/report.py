@@ -77,7 +77,7 @@ def write_verification_report(out_dir: str | os.PathLike, dataset: str,
         raise ValueError("results must not be empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"dataset": dataset, "protocol": "LFW verification (insightface conventions, method.md section 6)",
+    payload = {"dataset": dataset, "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md)",
                "results": {name: r.as_dict() for name, r in results.items()}, **(extra or {})}
     table = f"# Verification on {dataset}\n\n" + markdown_table(verification_rows(results))
     md = out / "results.md"
@@ -107,7 +107,7 @@ def write_identification_report(out_dir: str | os.PathLike, dataset: str, cmc_re
         raise ValueError("cmc_results must not be empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"dataset": dataset, "protocol": "closed-set identification, cosine scores (method.md section 6)",
+    payload = {"dataset": dataset, "protocol": "closed-set identification, cosine scores (docs/method/evaluation.md)",
                "cmc": {name: {str(k): v for k, v in r.items()} for name, r in cmc_results.items()},
                "linear_probe_top1": dict(linear_probe_results or {}),
                "subsets": {m: {s: {"probes": v["probes"], "cmc": {str(k): a for k, a in v["cmc"].items()}}

@@ -1,4 +1,4 @@
-"""LFW-protocol verification (method.md section 6; insightface eval/verification.py conventions).
+"""LFW-protocol verification (docs/method/evaluation.md; insightface eval/verification.py conventions).
 
 Embeddings are L2-normalised; distance = squared L2 (0..4); thresholds 0, 0.01, ..., 3.99; a pair is
 predicted "same" when distance < threshold. 10 contiguous folds (KFold(10, shuffle=False): the first

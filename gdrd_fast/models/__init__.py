@@ -1,4 +1,4 @@
-"""The networks of GDRD (method.md section 4): the IResNet student and discriminative teacher, the
+"""The networks of GDRD (docs/method/models.md): the IResNet student and discriminative teacher, the
 ArcFace head, and the generative teachers (guided-diffusion / PGDiff, or any diffusers UNet2DModel).
 
 The build_* functions are what a trainer calls from a config. diffusers is imported only when a

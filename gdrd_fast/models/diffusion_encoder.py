@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .checkpoints import load_exact, read_state_dict, strip_prefix
 
 # UNet2DModel configs. "tiny" trains on a CPU in about a minute at 32..64 px; "pgdiff-like" follows
-# PGDiff's FFHQ-512 network (method.md section 4) as far as UNet2DModel allows (one res-block count
+# PGDiff's FFHQ-512 network (docs/method/models.md) as far as UNet2DModel allows (one res-block count
 # for all levels).
 CONFIGS = {
     "tiny": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),

@@ -2,7 +2,7 @@
 
 Module and key names follow openai/guided-diffusion (unet.py), which PGDiff's released FFHQ-512
 checkpoint (iddpm_ffhq512_ema500000.pth) uses, so that checkpoint loads strictly once 'module.' and
-the decoder (output_blocks.*, out.*) are dropped. Written from method.md section 4.
+the decoder (output_blocks.*, out.*) are dropped. Described in docs/method/models.md.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class UNetConfig:
                              f"channel_mult {self.channel_mult}")
 
 
-PGDIFF_FFHQ512 = UNetConfig()  # PGDiff's FFHQ-512 network (method.md section 4)
+PGDIFF_FFHQ512 = UNetConfig()  # PGDiff's FFHQ-512 network (docs/method/models.md)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -129,7 +129,7 @@ def level_end(config: UNetConfig, level: int) -> int:
     return sum(config.num_res_blocks[:level + 1]) + level
 
 
-# After the 5th downsampling stage: 512x14x14 for a 448x448 input (method.md section 4).
+# After the 5th downsampling stage: 512x14x14 for a 448x448 input (docs/method/models.md).
 DEFAULT_TAP = f"input_blocks.{level_end(PGDIFF_FFHQ512, 5)}"
 
 

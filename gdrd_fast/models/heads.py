@@ -15,7 +15,7 @@ IGNORE = -1  # insightface's label for rows whose class is not in this classifie
 
 class ArcFaceLogits(NamedTuple):
     margin: Tensor  # s * cos(theta + m) at the label, s * cos(theta) elsewhere: the L_cls logits
-    plain: Tensor   # s * cos(theta) everywhere, no margin: the logits L_kd compares (method.md section 1)
+    plain: Tensor   # s * cos(theta) everywhere, no margin: the logits L_kd compares (docs/method/index.md)
 
 
 class ArcFaceHead(nn.Module):

@@ -109,7 +109,7 @@ class _Part(nn.Module):
 
 
 class StudentBackbone(_Part):
-    """S_b of method.md section 4: conv1..layer3, (B, 3, 112, 112) -> (B, 256, 14, 14)."""
+    """S_b of docs/method/models.md: conv1..layer3, (B, 3, 112, 112) -> (B, 256, 14, 14)."""
 
     parts = BACKBONE_PARTS
     out_channels = WIDTHS[2]
@@ -119,7 +119,7 @@ class StudentBackbone(_Part):
 
 
 class StudentHead(_Part):
-    """S_h of method.md section 4: layer4 + BN + FC + BN, (B, 256, 14, 14) -> (B, 512)."""
+    """S_h of docs/method/models.md: layer4 + BN + FC + BN, (B, 256, 14, 14) -> (B, 512)."""
 
     parts = HEAD_PARTS
 

@@ -1,4 +1,4 @@
-"""crd_nce_loss: custom ops and autograd over the compiled gathered kernels (ops.md section 1).
+"""crd_nce_loss: custom ops and autograd over the compiled gathered kernels (docs/ops/crd.md).
 
 The kernels live in csrc/ (cpu/crd_nce.cpp, cuda/crd_nce.cu):
 - torch.ops.gdrd_fast_C.crd_nce_forward(anchor, memory, idx, inv_t, log_z, c, eps, need_grad)

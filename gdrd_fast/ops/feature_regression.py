@@ -1,4 +1,4 @@
-"""feature_regression_loss: custom ops, autograd and the chunked CPU backend (ops.md section 4).
+"""feature_regression_loss: custom ops, autograd and the chunked CPU backend (docs/ops/feature_regression.md).
 
 Every backend sees the inputs as columns: x [B, Cs, P] and teacher [B, Ct, P] (P pixels per sample,
 1 for [N, C] features) and returns per-sample mean squared errors [B]. The backward recomputes the

@@ -1,4 +1,4 @@
-"""infonce_bank_loss: custom op, autograd and the chunked CPU backend (ops.md section 2)."""
+"""infonce_bank_loss: custom op, autograd and the chunked CPU backend (docs/ops/infonce.md)."""
 from __future__ import annotations
 
 import functools

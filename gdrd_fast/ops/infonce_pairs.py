@@ -1,4 +1,4 @@
-"""infonce_bank_loss with in-batch keys, labels and cosine scores: the fast paths (ops.md section 2).
+"""infonce_bank_loss with in-batch keys, labels and cosine scores: the fast paths (docs/ops/infonce.md).
 
 Without labels the bank still goes through the fused single-pass kernel (gdrd_fast.ops.infonce); the
 small B x B in-batch block is computed densely and merged into each row's log-sum-exp by log-add-exp.

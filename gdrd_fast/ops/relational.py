@@ -125,7 +125,7 @@ class _Side(NamedTuple):
 
 
 def _sides(e_t, e_s, queue_t, queue_s, params) -> tuple[_Side, _Side]:
-    """(student side, teacher side) in the accumulation dtype; see method.md section 3."""
+    """(student side, teacher side) in the accumulation dtype; see docs/ops/relational.md."""
     dt = compute_dtype(e_s)
     p = RelationalParams(*(t.to(dt) for t in params))
     e_t, e_s = e_t.detach().to(dt), e_s.to(dt)

@@ -36,7 +36,7 @@ class OptimizerConfig:
 
 @dataclass
 class OptimConfig(OptimizerConfig):
-    """An optimizer with step decay; milestones and length in epochs (method.md section 5), or `steps` if set."""
+    """An optimizer with step decay; milestones and length in epochs (docs/method/training.md), or `steps` if set."""
     epochs: int = 36
     milestones: list[int] = field(default_factory=lambda: [21, 28, 32])
     gamma: float = 0.1

@@ -70,7 +70,7 @@ def make_views(batch, runtime: Runtime, resolution: int | None, flip: bool, inte
     images, labels, idx = (t.to(runtime.device, non_blocking=True) for t in batch)
     if images.dtype == torch.uint8:  # datasets opened as_uint8 ship raw pixels; convert on the device
         images = from_uint8(images)
-    if flip:  # one coin per sample, shared by the HR and LR views (method.md section 5)
+    if flip:  # one coin per sample, shared by the HR and LR views (docs/method/training.md)
         local = images.shape[0]
         coins = torch.rand(local * runtime.world_size, device=images.device)[runtime.rank * local:][:local] < 0.5
         images = torch.where(coins[:, None, None, None], images.flip(-1), images)

@@ -53,7 +53,7 @@ class Stage(nn.Module):
 
 
 class GenerativeStage(Stage):
-    """Stage 1: || A(S_b(x_lr)) - T_g(x_lr) ||^2 with T_g frozen (method.md section 1)."""
+    """Stage 1: || A(S_b(x_lr)) - T_g(x_lr) ||^2 with T_g frozen (docs/method/index.md)."""
     name = "stage1"
 
     def __init__(self, runtime: Runtime, backbone: nn.Module, teacher: nn.Module,
