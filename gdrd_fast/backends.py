@@ -186,6 +186,11 @@ class Op:
         return [k for k, v in self.backends.items() if v.unavailable(device) is None]
 
 
+def op(name: str) -> Op:
+    """The backends of the op of that name (every Op registers itself when its module loads)."""
+    return _OPS[name]
+
+
 @torch.compiler.assume_constant_result
 def _choose(op_name: str, backend: str, device_type: str, dtype: torch.dtype) -> tuple:
     return _choose_cached(op_name, backend, device_type, dtype)

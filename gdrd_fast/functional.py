@@ -23,6 +23,22 @@ __all__ = ["crd_nce_loss", "crd_nce_pair_loss", "crd_log_z", "bank_update_", "ba
            "relational_log_z", "feature_regression_loss"]
 
 
+def check_backend(op: str, backend: str, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> str:
+    """`backend` is a name `op` knows (what a Module checks in __init__); with device and dtype also that it
+    runs there (what a Module checks before it draws or writes), else the error that says what is missing.
+    op: the name of a functional entry below (crd_nce_pair_loss, queue_push_, ...)."""
+    table = backends.op(op)
+    table.check_name(backend)
+    if device is not None:
+        table.resolve(backend, device, dtype)
+    return backend
+
+
+def has_backend(op: str, backend: str) -> bool:
+    return backend in backends.op(op)
+
+
 def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

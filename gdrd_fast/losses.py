@@ -11,8 +11,6 @@ from . import functional
 from . import validation as check
 from .integrations import repdistiller
 from .memory import MemoryBank, MemoryQueue
-from .ops import crd_nce, feature_regression, infonce, relational
-from .ops import memory as memory_ops
 from .params import RelationalParams
 
 
@@ -118,8 +116,8 @@ class CRDLoss(FrozenLogZ, nn.Module):
             type(self).__name__, *(lambda n=n, v=v: check.positive_int(n, v) for n, v in dict(
                 s_dim=s_dim, t_dim=t_dim, n_data=n_data, feat_dim=feat_dim, nce_k=nce_k).items()),
             lambda: check.positive("nce_t", nce_t), lambda: check.in_unit_interval("nce_m", nce_m),
-            lambda: check.float_dtype("bank_dtype", bank_dtype), lambda: crd_nce.PAIR_IMPLS.check_name(backend),
-            lambda: memory_ops.PAIR_IMPLS.check_name(backend))
+            lambda: check.float_dtype("bank_dtype", bank_dtype), lambda: functional.check_backend("crd_nce_pair_loss", backend),
+            lambda: functional.check_backend("bank_update_pair_", backend))
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
         self.memory_s = self.make_bank(n_data, feat_dim, nce_m, bank_dtype, backend)
@@ -197,8 +195,8 @@ class CRDLoss(FrozenLogZ, nn.Module):
         check.finite("f_t", f_t)
         _module_finite(self)
         # an unavailable backend must fail here, before anything is drawn or written
-        crd_nce.PAIR_IMPLS.resolve(self.backend, device, f_s.dtype)
-        memory_ops.PAIR_IMPLS.resolve(self.backend, device, self.memory_s.rows.dtype)
+        functional.check_backend("crd_nce_pair_loss", self.backend, device, f_s.dtype)
+        functional.check_backend("bank_update_pair_", self.backend, device, self.memory_s.rows.dtype)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
         self.check_inputs(f_s, f_t, idx, contrast_idx)
@@ -230,7 +228,7 @@ class InfoNCEBankLoss(nn.Module):
                  normalize: bool = False):
         super().__init__()
         check.all_at_once(type(self).__name__, lambda: check.positive("temperature", temperature),
-                          lambda: check.reduction(reduction), lambda: infonce.IMPLS.check_name(backend))
+                          lambda: check.reduction(reduction), lambda: functional.check_backend("infonce_bank_loss", backend))
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
         self.normalize = normalize
 
@@ -250,7 +248,7 @@ class FeatureRegressionLoss(nn.Module):
         super().__init__()
         check.all_at_once(type(self).__name__, lambda: check.positive_int("cs", cs),
                           lambda: check.positive_int("ct", ct), lambda: check.reduction(reduction),
-                          lambda: feature_regression.IMPLS.check_name(backend))
+                          lambda: functional.check_backend("feature_regression_loss", backend))
         self.adapter = nn.Conv2d(cs, ct, kernel_size=1, bias=bias)
         self.reduction, self.backend = reduction, backend
 
@@ -325,7 +323,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
             type(self).__name__, *(lambda n=n, v=v: check.positive_int(n, v) for n, v in dict(
                 embed_dim=embed_dim, rel_dim=rel_dim, num_negatives=num_negatives, queue_size=queue_size,
                 n_data=n_data).items()),
-            lambda: check.positive("temperature", temperature), lambda: relational.IMPLS.check_name(backend))
+            lambda: check.positive("temperature", temperature), lambda: functional.check_backend("relational_contrastive_loss", backend))
 
         self.teacher_relation = TeacherRelation(embed_dim, rel_dim)  # F_t
         self.cross_relation = CrossRelation(embed_dim, rel_dim)      # F_ts
@@ -333,7 +331,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
         self.cross_critic = nn.Linear(rel_dim, rel_dim)    # h2, on cross-resolution relations
         self._register_load_state_dict_pre_hook(_rename_old_relational_keys)
         # the queues have compiled kernels for 'cpu' and 'cuda' only: any other backend leaves them on 'auto'
-        queue_backend = backend if backend in memory_ops.PUSH_IMPLS else "auto"
+        queue_backend = backend if functional.has_backend("queue_push_", backend) else "auto"
         self.queue_t = MemoryQueue(queue_size, embed_dim, with_labels=True, backend=queue_backend)
         self.queue_s = MemoryQueue(queue_size, embed_dim, with_labels=False, backend=queue_backend)
         self._init_log_z()
@@ -367,8 +365,8 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
         check.finite("e_s", e_s)
         _module_finite(self)
         # an unavailable backend must fail here, before anything is drawn or written
-        relational.IMPLS.resolve(self.backend, device, e_s.dtype)
-        memory_ops.PUSH_IMPLS.resolve(self.queue_t.backend, device, self.queue_t.values.dtype)
+        functional.check_backend("relational_contrastive_loss", self.backend, device, e_s.dtype)
+        functional.check_backend("queue_push_", self.queue_t.backend, device, self.queue_t.values.dtype)
 
     def forward(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
         self.check_inputs(e_t, e_s, labels)

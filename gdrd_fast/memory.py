@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from . import functional
 from . import validation as check
-from .ops import memory as memory_ops
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -30,7 +29,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         check.all_at_once(type(self).__name__, lambda: check.positive_int("n", n), lambda: check.positive_int("dim", dim),
                           lambda: check.in_unit_interval("momentum", momentum),
-                          lambda: check.float_dtype("dtype", dtype), lambda: memory_ops.IMPLS.check_name(backend))
+                          lambda: check.float_dtype("dtype", dtype), lambda: functional.check_backend("bank_update_", backend))
         bound = 1.0 / math.sqrt(dim / 3)
         rows = torch.rand(n, dim, generator=generator).mul_(2 * bound).sub_(bound)
         self.register_buffer("rows", rows.to(dtype))
@@ -61,7 +60,7 @@ class MemoryQueue(nn.Module):
         super().__init__()
         check.all_at_once(type(self).__name__, lambda: check.positive_int("size", size),
                           lambda: check.positive_int("dim", dim), lambda: check.float_dtype("dtype", dtype),
-                          lambda: memory_ops.PUSH_IMPLS.check_name(backend))
+                          lambda: functional.check_backend("queue_push_", backend))
         self.register_buffer("values", torch.zeros(size, dim, dtype=dtype))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long) if with_labels else None)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))

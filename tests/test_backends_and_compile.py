@@ -151,3 +151,30 @@ def test_every_triton_entry_point_sends_float64_to_the_exact_path():
     # a size limit: fp32 InfoNCE wider than any spill-free tile
     assert infonce_ops.IMPLS.resolve("triton", cuda, torch.float32, d=4096) == "cpu"
     assert infonce_ops.IMPLS["triton"].refuses(torch.float64) is not None
+
+
+def test_layers_depend_one_way():
+    """Modules call only the functional layer; shared numerics helpers live in gdrd_fast/numerics.py, and
+    no fast path takes them from the reference (which is only the ground truth)."""
+    import ast
+    package = os.path.join(ROOT, "gdrd_fast")
+
+    def imports(path):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                yield node.module or "", [a.name for a in node.names], node.level
+
+    for name in ("losses.py", "memory.py", "distributed/losses.py", "distributed/memory.py"):
+        for module, names, _ in imports(os.path.join(package, name)):
+            assert not module.startswith("ops") and "ops" not in module.split(".") and "ops" not in names, \
+                f"{name} imports the ops layer ({module} {names}): Modules call gdrd_fast.functional"
+    helpers = {"compute_dtype", "reduce_rows", "pair_indices", "off_diagonal", "RelationalParams"}
+    for folder, _, files in os.walk(package):
+        for file in files:
+            if file.endswith(".py"):
+                for module, names, _ in imports(os.path.join(folder, file)):
+                    if module.split(".")[-1] == "reference":
+                        assert not helpers & set(names), f"{file} takes {helpers & set(names)} from reference"
+    source = open(os.path.join(package, "reference.py")).read()
+    assert "def compute_dtype" not in source and "class RelationalParams" not in source
