@@ -15,7 +15,7 @@ from . import backends, reference
 from . import validation as check
 from .ops import crd_nce, feature_regression, infonce, infonce_pairs, relational
 from .ops import memory as memory_ops
-from .numerics import compute_dtype, reduce_rows
+from .numerics import compute_dtype, reduce_pairs, reduce_rows
 from .params import RelationalParams, relational_param_shapes
 
 __all__ = ["crd_nce_loss", "crd_nce_pair_loss", "crd_log_z", "bank_update_", "bank_update_pair_", "queue_push_",
@@ -37,10 +37,6 @@ def check_backend(op: str, backend: str, device: torch.device | None = None,
 
 def has_backend(op: str, backend: str) -> bool:
     return backend in backends.op(op)
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 CRD_NAMES = dict(anchor="anchor", memory="memory", idx="idx", log_z="log_z")
@@ -172,18 +168,14 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
     if batch_negatives is not None:
         check.finite("batch_negatives", batch_negatives)
     check.finite("bank", bank)
-    name = infonce.IMPLS.resolve(backend, device, backends.dispatch_dtype(query, bank), d=query.shape[1])
+    dtype = backends.dispatch_dtype(query, bank)
     if extended:  # in-batch keys, labels or cosine scores: each (query, positive) pair is a row
-        if name == "torch":
-            return reference.infonce_bank_pairs_loss(
-                query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
-                bank_labels=bank_labels, normalize=normalize, reduction=reduction)
-        rows, pairs = infonce_pairs.pair_rows(query, positive, bank, batch_negatives, labels, bank_labels,
-                                              temperature, normalize, name,
-                                              _needs_grad(query, positive, batch_negatives))
-        if reduction == "mean":
-            return rows.sum() / (pairs.clamp_min(1) if isinstance(pairs, Tensor) else pairs)
-        return reduce_rows(rows, reduction, query.dtype)
+        name = infonce_pairs.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
+        rows, pairs = infonce_pairs.IMPLS[name].load()(
+            query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
+            bank_labels=bank_labels, normalize=normalize)
+        return reduce_pairs(rows, pairs, reduction, query.dtype)
+    name = infonce.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
     rows = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature)
     return reduce_rows(rows, reduction, query.dtype)
 

@@ -23,6 +23,13 @@ def reduce_rows(rows: Tensor, reduction: str, out_dtype: torch.dtype, row_size: 
     return total / rows.shape[0] if reduction == "mean" else total * row_size if row_size != 1 else total
 
 
+def reduce_pairs(rows: Tensor, pairs: Tensor | int, reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """reduce_rows, except that 'mean' divides by the number of (query, positive) pairs (0 without pairs)."""
+    if reduction == "mean":
+        return rows.sum() / (pairs.clamp_min(1) if isinstance(pairs, Tensor) else max(pairs, 1))
+    return reduce_rows(rows, reduction, out_dtype)
+
+
 def pair_indices(batch: int, device=None) -> tuple[Tensor, Tensor]:
     """Rows r = (i, j), i != j, i-major: r = i * (B - 1) + (j if j < i else j - 1)."""
     i = torch.arange(batch, device=device).repeat_interleave(max(batch - 1, 0))

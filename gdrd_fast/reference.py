@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .numerics import compute_dtype, off_diagonal, pair_indices, reduce_rows
+from .numerics import compute_dtype, off_diagonal, pair_indices, reduce_pairs, reduce_rows
 from .params import RelationalParams
 
 
@@ -86,10 +86,9 @@ def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperat
     return reduce_rows(infonce_bank_rows(query, positive, bank, temperature=temperature), reduction, query.dtype)
 
 
-def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
+def infonce_bank_pairs_rows(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
                             batch_negatives: Tensor | None = None, labels: Tensor | None = None,
-                            bank_labels: Tensor | None = None, normalize: bool = False,
-                            reduction: str = "mean") -> Tensor:
+                            bank_labels: Tensor | None = None, normalize: bool = False) -> tuple[Tensor, Tensor]:
     """infonce_bank_loss with in-batch keys, labels and cosine scores (CrossBatchMemory(NTXentLoss)).
 
     Candidates of query b: every bank row and every batch_negatives row j != b. Without labels they are
@@ -97,6 +96,7 @@ def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor
     labels[b] is a positive, any other a negative; positive[b] (optional then) is one more positive.
     Each (query, positive) pair costs softplus(logsumexp(negatives of b) - s_pos); 'none' gives the
     per-query sums, 'sum' their total, 'mean' the total over the number of pairs (0 without pairs).
+    Returns (per-query sums [B] in the accumulation dtype, the number of pairs).
     """
     dt = compute_dtype(query)
 
@@ -130,10 +130,17 @@ def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor
     lse = torch.logsumexp(s.masked_fill(~negative, -math.inf).masked_fill(~has_negative, 0.0), 1, keepdim=True)
     lse = lse.masked_fill(~has_negative, -math.inf)
     # log(exp(lse) + exp(s)) - s: softplus(lse - s) without F.softplus's linear cut-off above 20
-    rows = torch.where(positives, torch.logaddexp(lse, s) - s, 0.0).sum(1)
-    if reduction == "mean":
-        return rows.sum() / positives.sum().clamp_min(1)
-    return reduce_rows(rows, reduction, query.dtype)
+    return torch.where(positives, torch.logaddexp(lse, s) - s, 0.0).sum(1), positives.sum()
+
+
+def infonce_bank_pairs_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
+                            batch_negatives: Tensor | None = None, labels: Tensor | None = None,
+                            bank_labels: Tensor | None = None, normalize: bool = False,
+                            reduction: str = "mean") -> Tensor:
+    rows, pairs = infonce_bank_pairs_rows(query, positive, bank, temperature=temperature,
+                                          batch_negatives=batch_negatives, labels=labels, bank_labels=bank_labels,
+                                          normalize=normalize)
+    return reduce_pairs(rows, pairs, reduction, query.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ pass, never holding B x K.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backends, reference
+from ..backends import Backend, Op
 from ..numerics import compute_dtype
 from . import infonce
 
@@ -160,3 +164,20 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
         rows = rows + torch.where(pos, _softplus(lse[:, None] - s), 0.0).sum(1)
         count = count + pos.sum()
     return rows, count
+
+
+def _pair_rows(query, positive, bank, *, temperature, batch_negatives, labels, bank_labels, normalize, kernel):
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (query, positive, batch_negatives))
+    return pair_rows(query, positive, bank, batch_negatives, labels, bank_labels, temperature, normalize, kernel,
+                     need_grad)
+
+
+# backend -> (query, positive, bank, *, temperature, batch_negatives, labels, bank_labels, normalize)
+#            -> (per-query sums [B], number of pairs): the bank pass runs on infonce's kernels, so the
+# declarations are infonce's
+IMPLS = Op("infonce_bank_pairs_loss", {
+    "torch": Backend(lambda: reference.infonce_bank_pairs_rows, backends.anywhere),
+    **{name: dataclasses.replace(infonce.IMPLS[name], load=lambda name=name: functools.partial(_pair_rows, kernel=name))
+       for name in ("cpu", "triton")},
+}, exact="cpu")
