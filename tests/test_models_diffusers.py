@@ -81,6 +81,37 @@ def test_weights_from_a_local_folder_and_from_a_state_dict(tmp_path):
 
 
 @requires_diffusers
+@pytest.mark.parametrize("tap", ["down_blocks.2.attentions.0", "down_blocks.1.resnets.0"])
+def test_full_unet_state_dict_loads_for_a_tap_inside_a_block(tmp_path, tap):
+    """The tapped module is registered once: a full UNet's weights load and no key is duplicated."""
+    unet = build_unet("tiny").eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    encoder = diffusion_encoder("tiny", weights=unet.state_dict(), tap=tap).eval()
+    keys = list(encoder.state_dict())
+    assert keys and set(keys) <= set(unet.state_dict()), "the encoder has keys the UNet lacks"
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x, 5), feature_of_full_unet(unet, tap, x, 5), rtol=0, atol=0)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")  # a saved encoder reloads strictly
+    diffusion_encoder("tiny", weights=tmp_path / "encoder.pt", tap=tap)
+
+
+@requires_diffusers
+def test_python_float_timestep_is_cast_to_long_as_diffusers_does(tiny_unet):
+    encoder = DiffusionEncoder(tiny_unet, "down_blocks.1")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = encoder(x, 617.9)
+        torch.testing.assert_close(out, feature_of_full_unet(tiny_unet, "down_blocks.1", x, 617.9), rtol=0, atol=0)
+        torch.testing.assert_close(out, encoder(x, 617), rtol=0, atol=0)
+        assert not torch.equal(out, encoder(x, torch.tensor(617.9)))  # a tensor keeps its fraction, as in diffusers
+    with pytest.raises(ValueError, match="timestep must hold 1 or 2"):
+        encoder(x, torch.tensor([1, 2, 3]))
+
+
+@requires_diffusers
 def test_bad_taps_and_configs(tiny_unet):
     with pytest.raises(ValueError, match="tap must be"):
         DiffusionEncoder(tiny_unet, "up_blocks.0")

@@ -8,7 +8,7 @@ from torch import nn
 
 from gdrd_fast import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from gdrd_fast.models import ArcFaceHead
-from gdrd_fast.train import (DiscriminativeStage, GenerativeStage, OptimConfig, Runtime, Trainer, kd_loss,
+from gdrd_fast.train import (DiscriminativeStage, GenerativeStage, OptimConfig, Runtime, Trainer, Views, kd_loss,
                              load_checkpoint, seed_everything)
 from gdrd_fast.train.config import OptimizerConfig
 from train_cases import CLASSES, EMB, N_DATA, Faces
@@ -161,10 +161,23 @@ def test_stage1_target_is_pooled_teacher_feature():
     trainer = build("stage1")
     stage, views = trainer.stage, _views(trainer)
     loss = stage.losses(views)["gen"]
-    target = stage.teacher(F.interpolate(views.lr, size=12, mode="bicubic", align_corners=False))
+    target = stage.teacher(F.interpolate(views.lr, size=12, mode="bicubic", align_corners=False).clamp(-1, 1))
     target = F.adaptive_avg_pool2d(target, 4)
     adapted = stage.regression.adapter(stage.backbone(views.lr))
     assert torch.allclose(loss, F.mse_loss(adapted, target), rtol=1e-5, atol=1e-7)
+
+
+def test_stage1_teacher_input_is_clamped_after_the_bicubic_resize():
+    """Bicubic overshoots at sharp edges; the teacher must still see values in [-1, 1]."""
+    seen = []
+    teacher = nn.Conv2d(3, 6, 4, 4)
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    stage = GenerativeStage(Runtime.create("cpu"), backbone(), teacher, FeatureRegressionLoss(8, 6), teacher_input=12)
+    checker = (torch.arange(4)[:, None] + torch.arange(4)[None]) % 2 * 2.0 - 1  # +-1 checkerboard
+    lr = checker.expand(2, 3, 4, 4).contiguous()
+    assert F.interpolate(lr, size=12, mode="bicubic", align_corners=False).abs().max() > 1  # the overshoot
+    stage.losses(Views(lr, lr, torch.zeros(2, dtype=torch.long), torch.arange(2)))
+    assert seen[0].shape[-1] == 12 and seen[0].min() >= -1 and seen[0].max() <= 1
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

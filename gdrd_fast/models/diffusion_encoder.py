@@ -61,6 +61,20 @@ def load_unet(folder: str | os.PathLike):
     return _diffusers().UNet2DModel.from_pretrained(os.fspath(folder), local_files_only=True)
 
 
+def timesteps(timestep: int | float | Tensor, x: Tensor) -> Tensor:
+    """One timestep per sample of x, as UNet2DModel.forward reads it: a Python number becomes a long
+    (a fraction is dropped), a tensor keeps its dtype; a scalar or a 1-element tensor is broadcast."""
+    if torch.is_tensor(timestep):
+        t = timestep.to(x.device).reshape(-1)
+    elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        t = torch.tensor([timestep], dtype=torch.long, device=x.device)
+    else:
+        raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+    if t.numel() not in (1, x.shape[0]):
+        raise ValueError(f"timestep must hold 1 or {x.shape[0]} (the batch) values, got {t.numel()}")
+    return t.expand(x.shape[0])
+
+
 class DiffusionEncoder(nn.Module):
     """UNet2DModel's time embedding, conv_in, down blocks (and mid block) up to `tap`.
 
@@ -97,7 +111,9 @@ class DiffusionEncoder(nn.Module):
         self.stride = 2 ** steps
         self.down_blocks = nn.ModuleList(list(blocks)[:last + 1])
         self.mid_block = unet.mid_block if tap == "mid_block" else None
-        self._inner = names[tap] if inner is not None else None
+        # a tap inside a block is caught by a hook on it; kept by name, not as a second registered
+        # submodule (that would duplicate its keys and break loading a full UNet state dict)
+        self.inner_tap = tap if inner is not None else None
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet state-dict key belongs to a part this encoder dropped."""
@@ -114,13 +130,14 @@ class DiffusionEncoder(nn.Module):
             raise ValueError(f"x must be (B, {self.conv_in.in_channels}, H, W), got {tuple(x.shape)}")
         if self.center_input_sample:
             x = 2 * x - 1.0
-        t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+        t = timesteps(timestep, x)
         emb = self.time_embedding(self.time_proj(t).to(self.conv_in.weight.dtype))
         skip, h = x, self.conv_in(x)
         if self.tap == "conv_in":
             return h
         tapped = []
-        hook = self._inner.register_forward_hook(lambda m, i, out: tapped.append(out)) if self._inner else None
+        inner = self.get_submodule(self.inner_tap) if self.inner_tap is not None else None
+        hook = inner.register_forward_hook(lambda m, i, out: tapped.append(out)) if inner is not None else None
         try:
             for block in self.down_blocks:
                 if hasattr(block, "skip_conv"):
@@ -130,7 +147,7 @@ class DiffusionEncoder(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-        if self._inner is not None:
+        if inner is not None:
             return tapped[-1]
         return self.mid_block(h, emb) if self.mid_block is not None else h
 

@@ -74,7 +74,9 @@ class GenerativeStage(Stage):
             with torch.no_grad():
                 x_t = views.lr
                 if self.teacher_input is not None and x_t.shape[-1] != self.teacher_input:
-                    x_t = F.interpolate(x_t, size=self.teacher_input, mode="bicubic", align_corners=False)
+                    # bicubic overshoots; the teacher was trained on images in [-1, 1]
+                    x_t = F.interpolate(x_t, size=self.teacher_input, mode="bicubic",
+                                        align_corners=False).clamp_(-1, 1)
                 target = self.teacher(x_t)
         if target.shape[-2:] != student.shape[-2:]:
             # [choice] a teacher tap at another resolution is average-pooled onto the student's grid
