@@ -5,6 +5,8 @@
   gdrd-fast eval --weights student.pt --pairs lfw.bin cfp_fp.bin   LFW-protocol verification at 8/16/32
   gdrd-fast identify tinyface --weights student.pt --root TinyFace/Testing_Set   CMC (also uccs, ar)
   gdrd-fast data pack FOLDER OUT.rec       identity folders -> insightface train.rec + train.idx
+  gdrd-fast ablate --variants gdrd crd --resolutions 8 16 --seeds 2   a grid of training variants
+  gdrd-fast analyze RUN                    feature geometry (CKA, probe, plots) of a finished ablation cell
   gdrd-fast bench [-- pytest args]         the kernel benchmarks (pytest-benchmark)
   gdrd-fast env                            what was built and which devices exist
 """
@@ -122,8 +124,32 @@ def _demo(args) -> int:
         torch.set_num_threads(args.threads)
     config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
     result = run_demo(args.output, config, train_root=args.train_root, pairs=args.pairs, device=args.device,
-                      progress=not args.no_progress)
-    print(f"\n{result['note']}\n\n{result['table']}")
+                      progress=not args.no_progress, jobs=args.jobs, threads=args.threads or 1)
+    print(f"\n{result['note']}\n\n{result['table']}\n{result['text']}")
+    print("outputs: " + ", ".join(str(p) for p in result["paths"].values()))
+    return 0
+
+
+def _ablate(args) -> int:
+    from .demo import load_demo_config
+    from .demo.ablate import run_grid
+    config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
+    resolutions = []
+    for v in args.resolutions:
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"--resolutions takes positive ints, got {v!r}")
+        resolutions.append(int(v))
+    summary = run_grid(args.output, config, args.variants, resolutions, args.seeds, args.train_root, args.pairs,
+                       args.device, args.jobs, args.threads, progress=not args.no_progress)
+    print(summary["markdown"])
+    print("outputs: " + ", ".join(str(p) for p in summary["paths"].values()))
+    return 0
+
+
+def _analyze(args) -> int:
+    from .demo.analyze import analyze_cell
+    result = analyze_cell(args.run, args.output, device=args.device)
+    print(result["markdown"])
     print("outputs: " + ", ".join(str(p) for p in result["paths"].values()))
     return 0
 
@@ -199,9 +225,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pairs", help="real data: insightface pairs .bin to verify on (with --train-root)")
     demo.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     demo.add_argument("--threads", type=int, default=0,
-                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+                      help="CPU threads for torch per process (default: torch's choice in the main process, 1 per "
+                           "ablation process; 1 is fastest on a busy machine)")
+    demo.add_argument("--jobs", type=int, default=0, help="parallel processes for the students (default: cores / threads)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (the log file still fills)")
     demo.set_defaults(func=_demo)
+
+    from .train.config import VARIANTS
+    ablate = sub.add_parser("ablate", help="a grid of training variants x resolutions x seeds: table + figure")
+    ablate.add_argument("--config", default="demo", help="demo-style recipe name or .yaml path")
+    ablate.add_argument("--variants", nargs="+", default=["baseline", "crd", "crrcd", "gdrd", "gdrd-e2e"],
+                        choices=VARIANTS, metavar="VARIANT", help=f"any of {', '.join(VARIANTS)}")
+    ablate.add_argument("--resolutions", nargs="+", default=["16"], help="LR input sides, e.g. 8 16 32")
+    ablate.add_argument("--seeds", type=int, default=2, help="student seeds 0..N-1 per cell (std needs >= 2)")
+    ablate.add_argument("--output", default="ablation_output", help="grid folder (rerun to resume a stopped grid)")
+    ablate.add_argument("--quick", action="store_true", help="the recipe's tiny --quick settings")
+    ablate.add_argument("--set", **overrides)
+    ablate.add_argument("--train-root", help="real data: identity-folder tree to train on (with --pairs)")
+    ablate.add_argument("--pairs", help="real data: insightface pairs .bin to verify on (with --train-root)")
+    ablate.add_argument("--device", default="cpu")
+    ablate.add_argument("--jobs", type=int, default=0, help="parallel processes (default: cores / threads)")
+    ablate.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ablate.add_argument("--no-progress", action="store_true")
+    ablate.set_defaults(func=_ablate)
+
+    analyze = sub.add_parser("analyze", help="feature geometry of a finished ablation cell: CKA, probe, plots")
+    analyze.add_argument("run", help="an ablation cell folder (cells/<variant>-r<res>-s<seed>) or a grid folder")
+    analyze.add_argument("--output", default=None, help="folder for the outputs (default: RUN/geometry)")
+    analyze.add_argument("--device", default="cpu")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 

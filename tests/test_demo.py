@@ -1,4 +1,5 @@
-"""The offline demo, --quick: every output is written and says what data it measured."""
+"""The offline demo and `gdrd-fast ablate` / `analyze` at --quick scale: every output is written, says what
+data it measured, reports std over seeds, and a stopped grid resumes to the same numbers."""
 import json
 
 import pytest
@@ -6,34 +7,66 @@ import pytest
 from gdrd_fast import cli
 from gdrd_fast.data import write_synthetic_dataset
 from gdrd_fast.demo import load_demo_config, run_demo
+from gdrd_fast.demo.ablate import run_grid
 
-PHASES = ["HR teacher", "denoiser", "GDRD stage 1", "GDRD stage 2", "LR baseline", "LR CRD"]
-
-
-def _check_outputs(out, marker):
-    for name in ("results.md", "results.json", "demo.log"):
-        assert marker in (out / name).read_text(), f"{name} does not say {marker!r}"
-    for name in ("roc.png", "training.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return json.loads((out / "results.json").read_text())
+QUICK_VARIANTS = ["ablation.variants=[baseline, gdrd]"]  # two students x two seeds keep the test short
 
 
-def test_quick_demo_on_synthetic_faces(tmp_path):
-    config = load_demo_config(quick=True)
-    result = run_demo(tmp_path, config, progress=False)
-    payload = _check_outputs(tmp_path, "SYNTHETIC")
-    assert payload["synthetic"] is True
-    names = list(payload["results"])
-    assert names[0].startswith("HR teacher") and any("GDRD" in n for n in names)
-    assert any("baseline" in n for n in names) and any("CRD" in n and "GDRD" not in n for n in names)
-    pairs = 10 * config.data.pairs_per_fold
-    for res in payload["results"].values():
-        assert 0.0 <= res["accuracy"] <= 1.0 and res["num_pairs"] == pairs
-    for name in names:  # the Markdown table shows every measured row
-        assert name in result["table"]
-    assert list(payload["timings_s"])[:-1] == PHASES
-    log = (tmp_path / "demo.log").read_text()
-    assert "GDRD stage 2 step" in log and "rcd" in log
+def _png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+
+
+@pytest.mark.slow
+def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
+    config = load_demo_config(quick=True, overrides=QUICK_VARIANTS)
+    result = run_demo(tmp_path, config, progress=False, jobs=1)
+    for name in ("results.md", "results.json", "demo.log", "ablation.md"):
+        assert "SYNTHETIC" in (tmp_path / name).read_text(), f"{name} does not say SYNTHETIC"
+    for name in ("ablation.png", "training.png", "geometry/cosine.png", "geometry/embedding.png"):
+        _png(tmp_path / name)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    students = payload["ablation"]["students"]
+    assert set(students) == {"baseline@8", "gdrd@8"}
+    for row in students.values():  # mean +- std over the two seeds
+        assert row["seeds"] == [0, 1] and len(row["accuracy"]["values"]) == 2 and row["accuracy"]["std"] >= 0
+        assert 0 <= row["probe"]["mean"] <= 1
+    refs = payload["ablation"]["references"]
+    assert "probe" in refs["generative teacher T_g (denoiser encoder, flattened)"]["8"]
+    assert any(k.startswith("S_b after stage 1 vs T_g") for k in payload["geometry"]["cka"])
+    text = (tmp_path / "results.md").read_text()
+    assert "What the numbers show" in text and "does not show" in text and result["text"] in text
+    assert "load average" in text
+
+    # resume: a finished grid reruns nothing; a cell whose result is lost reruns from its checkpoints
+    cell = tmp_path / "cells" / "gdrd-r8-s1"
+    student_mtime = (cell / "student.pt").stat().st_mtime_ns
+    again = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
+    assert (cell / "student.pt").stat().st_mtime_ns == student_mtime
+    assert again["students"] == students
+    (cell / "result.json").unlink()
+    resumed = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
+    assert resumed["students"]["gdrd@8"] == students["gdrd@8"]
+    other = load_demo_config(quick=True, overrides=QUICK_VARIANTS + ["stage1.steps=2"])
+    with pytest.raises(ValueError, match="another recipe"):
+        run_grid(tmp_path, other, ["gdrd"], [8], 1, progress=False, jobs=1)
+
+    assert cli.main(["analyze", str(tmp_path), "--output", str(tmp_path / "analysis")]) == 0
+    geometry = json.loads((tmp_path / "analysis" / "geometry.json").read_text())
+    assert "S_b after stage 1" in geometry["features"] and "CKA" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert cli.main(["ablate", "--quick", "--variants", "stage1-probe", "kd", "--resolutions", "4", "8", "--seeds",
+                     "2", "--jobs", "2", "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary["students"]) == {"stage1-probe@4", "stage1-probe@8", "kd@4", "kd@8"}
+    assert summary["jobs"] == 2 and all(len(r["seeds"]) == 2 for r in summary["students"].values())
+    _png(out / "ablation.png")
+    assert "stage1-probe" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the valid variants
+        cli.main(["ablate", "--quick", "--variants", "gdrd-fast", "--output", str(out)])
 
 
 def test_quick_demo_on_a_real_folder_and_bin(tmp_path, capsys):
@@ -42,14 +75,19 @@ def test_quick_demo_on_a_real_folder_and_bin(tmp_path, capsys):
                                    image_size=48)
     out = tmp_path / "out"
     assert cli.main(["demo", "--quick", "--no-progress", "--output", str(out), "--train-root", str(data["train"]),
-                     "--pairs", str(data["pairs"])]) == 0
-    payload = _check_outputs(out, "real data")
+                     "--pairs", str(data["pairs"]), "--jobs", "1", "--set", "ablation.variants=[gdrd]",
+                     "--set", "ablation.seeds=1"]) == 0
+    payload = json.loads((out / "results.json").read_text())
     assert payload["synthetic"] is False and str(data["pairs"]) in payload["dataset"]
-    assert "real data" in capsys.readouterr().out
+    assert "real data" in (out / "results.md").read_text() and "real data" in capsys.readouterr().out
+    assert "probe" not in payload["ablation"]["students"]["gdrd@8"]  # a pairs file has no identity labels
 
 
-def test_demo_recipe_budget_is_equal_for_every_student():
+def test_demo_recipe_budget_and_ablation_are_checked():
     config = load_demo_config()
     assert config.student_budget.steps == config.stage1.steps + config.stage2.optim.steps
+    assert config.ablation.variants == ["baseline", "crd", "crrcd", "gdrd", "gdrd-e2e"] and config.ablation.seeds == 2
     with pytest.raises(ValueError, match="unknown config key"):
         load_demo_config(overrides=["stage2.rcd.negatives=3"])
+    with pytest.raises(ValueError, match="ablation.variants must be among"):
+        load_demo_config(overrides=["ablation.variants=[gdrd, sota]"])

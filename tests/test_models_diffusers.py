@@ -141,3 +141,69 @@ def test_pgdiff_like_config_taps_512x14x14_at_448():
     with torch.no_grad():
         out = teacher(torch.rand(1, 3, 448, 448) * 2 - 1)
     assert out.shape == (1, 512, 14, 14) and (teacher.out_channels, teacher.stride) == (512, 32)
+
+
+@requires_diffusers
+def test_teachers_declare_input_size_tap_and_feature_shape(tiny_unet):
+    from gdrd_fast.models import GuidedDiffusionEncoder, UNetConfig
+    encoder = DiffusionEncoder(tiny_unet, "down_blocks.1", input_size=40)
+    with torch.no_grad():
+        assert encoder(torch.randn(1, 3, 40, 40)).shape[1:] == encoder.feature_shape == (32, 10, 10)
+    assert DiffusionEncoder(tiny_unet, "down_blocks.2").input_size == 32  # the UNet's sample_size by default
+    small = UNetConfig(image_size=64, model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                       attention_resolutions=(32,), num_head_channels=32)
+    pgdiff = GuidedDiffusionEncoder(small, "input_blocks.3", input_size=24)
+    with torch.no_grad():
+        assert pgdiff(torch.randn(1, 3, 24, 24)).shape[1:] == pgdiff.feature_shape == (64, 12, 12)
+    assert GuidedDiffusionEncoder(small, "input_blocks.1").input_size == 448  # the paper's [choice]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from gdrd_fast.models import build_vae
+    vae = build_vae("tiny").eval()
+    with torch.no_grad():
+        for p in vae.parameters():  # not the fresh init (zero-initialised layers would hide mistakes)
+            p.add_(torch.randn_like(p) * 0.02)
+    return vae
+
+
+@requires_diffusers
+def test_vae_encoder_taps_match_the_autoencoder(tiny_vae):
+    from gdrd_fast.models import VAEEncoder
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latent = VAEEncoder(tiny_vae, "latent")
+        torch.testing.assert_close(latent(x), tiny_vae.encode(x).latent_dist.mean, rtol=0, atol=0)
+        assert latent.feature_shape == (4, 8, 8) and latent(x).shape[1:] == (4, 8, 8)
+        expected = {"conv_in": (16, 32, 32), "down_blocks.0": (16, 16, 16), "down_blocks.2": (64, 8, 8),
+                    "mid_block": (64, 8, 8)}
+        for tap, shape in expected.items():
+            encoder = VAEEncoder(tiny_vae, tap)
+            assert encoder(x).shape[1:] == encoder.feature_shape == shape, tap
+        caught = []  # what the full encoder computes at down_blocks.1
+        handle = tiny_vae.encoder.down_blocks[1].register_forward_hook(lambda m, i, out: caught.append(out))
+        tiny_vae.encode(x)
+        handle.remove()
+        torch.testing.assert_close(VAEEncoder(tiny_vae, "down_blocks.1")(x), caught[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no timestep"):
+        latent(x, 10)
+    with pytest.raises(ValueError, match="tap must be"):
+        VAEEncoder(tiny_vae, "down_blocks.3")
+
+
+@requires_diffusers
+def test_vae_teacher_loads_a_full_autoencoder_from_a_state_dict_or_folder(tiny_vae, tmp_path):
+    from gdrd_fast.models import vae_encoder
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = tiny_vae.encode(x).latent_dist.mean
+        from_state = build_generative_teacher("vae", "tiny", weights={"module." + k: v for k, v in
+                                                                     tiny_vae.state_dict().items()}).eval()
+        torch.testing.assert_close(from_state(x), expected, rtol=0, atol=0)
+        tiny_vae.save_pretrained(tmp_path / "vae")
+        torch.testing.assert_close(vae_encoder(weights=tmp_path / "vae")(x), expected, rtol=0, atol=0)
+    state = {k: v for k, v in tiny_vae.state_dict().items() if k != "quant_conv.weight"}
+    with pytest.raises(ValueError, match=r"missing keys: quant_conv\.weight"):
+        vae_encoder("tiny", weights=state)
+    vae_encoder("tiny", weights=state, tap="mid_block")  # quant_conv is not used there

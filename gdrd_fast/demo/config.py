@@ -28,12 +28,32 @@ class DenoiserConfig:
     unet: dict[str, Any] = field(default_factory=dict)  # UNet2DModel kwargs
     tap: str = "down_blocks.2"
     train_timesteps: int = 1000
+    timestep: int = 0  # the timestep the encoder is run at as a teacher (paper: 0)
+    noise: float = 0.0  # noise std mixed into the teacher's input (paper: 0)
+
+
+@dataclass
+class AblationConfig:
+    """What `gdrd-fast demo` compares (the grid of `gdrd-fast ablate`, at the recipe's resolution)."""
+    variants: list[str] = field(default_factory=lambda: ["baseline", "crd", "crrcd", "gdrd", "gdrd-e2e"])
+    seeds: int = 2
+    checkpoint_every: int = 200  # steps between a cell's checkpoints (a stopped grid resumes from them)
+
+    def __post_init__(self):
+        from ..train.config import VARIANTS
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ValueError(f"ablation.variants must be among {VARIANTS}, got {self.variants}")
+        if self.seeds < 1 or self.checkpoint_every < 0:
+            raise ValueError(f"need ablation.seeds >= 1 and checkpoint_every >= 0, got {self.seeds}, "
+                             f"{self.checkpoint_every}")
 
 
 @dataclass
 class DemoConfig:
     name: str = "gdrd-demo"
-    seed: int = 0
+    seed: int = 0  # the data and the teachers
+    student_seed: int = 0  # a student's initialisation, batch order and draws (the ablation's seeds)
     image_size: int = 64  # HR side (docs/method/demo.md: 112 or 64)
     resolution: int = 16
     batch_size: int = 64
@@ -47,6 +67,7 @@ class DemoConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     # baseline and CRD students train the whole network for stage1.steps + stage2.steps (the same budget)
     student: OptimConfig = field(default_factory=OptimConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     quick: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, applied by --quick
 
     def __post_init__(self):

@@ -1,32 +1,30 @@
-"""The offline demo: GDRD against a no-distillation baseline and CRD, at 16x16, on CPU in minutes.
+"""The offline demo: a small ablation of GDRD against its alternatives, at 16x16, on CPU in minutes.
 
 Data: the SYNTHETIC face set of gdrd_fast.data.synthetic (identity partly in coarse geometry that
 survives 16x16, partly in fine detail that does not), or a real identity folder + insightface .bin.
 Models: an HR ArcFace teacher, a briefly trained diffusers UNet denoiser (the generative teacher),
-then, on the same step budget, three 16x16 students: GDRD (stage 1 + stage 2 with RCD), a baseline
-trained alone, and a CRD student. The verification table (LFW protocol) reports what it measures.
+then, on the same step budget and over several seeds, the students of ablation.variants (baseline,
+CRD, CRRCD, GDRD, GDRD end to end by default). It reports the table (verification + linear probe,
+mean +- std over seeds), the feature geometry of the GDRD student, and what the numbers do and do not show.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
+import json
 import logging
 import time
 import zlib
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from ..data import IdentityFolderDataset, SyntheticFaces, degrade, load_pairs_bin, sample_pairs
+from ..data import IdentityFolderDataset, SyntheticFaces, load_pairs_bin, sample_pairs
 from ..data.images import atomic_write_bytes
-from ..eval import extract_embeddings, markdown_table, plot_roc, verification_rows, verify, write_json
-from ..losses import FeatureRegressionLoss
-from ..train import DiscriminativeStage, GenerativeStage, Runtime, Trainer, log_to_file, seed_everything
+from ..eval import write_json
+from ..train import DiscriminativeStage, Runtime, Trainer, log_to_file, seed_everything
 from ..train.config import to_dict
-from ..train.pipeline import make_distill
 from .config import DemoConfig
 from .denoiser import DenoiserStage
 from .nets import SmallFaceNet
@@ -99,41 +97,13 @@ class Demo:
         return net.eval(), head
 
     def generative_teacher(self) -> nn.Module:
+        """The denoiser UNet, briefly trained; its encoder (models.DiffusionEncoder at denoiser.tap) is T_g."""
         d = self.config.denoiser
         self._seed("denoiser")
         unet = models.build_unet(dict(d.unet))
         self._train("denoiser", DenoiserStage(self.runtime, unet, d.image_size, d.train_timesteps), d.optim,
                     resolution=None, batch_size=d.batch_size)
-        return models.DiffusionEncoder(unet.eval(), d.tap)
-
-    def gdrd(self, teacher, teacher_head, encoder) -> SmallFaceNet:
-        c = self.config
-        self._seed("GDRD")
-        net = self._net()
-        regression = FeatureRegressionLoss(net.backbone.out_channels, encoder.out_channels, backend=c.backend)
-        stage1 = GenerativeStage(self.runtime, net.backbone, encoder, regression, c.denoiser.image_size)
-        self._train("GDRD stage 1", stage1, c.stage1, c.resolution)
-        stage2 = DiscriminativeStage(self.runtime, net.backbone, net.head, self._arcface(), teacher=teacher,
-                                     teacher_classifier=teacher_head,
-                                     distill=make_distill(c.stage2, len(self.train_set), c.embedding_dim, c.backend),
-                                     kd_weight=c.stage2.kd_weight, distill_weight=c.stage2.distill_weight,
-                                     kd_temperature=c.stage2.kd_temperature)
-        self._train("GDRD stage 2", stage2, c.stage2.optim, c.resolution)
-        return net.eval()
-
-    def single_stage_student(self, label: str, teacher=None, teacher_head=None, distill: str = "none") -> SmallFaceNet:
-        """A whole LR student trained in one stage for the GDRD budget: baseline (no teacher) or CRD."""
-        c = self.config
-        self._seed(label)
-        net = self._net()
-        s2 = dataclasses.replace(c.stage2, distill=distill)
-        stage = DiscriminativeStage(self.runtime, net.backbone, net.head, self._arcface(), train_backbone=True,
-                                    teacher=teacher, teacher_classifier=teacher_head,
-                                    distill=make_distill(s2, len(self.train_set), c.embedding_dim, c.backend),
-                                    kd_weight=c.stage2.kd_weight if teacher is not None else 0.0,
-                                    distill_weight=c.stage2.distill_weight, kd_temperature=c.stage2.kd_temperature)
-        self._train(label, stage, c.student_budget, c.resolution)
-        return net.eval()
+        return unet.eval()
 
 
 def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> Path:
@@ -160,65 +130,57 @@ def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> P
 
 
 def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None = None, pairs: str | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Train everything, evaluate, and write demo.log, results.json, results.md, roc.png, training.png."""
+             device: str = "cpu", progress: bool = True, jobs: int = 0, threads: int = 1) -> dict:
+    """The demo's ablation (config.ablation.variants at config.resolution over config.ablation.seeds seeds),
+    the feature geometry of its GDRD student, and a text of what the numbers show; writes results.md,
+    results.json, ablation.png, training.png, geometry/ and demo.log beside the grid's cells/ and teachers/."""
+    from .ablate import run_grid
+    from .analyze import analyze_cell
+    from .interpret import interpret
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runtime = Runtime.create(device)
     handler = log_to_file(out / "demo.log", runtime)
     try:
-        seed_everything(config.seed)
-        train_set, pair_images, issame, data_name, synthetic = load_data(config, train_root, pairs)
-        note = SYNTHETIC_NOTE if synthetic else "real data supplied by the user"
-        log.info("%s", note)
-        log.info("data: %s", data_name)
-        demo = Demo(config, runtime, train_set, progress)
-        teacher, teacher_head = demo.hr_teacher()
-        encoder = demo.generative_teacher()
-        students = {
-            f"LR GDRD ({config.resolution}x{config.resolution})": demo.gdrd(teacher, teacher_head, encoder),
-            f"LR baseline ({config.resolution}x{config.resolution}, no distillation)":
-                demo.single_stage_student("LR baseline"),
-            f"LR CRD ({config.resolution}x{config.resolution})":
-                demo.single_stage_student("LR CRD", teacher, teacher_head, "crd"),
-        }
-        r = config.resolution
-        to_lr = lambda x: degrade(x, r)  # noqa: E731 - the student's view of an eval face
-        demo._seed("untrained")
-        untrained = demo._net().eval()
-        evaluated = {f"HR teacher ({config.image_size}x{config.image_size})": (teacher, None),
-                     **{name: (net, to_lr) for name, net in reversed(students.items())},
-                     f"HR teacher on {r}x{r} input": (teacher, to_lr),
-                     f"untrained network ({r}x{r}, chance level)": (untrained, to_lr)}
-        results = {}
-        for name, (net, transform) in evaluated.items():
-            emb = extract_embeddings(net, pair_images, transform=transform, device=runtime.device, progress=progress,
-                                     desc=f"embeddings: {name}")
-            results[name] = verify(emb[0::2], emb[1::2], issame)
+        a = config.ablation
+        summary = run_grid(out, config, a.variants, [config.resolution], a.seeds, train_root, pairs, device, jobs,
+                           threads, progress)
+        variant = next((v for v in ("gdrd", "gdrd-e2e", "gdrd-unfrozen") if v in a.variants), None)
+        geometry = None
+        if variant is not None and summary["note"] == SYNTHETIC_NOTE:  # needs labelled test images
+            geometry = analyze_cell(out / "cells" / f"{variant}-r{config.resolution}-s0", out / "geometry",
+                                    device=device)
+        text = interpret(summary, geometry, config)
         elapsed = time.perf_counter() - start
-        title = f"Verification on {data_name}"
-        table = markdown_table(verification_rows(results))
-        md = [f"# GDRD demo: {title}", "", f"**{note}**", "", table, "",
-              f"Protocol: LFW verification (10 contiguous folds, squared L2 on flip-summed, normalised embeddings). "
-              f"Students see faces degraded to {r}x{r} (bilinear, antialias) and upsampled to "
-              f"{config.image_size}x{config.image_size}; every student trains for "
-              f"{config.student_budget.steps} steps (GDRD: {config.stage1.steps} stage 1 + "
-              f"{config.stage2.optim.steps} stage 2).", "",
-              f"Total time {elapsed:.0f} s on {runtime.device} ({torch.get_num_threads()} threads).", ""]
-        paths = {"markdown": out / "results.md", "json": out / "results.json", "roc": out / "roc.png",
+        r = config.resolution
+        md = [summary["markdown"].rstrip(), "", "## What the numbers show, and what they do not", "", text, ""]
+        if geometry is not None:
+            md += [geometry["markdown"].replace("# Feature geometry", "## Feature geometry"), ""]
+        md += [f"Total demo time {elapsed:.0f} s ({summary['machine']}).", ""]
+        paths = {"markdown": out / "results.md", "json": out / "results.json", "ablation": summary["paths"]["figure"],
                  "training": out / "training.png", "log": out / "demo.log"}
+        if geometry is not None:
+            paths |= {"geometry_" + k: v for k, v in geometry["paths"].items()}
         atomic_write_bytes(paths["markdown"], "\n".join(md).encode())
         write_json(paths["json"], {
-            "synthetic": synthetic, "note": note, "dataset": data_name,
-            "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md)",
-            "results": {name: res.as_dict() for name, res in results.items()},
-            "timings_s": demo.timings | {"total": elapsed}, "config": to_dict(config)})
-        plot_roc(paths["roc"], results, f"ROC, {data_name}")
-        plot_training(paths["training"], demo.histories, f"Training losses, {data_name}")
-        log.info("results\n%s", table)
+            "synthetic": summary["note"] == SYNTHETIC_NOTE, "note": summary["note"], "dataset": summary["dataset"],
+            "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md) + linear probe",
+            "ablation": {k: summary[k] for k in ("students", "references", "cells", "jobs", "threads", "machine")},
+            "geometry": None if geometry is None else {k: geometry[k] for k in ("features", "cka")},
+            "interpretation": text, "timings_s": {"teachers": summary["teacher_timings_s"], "total": elapsed},
+            "config": to_dict(config)})
+        histories = dict(summary["histories"])
+        for cell in sorted((out / "cells").glob(f"*-r{r}-s0/result.json")):
+            result = json.loads(cell.read_text())
+            for stage, history in result["history"].items():
+                if history:
+                    histories[f"{result['variant']} {stage}"] = history
+        plot_training(paths["training"], histories, f"Training losses (seed 0), {summary['dataset']}")
         log.info("wrote %s in %.0f s", ", ".join(str(p) for p in paths.values()), elapsed)
-        return {"results": results, "table": table, "note": note, "paths": paths, "elapsed_s": elapsed}
+        table = summary["markdown"]
+        return {"summary": summary, "geometry": geometry, "table": table, "text": text, "note": summary["note"],
+                "paths": paths, "elapsed_s": elapsed}
     finally:
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)

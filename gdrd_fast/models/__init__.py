@@ -11,14 +11,15 @@ from typing import NamedTuple
 from torch import nn
 
 from .diffusion_encoder import CONFIGS as DIFFUSERS_CONFIGS
-from .diffusion_encoder import DiffusionEncoder, build_unet, diffusion_encoder, load_unet
+from .diffusion_encoder import VAE_CONFIGS, DiffusionEncoder, VAEEncoder, build_unet, build_vae, diffusion_encoder, \
+    load_unet, vae_encoder
 from .guided_diffusion import (DEFAULT_TAP, PGDIFF_FFHQ512, GuidedDiffusionEncoder, UNetConfig, level_end,
                                load_pgdiff_encoder)
 from .heads import ArcFaceHead, ArcFaceLogits
 from .iresnet import (IResNet, StudentBackbone, StudentHead, get_model, iresnet18, iresnet34, iresnet50,
                       iresnet100, load_backbone, split_student)
 
-GENERATIVE_KINDS = ("pgdiff", "diffusers")
+GENERATIVE_KINDS = ("pgdiff", "diffusers", "vae")
 
 
 class Student(NamedTuple):
@@ -39,12 +40,15 @@ def build_discriminative_teacher(arch: str = "r50", weights=None, **kwargs) -> I
 
 
 def build_generative_teacher(kind: str = "pgdiff", config=None, weights=None, tap: str | None = None) -> nn.Module:
-    """T_g: a UNet encoder whose forward(x, timestep=0) returns the tapped feature; has .out_channels, .stride.
+    """T_g: an encoder whose forward(x, timestep=0) returns the tapped feature; it declares .input_size,
+    .tap, .out_channels, .stride and .feature_shape.
 
     kind 'pgdiff': guided-diffusion layout; config a UNetConfig (default PGDiff FFHQ-512), weights a
     checkpoint path or state dict, tap default 'input_blocks.17' (512 x H/32).
     kind 'diffusers': a UNet2DModel; config 'tiny' | 'pgdiff-like' | dict, weights a save_pretrained
     folder or a state dict / file, tap default per config.
+    kind 'vae': a diffusers AutoencoderKL encoder (generative, not diffusion); config 'tiny' | dict,
+    weights a save_pretrained folder or a state dict / file, tap default 'latent'.
     """
     if kind == "pgdiff":
         config = PGDIFF_FFHQ512 if config is None else config
@@ -56,6 +60,8 @@ def build_generative_teacher(kind: str = "pgdiff", config=None, weights=None, ta
         return load_pgdiff_encoder(weights, tap, config)
     if kind == "diffusers":
         return diffusion_encoder("tiny" if config is None else config, weights, tap)
+    if kind == "vae":
+        return vae_encoder("tiny" if config is None else config, weights, "latent" if tap is None else tap)
     raise ValueError(f"kind must be one of {GENERATIVE_KINDS}, got {kind!r}")
 
 
@@ -63,4 +69,4 @@ __all__ = ["IResNet", "StudentBackbone", "StudentHead", "Student", "get_model", 
            "iresnet50", "iresnet100", "load_backbone", "split_student", "ArcFaceHead", "ArcFaceLogits",
            "GuidedDiffusionEncoder", "UNetConfig", "PGDIFF_FFHQ512", "DEFAULT_TAP", "level_end",
            "load_pgdiff_encoder", "DiffusionEncoder", "DIFFUSERS_CONFIGS", "build_unet", "load_unet",
-           "diffusion_encoder", "build_student", "build_discriminative_teacher", "build_generative_teacher"]
+           "diffusion_encoder", "VAE_CONFIGS", "VAEEncoder", "build_vae", "vae_encoder", "build_student", "build_discriminative_teacher", "build_generative_teacher"]

@@ -1,4 +1,8 @@
-"""The generative teacher as a diffusers UNet2DModel: its encoder half, cut at a named feature tap.
+"""Generative teachers from diffusers: a UNet2DModel's encoder half (a diffusion model), or an
+AutoencoderKL's encoder (generative, not diffusion), each cut at a named feature tap.
+
+Every teacher declares input_size (the side it is fed), tap, out_channels, stride and feature_shape
+(channels, side, side at input_size); the stage-1 adapter is built from that declaration.
 
 diffusers is optional and imported only when a UNet is built or loaded. Weights come from local
 files only (a save_pretrained folder or a state dict): nothing is downloaded.
@@ -80,10 +84,11 @@ class DiffusionEncoder(nn.Module):
 
     forward(x, timestep=0) -> the tapped feature map. The module keeps only what the tap needs, under
     the UNet's own key names, so the UNet's state dict (minus the unused part) loads into it.
-    Attributes: tap, out_channels, stride (input size / tapped feature size).
+    Attributes: tap, out_channels, stride (input size / tapped feature size), input_size (default: the
+    UNet's sample_size), feature_shape.
     """
 
-    def __init__(self, unet, tap: str):
+    def __init__(self, unet, tap: str, input_size: int | None = None):
         super().__init__()
         match = _TAP.fullmatch(tap) if isinstance(tap, str) else None
         if match is None:
@@ -109,11 +114,17 @@ class DiffusionEncoder(nn.Module):
             self.out_channels = config.block_out_channels[last]
             steps = sum(downsamples[:last]) + (downsamples[last] if inner is None else 0)
         self.stride = 2 ** steps
+        self.input_size = int(input_size or config.sample_size)
         self.down_blocks = nn.ModuleList(list(blocks)[:last + 1])
         self.mid_block = unet.mid_block if tap == "mid_block" else None
         # a tap inside a block is caught by a hook on it; kept by name, not as a second registered
         # submodule (that would duplicate its keys and break loading a full UNet state dict)
         self.inner_tap = tap if inner is not None else None
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        side = self.input_size // self.stride
+        return self.out_channels, side, side
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet state-dict key belongs to a part this encoder dropped."""
@@ -152,7 +163,8 @@ class DiffusionEncoder(nn.Module):
         return self.mid_block(h, emb) if self.mid_block is not None else h
 
 
-def diffusion_encoder(config: str | dict = "tiny", weights=None, tap: str | None = None) -> DiffusionEncoder:
+def diffusion_encoder(config: str | dict = "tiny", weights=None, tap: str | None = None,
+                      input_size: int | None = None) -> DiffusionEncoder:
     """The generative teacher from a config, with weights from a local folder or a state dict.
 
     weights: None (random init), a save_pretrained folder (its own config is used; `config` only picks
@@ -163,11 +175,108 @@ def diffusion_encoder(config: str | dict = "tiny", weights=None, tap: str | None
         if not isinstance(config, str) or config not in DEFAULT_TAPS:
             raise ValueError("tap is required unless config is one of " + ", ".join(sorted(DEFAULT_TAPS)))
         tap = DEFAULT_TAPS[config]
+    if input_size is None and config == "pgdiff-like":
+        input_size = 448  # docs/method/models.md: the LR face upsampled to 448
     if isinstance(weights, (str, os.PathLike)) and os.path.isdir(weights):
-        return DiffusionEncoder(load_unet(weights), tap)
-    encoder = DiffusionEncoder(build_unet(config), tap)
+        return DiffusionEncoder(load_unet(weights), tap, input_size)
+    encoder = DiffusionEncoder(build_unet(config), tap, input_size)
     if weights is not None:
         state = strip_prefix(read_state_dict(weights, what="diffusion teacher weights"))
         load_exact(encoder, {k: v for k, v in state.items() if not encoder.unused_key(k)},
                    what="diffusion teacher weights")
+    return encoder
+
+
+# AutoencoderKL configs: "tiny" trains on a CPU in seconds at 32 px.
+VAE_CONFIGS = {
+    "tiny": {"sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32, 64),
+             "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+             "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8},
+}
+_VAE_TAP = re.compile(r"conv_in|mid_block|latent|down_blocks\.(\d+)")
+
+
+def build_vae(config: str | dict = "tiny"):
+    """A randomly initialised diffusers AutoencoderKL from a VAE_CONFIGS name or a config dict."""
+    if isinstance(config, str):
+        if config not in VAE_CONFIGS:
+            raise ValueError(f"config must be one of {sorted(VAE_CONFIGS)} or a dict, got {config!r}")
+        config = VAE_CONFIGS[config]
+    elif not isinstance(config, dict):
+        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
+    return _diffusers().AutoencoderKL(**config)
+
+
+class VAEEncoder(nn.Module):
+    """AutoencoderKL's encoder up to `tap`: 'conv_in', 'down_blocks.<i>', 'mid_block', or 'latent' (the
+    posterior mean after quant_conv). A generative teacher that is not a diffusion model: no timestep.
+
+    Its state dict keeps the VAE's key names (encoder.*, quant_conv.*), so a full AutoencoderKL state
+    dict loads once the decoder's keys are dropped.
+    """
+
+    def __init__(self, vae, tap: str = "latent", input_size: int | None = None):
+        super().__init__()
+        match = _VAE_TAP.fullmatch(tap) if isinstance(tap, str) else None
+        encoder = vae.encoder
+        if match is None or (match.group(1) is not None and int(match.group(1)) >= len(encoder.down_blocks)):
+            raise ValueError(f"tap must be 'conv_in', 'down_blocks.<i>' (i < {len(encoder.down_blocks)}), "
+                             f"'mid_block' or 'latent', got {tap!r}")
+        config = vae.config
+        self.tap, self.encoder = tap, encoder
+        self.quant_conv = vae.quant_conv if tap == "latent" else None
+        if tap == "latent" and self.quant_conv is None:
+            raise ValueError("tap 'latent' needs a VAE with quant_conv (use_quant_conv=True)")
+        downsamples = [b.downsamplers is not None for b in encoder.down_blocks]
+        if tap == "conv_in":
+            self.blocks, self.out_channels = 0, config.block_out_channels[0]
+        elif match.group(1) is not None:
+            self.blocks = int(match.group(1)) + 1
+            self.out_channels = config.block_out_channels[self.blocks - 1]
+        else:
+            self.blocks = len(encoder.down_blocks)
+            self.out_channels = config.latent_channels if tap == "latent" else config.block_out_channels[-1]
+        self.stride = 2 ** sum(downsamples[:self.blocks])
+        self.input_size = int(input_size or config.sample_size)
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        side = self.input_size // self.stride
+        return self.out_channels, side, side
+
+    def unused_key(self, key: str) -> bool:
+        """Whether a full-VAE state-dict key belongs to a part this encoder does not use."""
+        if key.startswith(("decoder.", "post_quant_conv.")):
+            return True
+        return key.startswith("quant_conv.") and self.quant_conv is None
+
+    def forward(self, x: Tensor, timestep: float | Tensor = 0) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.encoder.conv_in.in_channels:
+            raise ValueError(f"x must be (B, {self.encoder.conv_in.in_channels}, H, W), got {tuple(x.shape)}")
+        if not (isinstance(timestep, (int, float)) and timestep == 0):
+            raise ValueError(f"an autoencoder teacher has no timestep: timestep must be 0, got {timestep!r}")
+        h = self.encoder.conv_in(x)
+        for block in self.encoder.down_blocks[:self.blocks]:
+            h = block(h)
+        if self.tap in ("mid_block", "latent"):
+            h = self.encoder.mid_block(h)
+        if self.tap == "latent":
+            e = self.encoder
+            h = self.quant_conv(e.conv_out(e.conv_act(e.conv_norm_out(h))))
+            h = h[:, :self.out_channels]  # the posterior mean (the rest is its log-variance)
+        return h
+
+
+def vae_encoder(config: str | dict = "tiny", weights=None, tap: str = "latent",
+                input_size: int | None = None) -> VAEEncoder:
+    """The autoencoder teacher from a config, with weights from a save_pretrained folder or a state dict
+    / .pt / .safetensors file of the full AutoencoderKL or of the encoder ('module.'-prefixed or not)."""
+    if isinstance(weights, (str, os.PathLike)) and os.path.isdir(weights):
+        vae = _diffusers().AutoencoderKL.from_pretrained(os.fspath(weights), local_files_only=True)
+        return VAEEncoder(vae, tap, input_size)
+    encoder = VAEEncoder(build_vae(config), tap, input_size)
+    if weights is not None:
+        state = strip_prefix(read_state_dict(weights, what="autoencoder teacher weights"))
+        load_exact(encoder, {k: v for k, v in state.items() if not encoder.unused_key(k)},
+                   what="autoencoder teacher weights")
     return encoder

@@ -137,12 +137,13 @@ class GuidedDiffusionEncoder(nn.Module):
     """time_embed, input_blocks (and middle_block) of guided-diffusion's UNet, up to `tap`.
 
     tap: 'input_blocks.<n>' or 'middle_block'. forward(x, timestep=0) -> the tapped feature.
-    Attributes: tap, out_channels, stride (input size / tapped feature size).
+    Attributes: tap, out_channels, stride (input size / tapped feature size), input_size (the side the
+    LR face is resized to: 448 [choice, docs/method/models.md]), feature_shape.
     """
 
-    def __init__(self, config: UNetConfig = PGDIFF_FFHQ512, tap: str = DEFAULT_TAP):
+    def __init__(self, config: UNetConfig = PGDIFF_FFHQ512, tap: str = DEFAULT_TAP, input_size: int = 448):
         super().__init__()
-        self.config, self.tap = config, tap
+        self.config, self.tap, self.input_size = config, tap, input_size
         mc = config.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -172,6 +173,11 @@ class GuidedDiffusionEncoder(nn.Module):
                                                 AttentionBlock(ch, config.num_head_channels),
                                                 ResBlock(ch, ch, emb_dim, config.use_scale_shift_norm))
         self.out_channels, self.stride = shapes[keep - 1]
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        side = self.input_size // self.stride
+        return self.out_channels, side, side
 
     def unused_key(self, key: str) -> bool:
         """Whether a full-UNet checkpoint key belongs to a part this encoder dropped (decoder included)."""

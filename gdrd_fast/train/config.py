@@ -16,6 +16,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 DISTILL_MODES = ("rcd", "crd", "none")
+# What a run trains (see pipeline.variant_plan): GDRD module-wise (the paper), end to end, with stage 2
+# also fine-tuning the backbone; one-stage students (CRRCD = ArcFace + KD + RCD, CRD, KD, no distillation);
+# or stage 1 alone, its backbone judged by a linear probe on frozen features.
+VARIANTS = ("gdrd", "gdrd-e2e", "gdrd-unfrozen", "crrcd", "crd", "kd", "baseline", "stage1-probe")
 
 
 @dataclass
@@ -66,11 +70,13 @@ class ModelConfig:
     discriminative_teacher: str = "r50"
     discriminative_teacher_weights: str | None = None  # insightface checkpoint of T_d
     discriminative_teacher_head: str | None = None  # T_d's ArcFace classifier over the training ids (for KD)
-    generative_teacher: str = "pgdiff"  # 'pgdiff' (guided-diffusion layout) or 'diffusers'
-    generative_teacher_config: str | None = None  # diffusers: 'tiny' | 'pgdiff-like'
+    generative_teacher: str = "pgdiff"  # 'pgdiff' (guided-diffusion layout), 'diffusers' (UNet) or 'vae' (AutoencoderKL)
+    generative_teacher_config: str | None = None  # diffusers: 'tiny' | 'pgdiff-like'; vae: 'tiny'
     generative_teacher_weights: str | None = None
     generative_teacher_tap: str | None = None  # None: the kind's default tap
-    generative_teacher_input: int = 448  # the LR face is resized (bicubic) to this for T_g
+    generative_teacher_input: int = 448  # the LR face is resized (bicubic, clamped to [-1, 1]) to this for T_g
+    generative_teacher_timestep: int = 0  # the diffusion timestep T_g is run at (paper: 0)
+    generative_teacher_noise: float = 0.0  # noise std mixed into T_g's input, variance preserving (paper: 0)
     embedding_dim: int = 512
 
 
@@ -112,6 +118,15 @@ class Stage2Config:
     # its own optimizer for the distillation module's parameters (the critic), on the stage's schedule;
     # None: they train with the student's optimizer
     distill_optim: OptimizerConfig | None = None
+    gen_weight: float = 1.0  # gdrd-e2e: weight of the stage-1 feature regression in the joint loss
+    backbone_lr_factor: float = 0.1  # gdrd-unfrozen: the backbone's lr = this x the stage's lr
+
+    def __post_init__(self):
+        if self.distill not in DISTILL_MODES:
+            raise ValueError(f"stage2.distill must be one of {DISTILL_MODES}, got {self.distill!r}")
+        if not self.backbone_lr_factor > 0 or self.gen_weight < 0:
+            raise ValueError(f"need stage2.backbone_lr_factor > 0 and stage2.gen_weight >= 0, got "
+                             f"{self.backbone_lr_factor} and {self.gen_weight}")
 
 
 @dataclass
@@ -131,6 +146,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     name: str = "gdrd"
+    variant: str = "gdrd"  # one of VARIANTS
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -148,8 +164,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.stage2.distill not in DISTILL_MODES:
-            raise ValueError(f"stage2.distill must be one of {DISTILL_MODES}, got {self.stage2.distill!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+
+    @property
+    def one_stage_optim(self) -> OptimConfig:
+        return one_stage_budget(self.stage1.optim, self.stage2.optim)
+
+
+def one_stage_budget(stage1: OptimConfig, stage2: OptimConfig) -> OptimConfig:
+    """A one-stage student's schedule: stage 2's, stretched over both stages' length (the same budget)."""
+    epochs = stage1.epochs + stage2.epochs
+    steps = stage1.steps + stage2.steps if stage1.steps is not None and stage2.steps is not None else None
+    milestones = [round(m * epochs / stage2.epochs) for m in stage2.milestones]
+    return dataclasses.replace(stage2, epochs=epochs, steps=steps, milestones=milestones)
 
 
 def _check_type(key: str, value, annotation):

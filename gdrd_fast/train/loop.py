@@ -86,7 +86,8 @@ class Trainer:
                  antialias: bool = True, num_workers: int = 0, output_dir: str | Path | None = None,
                  log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
                  group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False,
-                 sync_batchnorm: bool = False, scalars=None, step_hooks: Sequence[Callable] = ()):
+                 sync_batchnorm: bool = False, scalars=None, step_hooks: Sequence[Callable] = (),
+                 meta: dict | None = None):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
@@ -122,6 +123,7 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
         self.name = name or stage.name  # what the progress bar and the log call this run
+        self.meta = dict(meta or {})  # what the run is (e.g. its variant): saved, and checked on resume
         self.log = logging.getLogger("gdrd_fast.train")
         # scalars: a validation.ScalarLogger (rank 0) for the logged loss terms; step_hooks: called as
         # hook(trainer, terms) after every step, e.g. validation.Validator
@@ -129,7 +131,7 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"stage": self.stage.name, "step": self.step, "modules": self.stage.state_dict(),
+        return {"stage": self.stage.name, "meta": self.meta, "step": self.step, "modules": self.stage.state_dict(),
                 "optimizers": [o.state_dict() for o in self.optimizers],
                 "schedulers": [s.state_dict() for s in self.schedulers],
                 "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state()}
@@ -137,6 +139,11 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("stage") != self.stage.name:
             raise ValueError(f"checkpoint is for stage {state.get('stage')!r}, not {self.stage.name!r}")
+        saved_meta = state.get("meta", {})
+        clash = {k: (saved_meta[k], v) for k, v in self.meta.items() if k in saved_meta and saved_meta[k] != v}
+        if clash:
+            raise ValueError("checkpoint is from another run: " + ", ".join(
+                f"{k} {saved!r} there, {ours!r} here" for k, (saved, ours) in clash.items()))
         if len(state["optimizers"]) != len(self.optimizers):
             raise ValueError(f"checkpoint has {len(state['optimizers'])} optimizer(s), this run builds "
                              f"{len(self.optimizers)}: is stage2.distill_optim set the same way?")

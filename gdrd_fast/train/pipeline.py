@@ -1,24 +1,30 @@
-"""A recipe (TrainConfig) turned into the two GDRD stages on a training set (identity folders or .rec), and run.
+"""A recipe (TrainConfig) turned into the stages of its variant on a training set (identity folders or .rec),
+and run.
 
-Stage 1 writes <output_dir>/stage1.pt, stage 2 writes stage2.pt, and the trained student is saved as a
-plain IResNet state dict (insightface keys) in student.pt, ready for `gdrd-fast eval`.
+Each stage writes its trainer state to <output_dir>/<stage>.pt: stage1.pt and stage2.pt for GDRD,
+single.pt for a one-stage variant. The trained student is saved as a plain IResNet state dict
+(insightface keys) in student.pt, ready for `gdrd-fast eval`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from .. import models
 from ..losses import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from . import checkpoint as ckpt
-from .config import Stage2Config, TrainConfig, to_dict
+from .config import VARIANTS, OptimConfig, OptimizerConfig, Stage2Config, TrainConfig, to_dict
 from .loop import Trainer, log_to_file
 from .runtime import Runtime, seed_everything
+from .stages import DiscriminativeStage, GenerativeStage, GenerativeTarget, Stage
 from .validation import ScalarLogger, Validator
-from .stages import DiscriminativeStage, GenerativeStage
 
 log = logging.getLogger("gdrd_fast.train")
 
@@ -35,47 +41,160 @@ def make_distill(stage2: Stage2Config, n_data: int, embedding_dim: int, backend:
     return None
 
 
-def make_trainer(stage, dataset: Dataset, runtime: Runtime, config: TrainConfig, optim, **hooks) -> Trainer:
+class PlannedStage(NamedTuple):
+    """One trainer run of a variant: its checkpoint name, how to build its Stage, its schedule, and
+    the parameter groups that get an optimizer of their own (None: the stage's)."""
+    name: str
+    build: Callable[[], Stage]
+    optim: OptimConfig
+    group_optims: dict[str, OptimizerConfig | None]
+
+
+@dataclass
+class Parts:
+    """What a variant's stages are built from. Stages are built only when their turn comes: building
+    stage 2 freezes the backbone that stage 1 trains, and a variant builds only the teachers it uses."""
+    runtime: Runtime
+    backbone: nn.Module  # S_b, with .out_channels
+    head: nn.Module  # S_h
+    classifier: Callable[[], nn.Module]  # a fresh ArcFace head over the training identities
+    discriminative: Callable[[], tuple[nn.Module, nn.Module | None]]  # T_d and its ArcFace head (for KD)
+    generative: Callable[[], nn.Module]  # T_g, declaring .feature_shape (or .out_channels)
+    n_data: int
+    embedding_dim: int
+    backend: str = "auto"
+    teacher_input: int | None = None  # None: T_g's declared input size
+    timestep: int = 0
+    noise: float = 0.0
+
+
+ONE_STAGE_DISTILL = {"gdrd-e2e": None, "crrcd": "rcd", "crd": "crd", "kd": "none", "baseline": "none"}
+
+
+def teacher_channels(teacher: nn.Module) -> int:
+    shape = getattr(teacher, "feature_shape", None)
+    return int(shape[0]) if shape is not None else int(teacher.out_channels)
+
+
+def variant_plan(variant: str, parts: Parts, stage1_optim: OptimConfig, stage2: Stage2Config,
+                 one_stage_optim: OptimConfig) -> list[PlannedStage]:
+    """The stages variant `variant` trains, in order (config.VARIANTS lists them)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    rt, s2 = parts.runtime, stage2
+    distill_optims = {"distill": s2.distill_optim}
+
+    def generative_parts():
+        teacher = parts.generative()
+        size = parts.teacher_input if parts.teacher_input is not None else getattr(teacher, "input_size", None)
+        target = GenerativeTarget(teacher, size, parts.timestep, parts.noise)
+        return target, FeatureRegressionLoss(parts.backbone.out_channels, teacher_channels(teacher),
+                                             backend=parts.backend)
+
+    def stage1() -> GenerativeStage:
+        target, regression = generative_parts()
+        return GenerativeStage(rt, parts.backbone, target.teacher, regression, target.input_size, target.timestep,
+                               target.noise)
+
+    def discriminative(distill: str, train_backbone: bool, with_teacher: bool = True, e2e: bool = False):
+        teacher, teacher_head = parts.discriminative() if with_teacher else (None, None)
+        generative, regression = generative_parts() if e2e else (None, None)
+        stage = DiscriminativeStage(
+            rt, parts.backbone, parts.head, parts.classifier(), train_backbone=train_backbone, teacher=teacher,
+            teacher_classifier=teacher_head if s2.kd_weight and with_teacher else None,
+            distill=make_distill(dataclasses.replace(s2, distill=distill), parts.n_data, parts.embedding_dim,
+                                 parts.backend) if with_teacher else None,
+            kd_weight=s2.kd_weight if with_teacher else 0.0, distill_weight=s2.distill_weight,
+            kd_temperature=s2.kd_temperature, generative=generative, regression=regression, gen_weight=s2.gen_weight)
+        return stage
+
+    def one_stage(build):
+        def named():
+            stage = build()
+            stage.name = "single"
+            return stage
+        return PlannedStage("single", named, one_stage_optim, distill_optims)
+
+    first = PlannedStage("stage1", stage1, stage1_optim, {})
+    if variant == "stage1-probe":
+        return [first]
+    if variant == "gdrd":
+        return [first, PlannedStage("stage2", lambda: discriminative(s2.distill, False), s2.optim, distill_optims)]
+    if variant == "gdrd-unfrozen":
+        backbone_optim = OptimizerConfig(s2.optim.optimizer, s2.optim.lr * s2.backbone_lr_factor, s2.optim.momentum,
+                                         s2.optim.weight_decay)
+        return [first, PlannedStage("stage2", lambda: discriminative(s2.distill, True), s2.optim,
+                                    distill_optims | {"backbone": backbone_optim})]
+    if variant == "gdrd-e2e":
+        return [one_stage(lambda: discriminative(s2.distill, True, e2e=True))]
+    if variant == "baseline":
+        return [one_stage(lambda: discriminative("none", True, with_teacher=False))]
+    return [one_stage(lambda: discriminative(ONE_STAGE_DISTILL[variant], True))]
+
+
+def make_trainer(planned: PlannedStage, dataset: Dataset, runtime: Runtime, config: TrainConfig, **hooks) -> Trainer:
     """hooks: Trainer's scalars= and step_hooks=."""
     d = config.data
-    return Trainer(stage, dataset, runtime, optim, **hooks, batch_size=d.batch_size, seed=config.seed,
+    return Trainer(planned.build(), dataset, runtime, planned.optim, **hooks, batch_size=d.batch_size,
+                   seed=config.seed,
                    resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias,
                    num_workers=d.num_workers, output_dir=config.output_dir, log_every=config.log_every,
-                   checkpoint_every=config.checkpoint_every, group_optims={"distill": config.stage2.distill_optim},
-                   shard_banks=config.stage2.crd.sharded, sync_batchnorm=config.sync_batchnorm)
+                   checkpoint_every=config.checkpoint_every, group_optims=planned.group_optims,
+                   shard_banks=config.stage2.crd.sharded, sync_batchnorm=config.sync_batchnorm,
+                   meta={"variant": config.variant})
+
+
+def paper_parts(config: TrainConfig, runtime: Runtime, student: models.Student, num_classes: int,
+                n_data: int) -> Parts:
+    """The paper's networks (IResNet student, IResNet ArcFace teacher, PGDiff or diffusers T_g) from a recipe."""
+    m, s2 = config.models, config.stage2
+
+    def classifier():
+        return models.ArcFaceHead(m.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
+
+    def discriminative():
+        teacher = models.build_discriminative_teacher(m.discriminative_teacher, m.discriminative_teacher_weights)
+        teacher_head = None
+        if s2.kd_weight:
+            if m.discriminative_teacher_head is None:
+                raise ValueError("stage2.kd_weight > 0 needs models.discriminative_teacher_head: a state dict with "
+                                 "the teacher's ArcFace classifier 'weight' [num_classes, embedding_dim]")
+            teacher_head = classifier()
+            teacher_head.load_state_dict(torch.load(m.discriminative_teacher_head, map_location="cpu",
+                                                    weights_only=True))
+        return teacher, teacher_head
+
+    def generative():
+        teacher_config = m.generative_teacher_config if m.generative_teacher != "pgdiff" else None
+        return models.build_generative_teacher(m.generative_teacher, teacher_config, m.generative_teacher_weights,
+                                               m.generative_teacher_tap)
+
+    return Parts(runtime, student.backbone, student.head, classifier, discriminative, generative, n_data,
+                 m.embedding_dim, config.backend, m.generative_teacher_input, m.generative_teacher_timestep,
+                 m.generative_teacher_noise)
+
+
+def plan_for(config: TrainConfig, parts: Parts) -> list[PlannedStage]:
+    return variant_plan(config.variant, parts, config.stage1.optim, config.stage2, config.one_stage_optim)
 
 
 def build_stage1(config: TrainConfig, runtime: Runtime, student: models.Student) -> GenerativeStage:
-    m = config.models
-    teacher_config = m.generative_teacher_config if m.generative_teacher == "diffusers" else None
-    teacher = models.build_generative_teacher(m.generative_teacher, teacher_config, m.generative_teacher_weights,
-                                              m.generative_teacher_tap)
-    regression = FeatureRegressionLoss(student.backbone.out_channels, teacher.out_channels, backend=config.backend)
-    return GenerativeStage(runtime, student.backbone, teacher, regression, m.generative_teacher_input)
+    """GDRD's stage 1 from a recipe (n_data and the classes do not matter to it)."""
+    return variant_plan("gdrd", paper_parts(config, runtime, student, 1, 1), config.stage1.optim, config.stage2,
+                        config.one_stage_optim)[0].build()
 
 
 def build_stage2(config: TrainConfig, runtime: Runtime, student: models.Student, num_classes: int,
                  n_data: int) -> DiscriminativeStage:
-    m, s2 = config.models, config.stage2
-    teacher = models.build_discriminative_teacher(m.discriminative_teacher, m.discriminative_teacher_weights)
-    teacher_head = None
-    if s2.kd_weight:
-        if m.discriminative_teacher_head is None:
-            raise ValueError("stage2.kd_weight > 0 needs models.discriminative_teacher_head: a state dict with the "
-                             "teacher's ArcFace classifier 'weight' [num_classes, embedding_dim]")
-        teacher_head = models.ArcFaceHead(m.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
-        teacher_head.load_state_dict(torch.load(m.discriminative_teacher_head, map_location="cpu",
-                                                weights_only=True))
-    classifier = models.ArcFaceHead(m.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
-    return DiscriminativeStage(runtime, student.backbone, student.head, classifier, teacher=teacher,
-                               teacher_classifier=teacher_head,
-                               distill=make_distill(s2, n_data, m.embedding_dim, config.backend),
-                               kd_weight=s2.kd_weight, distill_weight=s2.distill_weight,
-                               kd_temperature=s2.kd_temperature)
+    """GDRD's stage 2 from a recipe (freezes the student's backbone)."""
+    return variant_plan("gdrd", paper_parts(config, runtime, student, num_classes, n_data), config.stage1.optim,
+                        config.stage2, config.one_stage_optim)[1].build()
 
 
 def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: Dataset | None = None) -> Path:
-    """Both stages end to end (resuming from a stage1.pt or stage2.pt); returns the student.pt path."""
+    """Every stage of config.variant (resuming from one of its checkpoints); returns the student.pt path.
+
+    Each stage writes <output_dir>/<stage>.pt (stage1, stage2, or single for one-stage variants)."""
     from ..data import open_dataset
     runtime = Runtime.create(config.device, config.amp)
     seed_everything(config.seed)
@@ -90,7 +209,7 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
             dataset = open_dataset(config.data.train_root, config.data.image_size, as_uint8=True)
         num_classes = int(max(dataset.targets)) + 1
         log.info("config %s", to_dict(config))
-        log.info("data %d images, %d identities", len(dataset), num_classes)
+        log.info("data %d images, %d identities, variant %s", len(dataset), num_classes, config.variant)
         state = ckpt.load_checkpoint(resume) if resume is not None else None
         student = models.build_student(config.models.student)
         scalars = ScalarLogger(out) if runtime.is_main else None
@@ -99,22 +218,21 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
             resolution=config.data.resolution, image_size=config.data.image_size,
             interpolation=config.data.interpolation, antialias=config.data.antialias,
             batch_size=config.eval.batch_size)]
-        if state is None or state["stage"] == "stage1":
-            stage1 = make_trainer(build_stage1(config, runtime, student), dataset, runtime, config,
-                                  config.stage1.optim, scalars=scalars)
-            if state is not None:
-                stage1.load_state_dict(state)
-                state = None
-            stage1.train_steps()
-            stage1.save()
-            del stage1
-        # stage 2 trains the student's output: it is the stage that validates
-        stage2 = make_trainer(build_stage2(config, runtime, student, num_classes, len(dataset)), dataset, runtime,
-                              config, config.stage2.optim, scalars=scalars, step_hooks=validators)
-        if state is not None:
-            stage2.load_state_dict(state)
-        stage2.train_steps()
-        stage2.save()
+        plan = plan_for(config, paper_parts(config, runtime, student, num_classes, len(dataset)))
+        names = [p.name for p in plan]
+        if state is not None and state.get("stage") not in names:
+            raise ValueError(f"resume: {resume} is a {state.get('stage')!r} checkpoint; variant {config.variant!r} "
+                             f"trains {names}")
+        start = names.index(state["stage"]) if state is not None else 0
+        for i, planned in enumerate(plan[start:], start):
+            # the last stage trains the student's output: it is the stage that validates (stage1-probe: none)
+            hooks = validators if i == len(plan) - 1 and config.variant != "stage1-probe" else []
+            trainer = make_trainer(planned, dataset, runtime, config, scalars=scalars, step_hooks=hooks)
+            if state is not None and i == start:
+                trainer.load_state_dict(state)
+            trainer.train_steps()
+            trainer.save()
+            del trainer
         path = out / "student.pt"
         if runtime.is_main:
             ckpt.save_checkpoint(student.net.state_dict(), path)

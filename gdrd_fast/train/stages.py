@@ -52,36 +52,64 @@ class Stage(nn.Module):
         return self.losses(views)  # DistributedDataParallel syncs gradients of what runs in forward
 
 
-class GenerativeStage(Stage):
-    """Stage 1: || A(S_b(x_lr)) - T_g(x_lr) ||^2 with T_g frozen (docs/method/index.md)."""
-    name = "stage1"
+class GenerativeTarget(nn.Module):
+    """T_g's feature for the LR face: resized to the teacher's input size, optionally noised, at a timestep.
 
-    def __init__(self, runtime: Runtime, backbone: nn.Module, teacher: nn.Module,
-                 regression: FeatureRegressionLoss, teacher_input: int | None = None):
-        super().__init__(runtime)
-        self.backbone, self.regression = backbone, regression
+    noise: std of Gaussian noise mixed in variance-preserving form, x_t = sqrt(1 - noise^2) x + noise eps
+    (DDPM's timestep t pairs with noise = sqrt(1 - alpha_bar_t)); 0 is the paper's clean input [choice].
+    The target is average-pooled onto the student's grid when the tap's grid differs.
+    """
+
+    def __init__(self, teacher: nn.Module, input_size: int | None = None, timestep: int = 0, noise: float = 0.0):
+        super().__init__()
+        if not 0.0 <= noise < 1.0:
+            raise ValueError(f"noise must be in [0, 1), got {noise}")
+        if isinstance(timestep, bool) or not isinstance(timestep, int) or timestep < 0:
+            raise ValueError(f"timestep must be a non-negative int, got {timestep!r}")
         self.teacher = _freeze(teacher)
-        self.teacher_input = teacher_input
+        self.input_size, self.timestep, self.noise = input_size, timestep, noise
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
         return self
 
+    @torch.no_grad()
+    def forward(self, lr: Tensor, grid: tuple[int, int]) -> Tensor:
+        x = lr
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            # bicubic overshoots; the teacher was trained on images in [-1, 1]
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False).clamp_(-1, 1)
+        if self.noise:
+            x = (1 - self.noise ** 2) ** 0.5 * x + self.noise * torch.randn_like(x)
+        # t = 0 calls teacher(x): any feature extractor works as a teacher at the paper's setting
+        target = self.teacher(x, self.timestep) if self.timestep else self.teacher(x)
+        if target.shape[-2:] != tuple(grid):
+            # [choice] a teacher tap at another resolution is average-pooled onto the student's grid
+            target = F.adaptive_avg_pool2d(target.float(), grid)
+        return target.float()
+
+
+class GenerativeStage(Stage):
+    """Stage 1: || A(S_b(x_lr)) - T_g(x_lr) ||^2 with T_g frozen (docs/method/index.md)."""
+    name = "stage1"
+
+    def __init__(self, runtime: Runtime, backbone: nn.Module, teacher: nn.Module,
+                 regression: FeatureRegressionLoss, teacher_input: int | None = None, timestep: int = 0,
+                 noise: float = 0.0):
+        super().__init__(runtime)
+        self.backbone, self.regression = backbone, regression
+        self.target = GenerativeTarget(teacher, teacher_input, timestep, noise)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.target.teacher
+
     def losses(self, views: Views) -> dict[str, Tensor]:
         with self.runtime.autocast():
             student = self.backbone(views.lr)
-            with torch.no_grad():
-                x_t = views.lr
-                if self.teacher_input is not None and x_t.shape[-1] != self.teacher_input:
-                    # bicubic overshoots; the teacher was trained on images in [-1, 1]
-                    x_t = F.interpolate(x_t, size=self.teacher_input, mode="bicubic",
-                                        align_corners=False).clamp_(-1, 1)
-                target = self.teacher(x_t)
-        if target.shape[-2:] != student.shape[-2:]:
-            # [choice] a teacher tap at another resolution is average-pooled onto the student's grid
-            target = F.adaptive_avg_pool2d(target.float(), student.shape[-2:])
-        return {"gen": self.regression(student.float(), target.float())}
+            target = self.target(views.lr, student.shape[-2:])
+        return {"gen": self.regression(student.float(), target)}
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -96,15 +124,23 @@ class DiscriminativeStage(Stage):
     With train_backbone=False (GDRD) the backbone is frozen in eval mode (BN statistics too). The same
     stage trains the demo's HR teacher (input='hr', no teacher) and its no-distillation baseline.
     `classifier` and `teacher_classifier` are models.ArcFaceHead: the margin logits feed L_cls, the plain
-    s*cos(theta) logits of each network's own head feed L_kd.
+    s*cos(theta) logits of each network's own head feed L_kd. With `generative` (a GenerativeTarget) and
+    `regression`, the stage-1 term gen_weight * L_gen is added on the same backbone features: end-to-end
+    GDRD (variant gdrd-e2e).
     """
     name = "stage2"
 
     def __init__(self, runtime: Runtime, backbone: nn.Module, head: nn.Module, classifier: nn.Module, *,
                  train_backbone: bool = False, input: str = "lr", teacher: nn.Module | None = None,
                  teacher_classifier: nn.Module | None = None, distill: nn.Module | None = None,
-                 kd_weight: float = 0.5, distill_weight: float = 2.0, kd_temperature: float = 4.0):
+                 kd_weight: float = 0.5, distill_weight: float = 2.0, kd_temperature: float = 4.0,
+                 generative: GenerativeTarget | None = None, regression: FeatureRegressionLoss | None = None,
+                 gen_weight: float = 1.0):
         super().__init__(runtime)
+        if (generative is None) != (regression is None):
+            raise ValueError("the end-to-end generative term needs both generative= and regression=")
+        if generative is not None and not train_backbone:
+            raise ValueError("the generative term trains the backbone: it needs train_backbone=True")
         if input not in ("lr", "hr"):
             raise ValueError(f"input must be 'lr' or 'hr', got {input!r}")
         if distill is not None and not isinstance(distill, (RelationalContrastiveLoss, CRDLoss)):
@@ -121,17 +157,21 @@ class DiscriminativeStage(Stage):
         self.teacher = _freeze(teacher) if teacher is not None else None
         self.teacher_classifier = _freeze(teacher_classifier) if teacher_classifier is not None else None
         self.distill = distill
+        self.generative, self.regression, self.gen_weight = generative, regression, gen_weight
         self.kd_weight, self.distill_weight, self.kd_temperature = kd_weight, distill_weight, kd_temperature
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """'distill': the contrastive module's critic / embeddings; 'model': the rest."""
+        """'distill': the contrastive module's critic / embeddings; 'backbone': S_b when it trains; 'model': the rest."""
         critic = [p for p in self.distill.parameters() if p.requires_grad] if self.distill is not None else []
-        ids = {id(p) for p in critic}
-        return {"model": [p for p in self.trainable_parameters() if id(p) not in ids], "distill": critic}
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in critic + backbone}
+        return {"model": [p for p in self.trainable_parameters() if id(p) not in ids], "distill": critic,
+                "backbone": backbone}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (None if self.train_backbone else self.backbone, self.teacher, self.teacher_classifier):
+        for frozen in (None if self.train_backbone else self.backbone, self.teacher, self.teacher_classifier,
+                       self.generative):
             if frozen is not None:
                 frozen.eval()
         return self
@@ -146,9 +186,12 @@ class DiscriminativeStage(Stage):
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_embedding = self.teacher(views.hr)
+            target = self.generative(views.lr, features.shape[-2:]) if self.generative is not None else None
         embedding = embedding.float()
         logits = self.classifier(embedding, views.labels)
         terms = {"cls": F.cross_entropy(logits.margin, views.labels)}
+        if target is not None:
+            terms["gen"] = self.gen_weight * self.regression(features.float(), target)
         if self.kd_weight:
             with torch.no_grad():
                 teacher_logits = self.teacher_classifier.s * self.teacher_classifier.cosine(teacher_embedding)

@@ -1,0 +1,408 @@
+"""`gdrd-fast ablate`: a grid of training variants x input resolutions x seeds on the demo's data.
+
+The teachers (HR ArcFace network, diffusion denoiser) are trained once per grid, from the recipe's seed,
+and saved in <out>/teachers/; the grid's seeds vary each student's initialisation, batch order and
+random draws. Every cell (variant, resolution, seed) runs in its own process when --jobs > 1, writes
+its checkpoints, log and result.json to <out>/cells/<variant>-r<res>-s<seed>/, and is skipped when its
+result exists: a stopped grid resumes (a cell stopped mid-way resumes from its last checkpoint).
+Outputs: ablation.md, ablation.json (mean +- std over seeds, ddof=1) and ablation.png.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import models
+from ..data import degrade
+from ..eval import extract_embeddings, markdown_table, verify, write_json
+from ..eval.geometry import probe_accuracy
+from ..train import Runtime, Trainer, log_to_file, seed_everything
+from ..train import checkpoint as ckpt
+from ..train.config import VARIANTS, from_dict, to_dict
+from ..train.pipeline import Parts, variant_plan
+from .config import DemoConfig
+
+log = logging.getLogger("gdrd_fast.demo")
+TG_ROW = "generative teacher T_g (denoiser encoder, flattened)"
+METRICS = {"accuracy": "verification acc %", "tar": "TAR@FAR=1e-3 %", "auc": "AUC %", "probe": "probe acc %"}
+
+
+# --- teachers ----------------------------------------------------------------------------------------
+def teacher_paths(out: Path) -> dict[str, Path]:
+    return {"hr": out / "teachers" / "hr_teacher.pt", "denoiser": out / "teachers" / "denoiser.pt"}
+
+
+def train_teachers(config: DemoConfig, out: Path, train_set, runtime: Runtime, progress: bool = True) -> dict:
+    """Train (or reuse, when saved) the HR teacher and the denoiser; returns their training histories."""
+    from .run import Demo
+    paths, histories = teacher_paths(out), {}
+    demo = Demo(config, runtime, train_set, progress)
+    if not paths["hr"].is_file():
+        net, head = demo.hr_teacher()
+        ckpt.save_checkpoint({"net": net.state_dict(), "head": head.state_dict()}, paths["hr"])
+    if not paths["denoiser"].is_file():
+        unet = demo.generative_teacher()
+        ckpt.save_checkpoint({"unet": unet.state_dict()}, paths["denoiser"])
+    histories.update(demo.histories)
+    return {"histories": histories, "timings": demo.timings}
+
+
+def load_teachers(config: DemoConfig, out: Path, num_classes: int):
+    """(HR teacher net, its ArcFace head, the denoiser's encoder T_g), in eval mode."""
+    from .nets import SmallFaceNet
+    paths = teacher_paths(out)
+    saved = ckpt.load_checkpoint(paths["hr"])
+    net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
+    head = models.ArcFaceHead(config.embedding_dim, num_classes, config.stage2.arcface_scale,
+                              config.stage2.arcface_margin)
+    net.load_state_dict(saved["net"])
+    head.load_state_dict(saved["head"])
+    d = config.denoiser
+    unet = models.build_unet(dict(d.unet))
+    unet.load_state_dict(ckpt.load_checkpoint(paths["denoiser"])["unet"])
+    encoder = models.DiffusionEncoder(unet.eval(), d.tap, input_size=d.image_size)
+    return net.eval(), head.eval(), encoder.eval()
+
+
+# --- one cell ----------------------------------------------------------------------------------------
+def cell_name(variant: str, resolution: int, seed: int) -> str:
+    return f"{variant}-r{resolution}-s{seed}"
+
+
+def cell_config(config: DemoConfig, resolution: int, seed: int) -> DemoConfig:
+    """The recipe of one cell: its resolution; the student's seed (data and teachers keep config.seed)."""
+    data = to_dict(config)
+    data.update(resolution=resolution, student_seed=seed)
+    return from_dict(DemoConfig, data)
+
+
+def student_features(net, variant: str):
+    """What a variant's student is judged by: its embedding, or (stage1-probe) the flattened S_b feature."""
+    if variant == "stage1-probe":
+        return lambda x: net.backbone(x).flatten(1)
+    return net
+
+
+def teacher_feature(encoder, resolution: int):
+    """T_g's feature of a face seen at resolution x resolution, as stage 1 feeds it (flattened)."""
+    def features(x):
+        lr = degrade(x, resolution)
+        lr = torch.nn.functional.interpolate(lr, size=encoder.input_size, mode="bicubic",
+                                             align_corners=False).clamp_(-1, 1)
+        return encoder(lr).flatten(1)
+    return features
+
+
+def evaluate(model, data: dict, transform, device, desc: str) -> dict:
+    """Verification on the pairs (LFW protocol) and, where the test set has labels, a linear probe."""
+    emb = extract_embeddings(model, data["pair_images"], transform=transform, device=device, progress=False,
+                             desc=desc)
+    result = verify(emb[0::2], emb[1::2], data["issame"]).as_dict()
+    out = {k: result[k] for k in ("accuracy", "accuracy_std", "tar", "auc", "num_pairs")}
+    if data.get("probe_images") is not None:
+        feats = extract_embeddings(model, data["probe_images"], transform=transform, device=device, flip=False,
+                                   progress=False, desc=desc)
+        out["probe"] = probe_accuracy(feats, data["probe_labels"])
+    return out
+
+
+def load_cell_data(config: DemoConfig, train_root: str | None, pairs: str | None) -> dict:
+    from ..data import SyntheticFaces
+    from .run import load_data
+    train_set, pair_images, issame, name, synthetic = load_data(config, train_root, pairs)
+    data = {"train": train_set, "pair_images": pair_images, "issame": issame, "name": name,
+            "synthetic": synthetic, "probe_images": None, "probe_labels": None}
+    if synthetic:  # the unseen test identities, every image: the probe's set
+        d = config.data
+        test = SyntheticFaces(d.test_identities, d.test_images_per_identity, config.seed, config.image_size,
+                              first_identity=d.train_identities)
+        data["probe_images"], data["probe_labels"] = test.images(), test.targets
+    return data
+
+
+def run_cell(spec: dict) -> dict:
+    """Train and evaluate one (variant, resolution, seed) cell; the worker of the grid. Returns its result."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    out, grid = Path(spec["cell_dir"]), Path(spec["grid_dir"])
+    config = from_dict(DemoConfig, spec["config"])
+    variant, r, seed = spec["variant"], config.resolution, config.student_seed
+    runtime = Runtime.create(spec.get("device", "cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec.json", {k: v for k, v in spec.items() if k != "progress"})
+    handler = log_to_file(out / "train.log", runtime)
+    start = time.perf_counter()
+    try:
+        data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))
+        train_set = data["train"]
+        num_classes = int(train_set.targets.max()) + 1
+        teacher, teacher_head, encoder = load_teachers(config, grid, num_classes)
+        from .nets import SmallFaceNet
+        seed_everything(seed)  # the same seed gives every variant the same initial student
+        net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
+        s2 = config.stage2
+
+        def classifier():
+            return models.ArcFaceHead(config.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
+
+        parts = Parts(runtime, net.backbone, net.head, classifier, lambda: (teacher, teacher_head), lambda: encoder,
+                      len(train_set), config.embedding_dim, config.backend, config.denoiser.image_size,
+                      config.denoiser.timestep, config.denoiser.noise)
+        histories, steps = {}, {}
+        for planned in variant_plan(variant, parts, config.stage1, s2, config.student_budget):
+            trainer = Trainer(planned.build(), train_set, runtime, planned.optim, batch_size=config.batch_size,
+                              seed=seed, resolution=r, log_every=max(1, (planned.optim.steps or 10) // 10),
+                              progress=spec.get("progress", False), name=f"{variant} {planned.name}",
+                              group_optims=planned.group_optims, output_dir=out,
+                              checkpoint_every=config.ablation.checkpoint_every,
+                              meta={"variant": variant, "resolution": r, "seed": seed})
+            saved = out / f"{planned.name}.pt"
+            if saved.is_file():  # a stopped cell: continue (or skip a finished stage) from its checkpoint
+                trainer.resume(saved)
+            trainer.train_steps()
+            trainer.save()
+            histories[planned.name], steps[planned.name] = trainer.history, trainer.step
+            if planned.name == "stage1":
+                ckpt.save_checkpoint(net.backbone.state_dict(), out / "stage1_backbone.pt")
+        ckpt.save_checkpoint(net.state_dict(), out / "student.pt")
+        train_s = time.perf_counter() - start
+        net.eval()
+        result = {"variant": variant, "resolution": r, "seed": seed, "steps": steps,
+                  "metrics": evaluate(student_features(net, variant), data, lambda x: degrade(x, r), runtime.device,
+                                      f"{variant} r{r} s{seed}"),
+                  "train_s": train_s, "total_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
+                  "history": {k: v[:: max(1, len(v) // 50)] for k, v in histories.items()},
+                  "spec_hash": spec["spec_hash"]}
+        write_json(out / "result.json", result)
+        log.info("%s r%d seed %d: %s in %.0f s", variant, r, seed, result["metrics"], result["total_s"])
+        return result
+    finally:
+        if handler is not None:
+            logging.getLogger("gdrd_fast").removeHandler(handler)
+
+
+# --- the grid ----------------------------------------------------------------------------------------
+def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data: dict, device) -> dict:
+    """The rows every student is measured against: the HR teacher (at HR and at each resolution), the
+    generative teacher's encoder features at each resolution, and an untrained student."""
+    from .nets import SmallFaceNet
+    teacher, _, encoder = load_teachers(config, grid, int(data["train"].targets.max()) + 1)
+    seed_everything(config.seed)
+    untrained = SmallFaceNet(config.width, config.image_size, config.embedding_dim).eval()
+    rows = {f"HR teacher ({config.image_size}x{config.image_size})": {
+        "hr": evaluate(teacher, data, None, device, "HR teacher")}}
+    for name, model, feats in (("HR teacher on LR input", teacher, None),
+                               (TG_ROW, encoder, "tg"),
+                               ("untrained student (random features)", untrained, None)):
+        rows[name] = {}
+        for r in resolutions:
+            if feats == "tg":
+                rows[name][r] = evaluate(teacher_feature(encoder, r), data, None, device, name)
+            else:
+                rows[name][r] = evaluate(model, data, lambda x, r=r: degrade(x, r), device, name)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else float("nan")
+
+
+def summarize(results: list[dict], refs: dict, variants: Sequence[str], resolutions: Sequence[int]) -> dict:
+    """Per (variant, resolution): mean and std (ddof=1) over seeds of every metric."""
+    table = {}
+    for v in variants:
+        for r in resolutions:
+            cells = [c for c in results if c["variant"] == v and c["resolution"] == r]
+            if not cells:
+                continue
+            row = {"variant": v, "resolution": r, "seeds": sorted(c["seed"] for c in cells)}
+            for metric in METRICS:
+                values = [c["metrics"][metric] for c in cells if metric in c["metrics"]]
+                if values:
+                    row[metric] = dict(zip(("mean", "std"), _mean_std(values)), values=values)
+            table[f"{v}@{r}"] = row
+    return {"students": table, "references": refs}
+
+
+def _pm(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    std = entry["std"]
+    return f"{100 * entry['mean']:.2f} +- {100 * std:.2f}" if std == std else f"{100 * entry['mean']:.2f}"
+
+
+def _ref_cell(metrics: dict | None, metric: str) -> str:
+    return f"{100 * metrics[metric]:.2f}" if metrics and metric in metrics else "-"
+
+
+def ablation_markdown(summary: dict, note: str, title: str, footer: Sequence[str] = ()) -> str:
+    rows = []
+    for row in summary["students"].values():
+        rows.append({"model": row["variant"], "input": f"{row['resolution']}x{row['resolution']}",
+                     "seeds": len(row["seeds"]), **{label: _pm(row.get(m)) for m, label in METRICS.items()}})
+    for name, per_res in summary["references"].items():
+        for r, metrics in per_res.items():
+            rows.append({"model": name, "input": "HR" if r == "hr" else f"{r}x{r}", "seeds": "-",
+                         **{label: _ref_cell(metrics, m) for m, label in METRICS.items()}})
+    lines = [f"# {title}", "", f"**{note}**", "", markdown_table(rows), "",
+             "Students: mean +- std (ddof=1) over seeds. Verification: LFW protocol (10 contiguous folds). Probe: a "
+             "linear softmax classifier on frozen features, fitted on half of each unseen test identity's images, "
+             "tested on the other half (stage1-probe: the stage-1 backbone's flattened feature map; the generative "
+             "teacher: its flattened encoder feature of the LR face). Reference rows: one run each.", *footer]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(path: Path, summary: dict, title: str) -> Path:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from ..data.images import atomic_write_bytes
+    students = list(summary["students"].values())
+    variants = list(dict.fromkeys(r["variant"] for r in students))
+    resolutions = list(dict.fromkeys(r["resolution"] for r in students))
+    metrics = [m for m in ("accuracy", "probe") if any(m in r for r in students)]
+    fig = Figure(figsize=(5.5 * len(metrics), 3.8), dpi=100)
+    width = 0.8 / max(1, len(resolutions))
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        lows = [100.0]
+        for j, r in enumerate(resolutions):
+            means, stds = [], []
+            for v in variants:
+                entry = summary["students"].get(f"{v}@{r}", {}).get(metric)
+                means.append(100 * entry["mean"] if entry else float("nan"))
+                stds.append(100 * entry["std"] if entry and entry["std"] == entry["std"] else 0.0)
+            lows += [m - s for m, s in zip(means, stds) if m == m]
+            xs = [i + (j - (len(resolutions) - 1) / 2) * width for i in range(len(variants))]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=f"{r}x{r}")
+        tg = summary["references"].get(TG_ROW, {})
+        for j, r in enumerate(resolutions):
+            if metric in tg.get(r, {}):
+                ax.axhline(100 * tg[r][metric], ls="--", lw=1, color=f"C{j}", alpha=0.7)
+                lows.append(100 * tg[r][metric])
+        ax.set_xticks(range(len(variants)), variants, rotation=30, fontsize=8)
+        ax.set_ylabel(METRICS[metric])
+        ax.set_title(f"{METRICS[metric]}, mean +- std over seeds (dashed: T_g's features)", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def default_jobs(threads: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, threads))
+
+
+def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], resolutions: Sequence[int],
+             seeds: int | Sequence[int], train_root: str | None = None, pairs: str | None = None, device: str = "cpu",
+             jobs: int = 0, threads: int = 1, progress: bool = True) -> dict:
+    """Run (or resume) the grid and write ablation.md, ablation.json and ablation.png; returns the summary."""
+    start = time.perf_counter()
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"variants must be among {VARIANTS}, got {list(variants)}")
+    if not resolutions or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= config.image_size
+                              for r in resolutions):
+        raise ValueError(f"resolutions must be ints in [1, {config.image_size}], got {list(resolutions)}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime.create(device)
+    handler = log_to_file(out / "ablate.log", runtime)
+    try:
+        base = to_dict(config)
+        spec_hash = hashlib.sha256(json.dumps([base, train_root, pairs], sort_keys=True, default=str)
+                                   .encode()).hexdigest()[:16]
+        stamp = out / "grid.json"
+        if stamp.is_file() and json.loads(stamp.read_text())["spec_hash"] != spec_hash:
+            raise ValueError(f"{out} holds a grid of another recipe or data; choose another output folder")
+        write_json(stamp, {"spec_hash": spec_hash, "config": base, "train_root": train_root, "pairs": pairs})
+        seed_everything(config.seed)
+        data = load_cell_data(config, train_root, pairs)
+        note = data_note(data)
+        log.info("%s", note)
+        teachers = train_teachers(config, out, data["train"], runtime, progress)
+        refs = references(config, out, resolutions, data, runtime.device)
+        specs, results = [], []
+        for r in resolutions:
+            for seed in seed_list:
+                for v in variants:
+                    cell = out / "cells" / cell_name(v, r, seed)
+                    done = cell / "result.json"
+                    if done.is_file() and json.loads(done.read_text()).get("spec_hash") == spec_hash:
+                        results.append(json.loads(done.read_text()))
+                        continue
+                    specs.append({"config": to_dict(cell_config(config, r, seed)), "variant": v, "cell_dir": str(cell),
+                                  "grid_dir": str(out), "train_root": train_root, "pairs": pairs, "device": device,
+                                  "threads": threads, "spec_hash": spec_hash})
+        jobs = min(jobs or default_jobs(threads), max(1, len(specs)))
+        log.info("grid: %d cells to run (%d done before), %d process(es) x %d thread(s)", len(specs), len(results),
+                 jobs, threads)
+        bar = tqdm(total=len(specs), desc="ablation cells", unit="cell", disable=not progress, dynamic_ncols=True)
+        if jobs == 1:
+            for spec in specs:
+                results.append(run_cell(spec | {"progress": progress}))
+                bar.update()
+        else:
+            context = multiprocessing.get_context("spawn")
+            with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                for result in pool.map(run_cell, specs):
+                    results.append(result)
+                    bar.update()
+        bar.close()
+        summary = summarize(results, refs, variants, resolutions)
+        elapsed = time.perf_counter() - start
+        machine = machine_state()
+        summary |= {"note": note, "dataset": data["name"], "elapsed_s": elapsed, "jobs": jobs, "threads": threads,
+                    "machine": machine, "teacher_timings_s": teachers["timings"],
+                    "cells": [{k: v for k, v in c.items() if k != "history"} for c in results]}
+        title = f"Ablation on {data['name']}"
+        footer = ["", f"Teachers trained once from seed {config.seed}; the seeds {seed_list} vary each student's "
+                      f"initialisation, batch order and draws. Students train {config.student_budget.steps} steps "
+                      f"(GDRD: {config.stage1.steps} stage 1 + {config.stage2.optim.steps} stage 2).",
+                  f"Wall time {elapsed:.0f} s with {jobs} process(es) x {threads} thread(s) on {machine}."]
+        paths = {"markdown": out / "ablation.md", "json": out / "ablation.json", "figure": out / "ablation.png",
+                 "log": out / "ablate.log"}
+        markdown = ablation_markdown(summary, note, title, footer)
+        paths["markdown"].write_text(markdown)
+        write_json(paths["json"], summary)
+        plot_ablation(paths["figure"], summary, title)
+        log.info("ablation\n%s", markdown)
+        return summary | {"markdown": markdown, "paths": paths, "histories": teachers["histories"]}
+    finally:
+        if handler is not None:
+            logging.getLogger("gdrd_fast").removeHandler(handler)
+
+
+def data_note(data: dict) -> str:
+    from .run import SYNTHETIC_NOTE
+    return SYNTHETIC_NOTE if data["synthetic"] else "real data supplied by the user"
+
+
+def machine_state() -> str:
+    """Cores, load average and torch threads: what a wall time means on a shared machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    return f"{cores} CPU core(s), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end"
