@@ -69,4 +69,5 @@ __all__ = ["IResNet", "StudentBackbone", "StudentHead", "Student", "get_model", 
            "iresnet50", "iresnet100", "load_backbone", "split_student", "ArcFaceHead", "ArcFaceLogits",
            "GuidedDiffusionEncoder", "UNetConfig", "PGDIFF_FFHQ512", "DEFAULT_TAP", "level_end",
            "load_pgdiff_encoder", "DiffusionEncoder", "DIFFUSERS_CONFIGS", "build_unet", "load_unet",
-           "diffusion_encoder", "VAE_CONFIGS", "VAEEncoder", "build_vae", "vae_encoder", "build_student", "build_discriminative_teacher", "build_generative_teacher"]
+           "diffusion_encoder", "VAE_CONFIGS", "VAEEncoder", "build_vae", "vae_encoder", "build_student",
+           "build_discriminative_teacher", "build_generative_teacher"]
