@@ -9,17 +9,19 @@ tiles, recomputing Y = W X + bias from X tiles (tensor-core products):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import device_arch, mma, mma_in_fp32
+from ._tiles import StaticConfig, device_arch, dot_in_fp32, for_installed_triton, mma
 
 
 @triton.jit
 def _projection_error(x_ptr, w_ptr, bias_ptr, t_ptr, x_cols, t_cols, col_ok, o_start, Cs, Ct, P,
                       HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_P: tl.constexpr, IN_FP32: tl.constexpr):
+                      BLOCK_P: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """(W X + bias - T) for output channels [o_start, o_start + BLOCK_O) of the program's columns, fp32."""
     outs = o_start + tl.arange(0, BLOCK_O)
     out_ok = outs < Ct
@@ -30,7 +32,7 @@ def _projection_error(x_ptr, w_ptr, bias_ptr, t_ptr, x_cols, t_cols, col_ok, o_s
         w = tl.load(w_ptr + outs[:, None] * Cs + ins[None, :], mask=out_ok[:, None] & in_ok[None, :], other=0.0)
         x = tl.load(x_ptr + x_cols[None, :] + ins[:, None].to(tl.int64) * P, mask=in_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        y += mma(w, x, IN_FP32)
+        y += mma(w, x, DOT_IN_FP32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0)[:, None]
     mask = out_ok[:, None] & col_ok[None, :]
@@ -50,12 +52,12 @@ def _column_offsets(start, B, Cs, Ct, P, BLOCK_P: tl.constexpr):
 @triton.jit
 def _feature_regression_fwd_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, col_sq_ptr, B, Cs, Ct, P,
                                    HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_P: tl.constexpr, IN_FP32: tl.constexpr):
+                                   BLOCK_P: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     cols, col_ok, _, x_cols, t_cols = _column_offsets(tl.program_id(0) * BLOCK_P, B, Cs, Ct, P, BLOCK_P)
     col_sq = tl.zeros([BLOCK_P], tl.float32)
     for o_start in range(0, Ct, BLOCK_O):
         err = _projection_error(x_ptr, w_ptr, bias_ptr, t_ptr, x_cols, t_cols, col_ok, o_start, Cs, Ct, P,
-                                HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_P, IN_FP32)
+                                HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_P, DOT_IN_FP32)
         col_sq += tl.sum(err * err, 0)
     tl.store(col_sq_ptr + cols, col_sq, mask=col_ok)
 
@@ -64,7 +66,7 @@ def _feature_regression_fwd_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, col_sq_ptr, B,
 def _feature_regression_bwd_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, grad_rows_ptr, grad_x_ptr, grad_w_ptr,
                                    grad_bias_ptr, B, Cs, Ct, P, scale,
                                    HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_P: tl.constexpr, IN_FP32: tl.constexpr):
+                                   BLOCK_P: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     cols, col_ok, sample, x_cols, t_cols = _column_offsets(tl.program_id(0) * BLOCK_P, B, Cs, Ct, P, BLOCK_P)
     # d rows[b] / d (Y - T) = 2 / (Ct P) (Y - T), times the sample's grad_output: `scale` = 2 / (Ct P)
     col_grad = tl.load(grad_rows_ptr + sample, mask=col_ok, other=0.0).to(tl.float32) * scale
@@ -72,7 +74,7 @@ def _feature_regression_bwd_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, grad_rows_ptr,
         outs = o_start + tl.arange(0, BLOCK_O)
         out_ok = outs < Ct
         err = _projection_error(x_ptr, w_ptr, bias_ptr, t_ptr, x_cols, t_cols, col_ok, o_start, Cs, Ct, P,
-                                HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_P, IN_FP32)
+                                HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_P, DOT_IN_FP32)
         err = err * col_grad[None, :]
         if HAS_BIAS:
             tl.atomic_add(grad_bias_ptr + outs, tl.sum(err, 1), mask=out_ok)
@@ -83,29 +85,47 @@ def _feature_regression_bwd_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, grad_rows_ptr,
             x_offsets = x_cols[None, :] + ins[:, None].to(tl.int64) * P
             x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0)
             w = tl.load(w_ptr + outs[:, None] * Cs + ins[None, :], mask=out_ok[:, None] & in_ok[None, :], other=0.0)
-            tl.atomic_add(grad_w_ptr + outs[:, None] * Cs + ins[None, :], mma(err.to(x.dtype), tl.trans(x), IN_FP32),
+            tl.atomic_add(grad_w_ptr + outs[:, None] * Cs + ins[None, :], mma(err.to(x.dtype), tl.trans(x), DOT_IN_FP32),
                           mask=out_ok[:, None] & in_ok[None, :])
             grad_x = tl.load(grad_x_ptr + x_offsets, mask=x_mask, other=0.0)
-            tl.store(grad_x_ptr + x_offsets, grad_x + mma(tl.trans(w), err.to(w.dtype), IN_FP32), mask=x_mask)
+            tl.store(grad_x_ptr + x_offsets, grad_x + mma(tl.trans(w), err.to(w.dtype), DOT_IN_FP32), mask=x_mask)
 
 
-# --- configurations by architecture and operand precision, chosen deterministically ---------------------
-def _tiles(block_o, block_k, block_p, num_warps, num_stages) -> dict:
-    return {"BLOCK_O": block_o, "BLOCK_K": block_k, "BLOCK_P": block_p, "num_warps": num_warps,
-            "num_stages": num_stages}
+# --- tiles by Triton version, architecture, operand precision and stage, chosen deterministically --------
+@dataclass(frozen=True)
+class Tiles:
+    block_o: int  # output channels per tile
+    block_k: int  # input channels per product
+    block_p: int  # columns (pixels) per program
+    num_warps: int
+    num_stages: int
 
 
-# (arch, in_fp32, "fwd" | "bwd") -> tiles; each compiles without spills (tests/test_triton_static.py)
-CONFIGS = {
-    (90, False, "fwd"): _tiles(128, 64, 64, 8, 3),
-    (90, False, "bwd"): _tiles(64, 64, 64, 8, 2),
-    (90, True, "fwd"): _tiles(64, 32, 64, 4, 2),
-    (90, True, "bwd"): _tiles(64, 16, 32, 8, 2),
-    (80, False, "fwd"): _tiles(128, 64, 64, 8, 3),
-    (80, False, "bwd"): _tiles(64, 32, 64, 8, 2),
-    (80, True, "fwd"): _tiles(64, 32, 64, 8, 2),
-    (80, True, "bwd"): _tiles(64, 16, 32, 8, 2),
+# {first Triton version: {(arch, dot_in_fp32, "fwd" | "bwd"): Tiles}}; each entry compiles without spills
+# on that Triton (tests/test_triton_static.py)
+TILES = {
+    (3, 6): {
+        (90, False, "fwd"): Tiles(64, 32, 64, 8, 3),
+        (90, False, "bwd"): Tiles(64, 32, 64, 8, 2),
+        (90, True, "fwd"): Tiles(64, 16, 64, 8, 2),
+        (90, True, "bwd"): Tiles(64, 16, 32, 8, 2),
+        (80, False, "fwd"): Tiles(64, 32, 64, 8, 3),
+        (80, False, "bwd"): Tiles(64, 32, 64, 8, 2),
+        (80, True, "fwd"): Tiles(64, 32, 32, 8, 2),
+        (80, True, "bwd"): Tiles(64, 16, 32, 8, 2),
+    },
+    (3, 8): {
+        (90, False, "fwd"): Tiles(128, 64, 64, 8, 3),
+        (90, False, "bwd"): Tiles(64, 64, 64, 8, 2),
+        (90, True, "fwd"): Tiles(64, 32, 64, 4, 2),
+        (90, True, "bwd"): Tiles(64, 16, 32, 8, 2),
+        (80, False, "fwd"): Tiles(128, 64, 64, 8, 3),
+        (80, False, "bwd"): Tiles(64, 32, 64, 8, 2),
+        (80, True, "fwd"): Tiles(64, 32, 64, 8, 2),
+        (80, True, "bwd"): Tiles(64, 16, 32, 8, 2),
+    },
 }
+INSTALLED_TILES = for_installed_triton(TILES)
 
 
 def _operands(x: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -114,15 +134,15 @@ def _operands(x: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, bias
     if teacher.dtype not in (x.dtype, torch.float32):
         teacher = teacher.float()
     bias32 = bias.float().contiguous() if bias is not None else None
-    return teacher, weight.to(x.dtype).contiguous(), bias32, mma_in_fp32(x)
+    return teacher, weight.to(x.dtype).contiguous(), bias32, dot_in_fp32(x.dtype)
 
 
 def _launch(kernel, stage, x, has_bias, in_fp32, *args):
-    cfg = CONFIGS[(device_arch(x.device), in_fp32, stage)]
+    tiles = INSTALLED_TILES[(device_arch(x.device), in_fp32, stage)]
     b, _, p = x.shape
-    grid = (triton.cdiv(b * p, cfg["BLOCK_P"]),)
-    kernel[grid](*args, HAS_BIAS=has_bias, BLOCK_O=cfg["BLOCK_O"], BLOCK_K=cfg["BLOCK_K"],
-                 BLOCK_P=cfg["BLOCK_P"], IN_FP32=in_fp32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(b * p, tiles.block_p),)
+    kernel[grid](*args, HAS_BIAS=has_bias, BLOCK_O=tiles.block_o, BLOCK_K=tiles.block_k, BLOCK_P=tiles.block_p,
+                 DOT_IN_FP32=in_fp32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def feature_regression_forward(x: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
@@ -153,10 +173,10 @@ def feature_regression_backward(grad_rows: torch.Tensor, x: torch.Tensor, teache
     return grad_x, grad_w, grad_bias
 
 
-# --- every configuration the launchers can pick, for the static sm_90 / sm_80 checks ---------------------
-def _static_configs() -> list[dict]:
+# --- every configuration the launchers can pick on the installed Triton, for the static checks ----------
+def static_configs(tiles_by_key: dict) -> list[StaticConfig]:
     configs = []
-    for (arch, in_fp32, stage), cfg in CONFIGS.items():
+    for (arch, in_fp32, stage), tiles in tiles_by_key.items():
         for x_dtype in (("fp32",) if in_fp32 else ("bf16", "fp16")):
             for t_dtype in sorted({x_dtype, "fp32"}):
                 for has_bias in (True, False):
@@ -168,15 +188,15 @@ def _static_configs() -> list[dict]:
                         fn, signature = _feature_regression_bwd_kernel, dict(
                             common, grad_rows_ptr="*fp32", grad_x_ptr="*fp32", grad_w_ptr="*fp32",
                             grad_bias_ptr="*fp32", scale="fp32")
-                    configs.append({
-                        "name": f"feature_regression_{stage}_sm{arch}_{x_dtype}_t{t_dtype}"
-                                f"{'_bias' if has_bias else ''}",
-                        "arch": arch, "fn": fn, "signature": signature,
-                        "constexprs": {"HAS_BIAS": has_bias, "BLOCK_O": cfg["BLOCK_O"], "BLOCK_K": cfg["BLOCK_K"],
-                                       "BLOCK_P": cfg["BLOCK_P"], "IN_FP32": in_fp32},
-                        "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "expect_wgmma": True,
-                    })
+                    configs.append(StaticConfig(
+                        name=f"feature_regression_{stage}_sm{arch}_{x_dtype}_t{t_dtype}{'_bias' if has_bias else ''}",
+                        fn=fn, signature=signature,
+                        constexprs={"HAS_BIAS": has_bias, "BLOCK_O": tiles.block_o, "BLOCK_K": tiles.block_k,
+                                    "BLOCK_P": tiles.block_p, "DOT_IN_FP32": in_fp32},
+                        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                        mma="tf32" if in_fp32 else x_dtype.replace("fp", "f"), expect_wgmma=True,
+                        archs=(arch,)))
     return configs
 
 
-STATIC_CONFIGS = _static_configs()
+STATIC_CONFIGS = static_configs(INSTALLED_TILES)

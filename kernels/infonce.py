@@ -10,12 +10,13 @@ Splitting the bank keeps ~one wave of programs busy even at B=256; nothing of si
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import device_arch, mma, mma_in_fp32
+from ._tiles import StaticConfig, device_arch, dot_in_fp32, for_installed_triton, mma
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -73,9 +74,9 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
         row_max = new_max
 
     part = split * B + rows
-    first_chunk = row_ok & (chunk == 0)  # every chunk computed the same max and sum
-    tl.store(max_ptr + part, row_max, mask=first_chunk)
-    tl.store(sum_ptr + part, row_sum, mask=first_chunk)
+    if chunk == 0:  # every chunk computed the same max and sum
+        tl.store(max_ptr + part, row_max, mask=row_ok)
+        tl.store(sum_ptr + part, row_sum, mask=row_ok)
     if NEED_GRAD:
         tl.store(acc_ptr + part[:, None].to(tl.int64) * D + acc_cols[None, :], acc,
                  mask=row_ok[:, None] & acc_col_ok[None, :])
@@ -118,38 +119,53 @@ def _infonce_merge_kernel(q_ptr, pos_ptr, max_ptr, sum_ptr, acc_ptr, rows_ptr, g
         tl.store(grad_p_ptr + offsets, pos_weight_minus_one * q * inv_temperature, mask=mask)
 
 
-# --- configurations: one per shape family, chosen deterministically (no run-time autotuning) ----------
+# --- tiles by Triton version, architecture, precision and feature dim, chosen deterministically ---------
 def block_d(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def _tiles(block_d, block_m, block_n, num_warps, num_stages) -> dict:
-    return {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps,
-            "num_stages": num_stages}
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles of the partial kernel. block_d < the padded feature dim splits the dQuery accumulator over
+    feature chunks."""
+    block_d: int
+    block_m: int  # query rows per program
+    block_n: int  # bank rows per step
+    num_warps: int
+    num_stages: int
 
 
-# (arch, dot_in_fp32, padded feature dim) -> tiles of the partial kernel. BLOCK_D < the padded dim splits
-# the dQuery accumulator over feature chunks. Each entry is the largest tile ptxas compiles without
-# spills on that architecture (tests/test_triton_static.py); fp32 runs as tf32x3, three MMAs per tile.
-PARTIAL_CONFIGS = {
-    (90, False, 32): _tiles(32, 64, 128, 4, 3),
-    (90, False, 64): _tiles(64, 64, 128, 4, 3),
-    (90, False, 128): _tiles(128, 128, 64, 8, 3),
-    (90, False, 256): _tiles(256, 64, 32, 8, 2),
-    (90, False, 512): _tiles(256, 64, 32, 8, 2),
-    (90, True, 32): _tiles(32, 64, 64, 4, 3),
-    (90, True, 64): _tiles(64, 64, 64, 4, 3),
-    (90, True, 128): _tiles(64, 64, 32, 4, 2),
-    (80, False, 32): _tiles(32, 64, 64, 4, 3),
-    (80, False, 64): _tiles(64, 64, 64, 4, 3),
-    (80, False, 128): _tiles(128, 64, 64, 8, 3),
-    (80, False, 256): _tiles(256, 64, 32, 8, 2),
-    (80, False, 512): _tiles(256, 64, 32, 8, 2),
-    (80, True, 32): _tiles(32, 64, 32, 4, 3),
-    (80, True, 64): _tiles(64, 32, 32, 4, 2),
-    (80, True, 128): _tiles(64, 64, 32, 4, 2),
+# {first Triton version: {(arch, dot_in_fp32, padded feature dim): Tiles}}. Each entry is the largest tile
+# ptxas compiles without spills on that architecture and Triton (tests/test_triton_static.py); fp32 runs as
+# tf32x3, three MMAs per tile, and stops at MAX_D.
+TILES = {
+    (3, 6): {
+        (90, False, 32): Tiles(32, 64, 128, 4, 3),
+        (90, False, 64): Tiles(64, 64, 128, 4, 3),
+        (90, False, 128): Tiles(128, 128, 64, 8, 3),
+        (90, False, 256): Tiles(256, 64, 32, 8, 2),
+        (90, False, 512): Tiles(256, 64, 32, 8, 2),
+        (90, True, 32): Tiles(32, 64, 64, 4, 3),
+        (90, True, 64): Tiles(64, 64, 64, 4, 3),
+        (90, True, 128): Tiles(64, 64, 32, 4, 2),
+        (80, False, 32): Tiles(32, 64, 64, 4, 3),
+        (80, False, 64): Tiles(64, 64, 64, 4, 3),
+        (80, False, 128): Tiles(128, 64, 64, 8, 3),
+        (80, False, 256): Tiles(256, 64, 32, 8, 2),
+        (80, False, 512): Tiles(256, 64, 32, 8, 2),
+        (80, True, 32): Tiles(32, 64, 32, 4, 3),
+        (80, True, 64): Tiles(64, 32, 32, 4, 2),
+        (80, True, 128): Tiles(64, 64, 32, 4, 2),
+    },
 }
+INSTALLED_TILES = for_installed_triton(TILES)
 MAX_D = {False: 512, True: 128}  # largest feature dim with a spill-free configuration, by dot_in_fp32
+
+
+def supports(d: int, *dtypes: torch.dtype) -> bool:
+    """Whether infonce_bank_forward takes inputs of feature dim d stored in `dtypes` (float64 needs an
+    exact path, and fp32 wider than MAX_D has no spill-free tile)."""
+    return torch.float64 not in dtypes and d <= MAX_D[dot_in_fp32(*dtypes)]
 
 
 def merge_config(d_block: int) -> dict:
@@ -173,34 +189,33 @@ def split_plan(b: int, k: int, block_m: int, block_n: int, programs: int) -> tup
 
 
 def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, temperature: float,
-                         need_grad: bool, *, programs: int | None = None, config: dict | None = None):
+                         need_grad: bool, *, programs: int | None = None, tiles: Tiles | None = None):
     """(row losses [B] fp32, d row_b / d query_b [B, D] fp32, d row_b / d positive_b), unscaled.
 
-    `programs` (pass-1 programs to aim for) and `config` (tile sizes) default to the device's plan;
-    tests set them to force several splits and ragged tiles on small inputs.
+    For inputs that `supports` accepts. `programs` (pass-1 programs to aim for) and `tiles` default to the
+    device's plan; tests set them to force several splits and ragged tiles on small inputs.
     """
     b, d = query.shape
     k = bank.shape[0]
-    dot_in_fp32 = mma_in_fp32(query, bank)
-    # float64 (exact) and fp32 wider than any spill-free tf32x3 tile: the chunked torch stream, any device
-    if query.dtype == torch.float64 or d > MAX_D[dot_in_fp32]:
-        from gdrd_fast.ops.infonce import infonce_bank_chunked
-        return infonce_bank_chunked(query, positive, bank, temperature, need_grad)
+    if not supports(d, query.dtype, bank.dtype):
+        raise ValueError(f"infonce_bank_forward: no kernel for {query.dtype} query / {bank.dtype} bank of "
+                         f"feature dim {d} (supports() says which inputs run)")
+    in_fp32 = dot_in_fp32(query.dtype, bank.dtype)
     query, positive, bank = query.contiguous(), positive.contiguous(), bank.contiguous()
     d_block = block_d(d)
-    cfg = config or PARTIAL_CONFIGS[(device_arch(query.device), dot_in_fp32, d_block)]
-    n_split, tiles_per_split = split_plan(b, k, cfg["BLOCK_M"], cfg["BLOCK_N"],
+    tiles = tiles or INSTALLED_TILES[(device_arch(query.device), in_fp32, d_block)]
+    n_split, tiles_per_split = split_plan(b, k, tiles.block_m, tiles.block_n,
                                           programs or _target_programs(query.device))
-    num_chunks = d_block // cfg["BLOCK_D"]
+    num_chunks = d_block // tiles.block_d
     f32 = dict(device=query.device, dtype=torch.float32)
     part_max = torch.empty(n_split, b, **f32)
     part_sum = torch.empty(n_split, b, **f32)
     part_acc = torch.empty(n_split, b, d, **f32) if need_grad else part_sum
     scale_log2 = LOG2E / temperature
-    _infonce_partial_kernel[(triton.cdiv(b, cfg["BLOCK_M"]), n_split, num_chunks if need_grad else 1)](
+    _infonce_partial_kernel[(triton.cdiv(b, tiles.block_m), n_split, num_chunks if need_grad else 1)](
         query, bank, part_max, part_sum, part_acc, b, k, d, tiles_per_split, scale_log2,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], NUM_CHUNKS=num_chunks,
-        NEED_GRAD=need_grad, DOT_IN_FP32=dot_in_fp32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, NUM_CHUNKS=num_chunks,
+        NEED_GRAD=need_grad, DOT_IN_FP32=in_fp32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
     rows = torch.empty(b, **f32)
     grad_q = torch.empty(b, d, **f32) if need_grad else rows.new_empty(0)
@@ -213,38 +228,43 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
     return rows, grad_q, grad_p
 
 
-# --- every configuration infonce_bank_forward can launch, for the static sm_90 / sm_80 checks ------------
-def _static_configs() -> list[dict]:
+# --- every configuration infonce_bank_forward can launch on the installed Triton, for the static checks --
+def static_configs(tiles_by_key: dict) -> list[StaticConfig]:
     configs = []
-    for (arch, dot_in_fp32, d_block), cfg in PARTIAL_CONFIGS.items():
-        for dtype in (("fp32",) if dot_in_fp32 else ("bf16", "fp16")):
+    for (arch, in_fp32, d_block), tiles in tiles_by_key.items():
+        for dtype in (("fp32",) if in_fp32 else ("bf16", "fp16")):
             for need_grad in (True, False):
-                configs.append({
-                    "name": f"infonce_partial_sm{arch}_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}",
-                    "arch": arch, "fn": _infonce_partial_kernel,
-                    "signature": {"q_ptr": f"*{dtype}", "bank_ptr": f"*{dtype}", "max_ptr": "*fp32",
-                                  "sum_ptr": "*fp32", "acc_ptr": "*fp32", "B": "i32", "K": "i32", "D": "i32",
-                                  "tiles_per_split": "i32", "scale_log2": "fp32"},
-                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-                                   "NUM_CHUNKS": d_block // cfg["BLOCK_D"], "NEED_GRAD": need_grad,
-                                   "DOT_IN_FP32": dot_in_fp32},
-                    "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "expect_wgmma": True,
-                })
-    for d_block in (32, 64, 128, 256, 512):
-        merge = merge_config(d_block)
-        for dtype in ("bf16", "fp16", "fp32"):
-            for need_grad in (True, False):
-                configs.append({
-                    "name": f"infonce_merge_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}",
-                    "fn": _infonce_merge_kernel,
-                    "signature": {"q_ptr": f"*{dtype}", "pos_ptr": f"*{dtype}", "max_ptr": "*fp32",
-                                  "sum_ptr": "*fp32", "acc_ptr": "*fp32", "rows_ptr": "*fp32",
-                                  "grad_q_ptr": "*fp32", "grad_p_ptr": "*fp32", "B": "i32", "D": "i32",
-                                  "n_split": "i32", "scale_log2": "fp32", "inv_temperature": "fp32"},
-                    "constexprs": {"BLOCK_B": merge["BLOCK_B"], "BLOCK_D": d_block, "NEED_GRAD": need_grad},
-                    "num_warps": merge["num_warps"], "num_stages": 3, "expect_wgmma": False,
-                })
+                configs.append(StaticConfig(
+                    name=f"infonce_partial_sm{arch}_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}",
+                    fn=_infonce_partial_kernel,
+                    signature={"q_ptr": f"*{dtype}", "bank_ptr": f"*{dtype}", "max_ptr": "*fp32",
+                               "sum_ptr": "*fp32", "acc_ptr": "*fp32", "B": "i32", "K": "i32", "D": "i32",
+                               "tiles_per_split": "i32", "scale_log2": "fp32"},
+                    constexprs={"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": tiles.block_d,
+                                "NUM_CHUNKS": d_block // tiles.block_d, "NEED_GRAD": need_grad,
+                                "DOT_IN_FP32": in_fp32},
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    mma="tf32" if in_fp32 else dtype.replace("fp", "f"), expect_wgmma=True,
+                    archs=(arch,)))
     return configs
 
 
-STATIC_CONFIGS = _static_configs()
+def merge_static_configs() -> list[StaticConfig]:
+    configs = []
+    for d_block in sorted({d for (_, _, d) in INSTALLED_TILES}):
+        merge = merge_config(d_block)
+        for dtype in ("bf16", "fp16", "fp32"):
+            for need_grad in (True, False):
+                configs.append(StaticConfig(
+                    name=f"infonce_merge_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}",
+                    fn=_infonce_merge_kernel,
+                    signature={"q_ptr": f"*{dtype}", "pos_ptr": f"*{dtype}", "max_ptr": "*fp32",
+                               "sum_ptr": "*fp32", "acc_ptr": "*fp32", "rows_ptr": "*fp32",
+                               "grad_q_ptr": "*fp32", "grad_p_ptr": "*fp32", "B": "i32", "D": "i32",
+                               "n_split": "i32", "scale_log2": "fp32", "inv_temperature": "fp32"},
+                    constexprs={"BLOCK_B": merge["BLOCK_B"], "BLOCK_D": d_block, "NEED_GRAD": need_grad},
+                    num_warps=merge["num_warps"], num_stages=3, mma=None, expect_wgmma=False))
+    return configs
+
+
+STATIC_CONFIGS = static_configs(INSTALLED_TILES) + merge_static_configs()

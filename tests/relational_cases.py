@@ -127,3 +127,23 @@ def check_opcheck(backend: str, device: str = "cpu") -> None:
         args = (*inputs, queries.clone().requires_grad_(need_grad), torch.tensor(0.3, device=device), TEMPERATURE,
                 backend, need_grad, log_sum_exp)
         torch.library.opcheck(relational.relational_negatives_op, args)
+
+
+def check_bf16_large_inputs(backend: str, device: str = "cpu", scale: float = 1e5) -> None:
+    """bf16 embeddings and queues of magnitude `scale` (past fp16's 65504): the loss matches the cpu
+    backend's on the same bf16 inputs (a 16-bit product in fp16 would overflow to NaN)."""
+    case = make_case(4, 32, 32, 40, 30, device=device)
+    for name in ("e_t", "e_s", "queue_t", "queue_s"):
+        case[name] = case[name] * scale
+    log_z = reference.relational_log_z(**case, temperature=TEMPERATURE, n_data=N_DATA)
+    kw = dict(temperature=TEMPERATURE, log_z_t=log_z[0], log_z_s=log_z[1], n_data=N_DATA)
+    inputs = cast(case, torch.bfloat16)
+    with torch.no_grad():
+        fast = gdrd_fast.relational_contrastive_loss(**inputs, **kw, backend=backend)
+        cpu = gdrd_fast.relational_contrastive_loss(**{k: (v.cpu() if torch.is_tensor(v) else v)
+                                                       for k, v in inputs.items() if k != "params"},
+                                                    params=RelationalParams(*(t.cpu() for t in inputs["params"])),
+                                                    **kw, backend="cpu")
+        ref64 = gdrd_fast.relational_contrastive_loss(**cast(case, torch.float64), **kw, backend="torch")
+    assert torch.isfinite(fast), f"{backend}: loss {fast.item()} on bf16 inputs of magnitude {scale:g}"
+    assert_close(f"{backend} bf16 x{scale:g}", fast.float().cpu(), ref64.cpu(), cpu.float(), torch.bfloat16)

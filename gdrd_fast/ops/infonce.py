@@ -48,7 +48,14 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
 
 
 def _triton():
-    return backends.kernels().infonce.infonce_bank_forward
+    kernel = backends.kernels().infonce
+
+    def forward(query, positive, bank, temperature, need_grad):
+        if kernel.supports(query.shape[1], query.dtype, bank.dtype):
+            return kernel.infonce_bank_forward(query, positive, bank, temperature, need_grad)
+        # float64 (exact) and fp32 wider than any spill-free tf32x3 tile: the chunked torch stream, any device
+        return infonce_bank_chunked(query, positive, bank, temperature, need_grad)
+    return forward
 
 
 def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:

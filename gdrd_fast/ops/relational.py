@@ -58,7 +58,14 @@ def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Te
 
 
 def _triton():
-    return backends.kernels().crrcd.relational_negatives
+    kernel = backends.kernels().relational
+
+    def negatives(anchors, projected, neg_idx, fold_weight, *args):
+        if kernel.supports(anchors.shape[1], anchors.dtype, fold_weight.dtype):
+            return kernel.relational_negatives(anchors, projected, neg_idx, fold_weight, *args)
+        # float64 (the kernel computes in fp32) and relation dims past the kernel's tiles
+        return relational_negatives_chunked(anchors, projected, neg_idx, fold_weight, *args)
+    return negatives
 
 
 # the Triton kernel computes in float32: float64 runs the exact chunked path (any device)
@@ -158,10 +165,9 @@ def _negatives(side: _Side, neg_idx: Tensor, offset: Tensor, temperature: float,
 
 
 def _gemm_dtype(e_s: Tensor) -> torch.dtype:
-    """The Triton GEMM's operand dtype. Half inputs (fp16 and bf16) run fp16 tensor cores: as fast as
-    bf16, with 8x finer rounding, which the 1/temperature in the scores amplifies. Float32 inputs keep
-    float32 accuracy (see kernels/crrcd.py)."""
-    return torch.float16 if e_s.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """The Triton GEMM's operand dtype: half inputs keep their own (bf16 needs its range: fp16 overflows
+    past 65504), float32 inputs keep float32 accuracy (see kernels/relational.py)."""
+    return e_s.dtype if e_s.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, log_z_t, log_z_s, n_data,

@@ -24,10 +24,10 @@ def test_every_bank_split_counts():
     """Many splits, ragged tiles, more splits than query tiles: the merge must weigh every split."""
     from gdrd_fast import backends, reference
     from gdrd_fast.testing import assert_close
-    forward = backends.kernels().infonce.infonce_bank_forward
+    infonce = backends.kernels().infonce
     q, p, bank = torch.randn(9, 40), torch.randn(9, 40), torch.randn(301, 40)
-    rows, grad_q, grad_p = forward(q, p, bank, 0.3, True, programs=64,
-                                   config={"BLOCK_D": 64, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1})
+    rows, grad_q, grad_p = infonce.infonce_bank_forward(q, p, bank, 0.3, True, programs=64,
+                                                        tiles=infonce.Tiles(64, 16, 16, 4, 1))
     q64 = q.double().requires_grad_(True)
     p64 = p.double().requires_grad_(True)
     ref_rows = reference.infonce_bank_loss(q64, p64, bank.double(), temperature=0.3, reduction="none")

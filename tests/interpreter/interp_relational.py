@@ -1,8 +1,9 @@
-"""The Triton CRRCD kernel (kernels/crrcd.py) under TRITON_INTERPRET=1 on CPU tensors, against float64."""
+"""The Triton relational kernel (kernels/relational.py) under TRITON_INTERPRET=1 on CPU tensors, against float64."""
 import pytest
 import torch
 
-from relational_cases import SIZES, check_backend, check_log_z, check_nan_poisons_the_loss, check_opcheck, size_id
+from relational_cases import (SIZES, check_backend, check_bf16_large_inputs, check_log_z, check_nan_poisons_the_loss,
+                              check_opcheck, size_id)
 
 pytestmark = pytest.mark.triton
 
@@ -32,3 +33,7 @@ def test_triton_nan_in_a_queue_row_poisons_the_loss():
 
 def test_triton_negatives_op_passes_opcheck():
     check_opcheck("triton")
+
+
+def test_triton_bf16_inputs_of_magnitude_1e5():
+    check_bf16_large_inputs("triton")

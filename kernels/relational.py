@@ -1,4 +1,4 @@
-"""CRRCD negatives: one fused Triton kernel per side (docs/ops/relational.md).
+"""relational_contrastive_loss (CRRCD) negatives: one fused Triton kernel per side.
 
 For pair row r = (i, j) (i != j, i-major) and its K queue negatives n = neg_idx[j, k]:
     key_rk = normalize(G @ relu(A_i - P_n) + g)        (the relation net's last layer and the critic head
@@ -14,13 +14,13 @@ registers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from gdrd_fast.backends import interpreter_mode
-
-from ._tiles import mma, mma_in_fp32
+from ._tiles import StaticConfig, dot_in_fp32, for_installed_triton, mma
 
 
 @triton.jit
@@ -82,31 +82,60 @@ def relational_negatives_kernel(
         tl.store(grad_ptr + r * stride_g + d, grad, mask=d_ok)
 
 
-def _launch_config(dim: int, num_neg: int, dot_in_fp32: bool) -> dict:
-    """A fixed choice per shape (deterministic, no autotuning), sized so that ptxas reports 0 spills for
-    the shipped d = 128 configurations on sm_90 and sm_80. The fp32-accurate product holds three
-    operand pairs, which only fits narrow key tiles (fp32 is not the fast path). The interpreter has no
-    registers and pays per tile: it takes the wide tiles."""
-    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs >= 16
-    block_k = 16 if dot_in_fp32 and not interpreter_mode() else 64
-    if block_d > 128:
-        block_k = max(16, block_k // 2)
-    block_k = min(block_k, max(16, triton.next_power_of_2(num_neg)))
-    return dict(BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8)
+# --- tiles by Triton version, precision and padded relation dim, chosen deterministically --------------
+@dataclass(frozen=True)
+class Tiles:
+    block_k: int  # negative keys per step
+    num_warps: int
+    num_stages: int
+
+
+def block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))  # tl.dot needs >= 16
+
+
+# {first Triton version: {(dot_in_fp32, padded relation dim): Tiles}}, each compiling without spills on sm_90
+# and sm_80 (tests/test_triton_static.py). G^T stays in registers for the whole program, so the
+# fp32-accurate product (three operand pairs) only fits narrow key tiles (fp32 is not the fast path).
+TILES = {
+    (3, 6): {
+        **{(False, d): Tiles(64, 8, 3) for d in (16, 32, 64, 128)},
+        **{(True, d): Tiles(16, 8, 3) for d in (16, 32, 64, 128)},
+    },
+}
+INSTALLED_TILES = for_installed_triton(TILES)
+
+
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype G and the gathered projections are stored in for the tensor-core product: fp16 and bf16
+    stay themselves (bf16 keeps its range: fp16 would overflow past 65504), anything else is fp32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def supports(dim: int, anchors_dtype: torch.dtype, fold_weight_dtype: torch.dtype) -> bool:
+    """Whether relational_negatives takes these inputs: the kernel computes in fp32, so float64 needs an
+    exact path; a relation dim past the table's has no spill-free tile."""
+    if torch.float64 in (anchors_dtype, fold_weight_dtype):
+        return False
+    return (dot_in_fp32(operand_dtype(fold_weight_dtype)), block_d(dim)) in INSTALLED_TILES
 
 
 def relational_negatives(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature,
                          need_grad: bool, log_sum_exp: bool):
     """Host side of the kernel: (rows [R], grad_queries [R, d] or empty) in float32 (see module doc).
 
-    The kernel computes in float32 whatever the inputs (float64 included); only the GEMM's operands
-    follow fold_weight's dtype: fp16 runs natively on tensor cores (with fp16 gathered projections,
-    half the bytes), anything else at float32 accuracy (kernels/_tiles.py).
+    For inputs that `supports` accepts. The kernel computes in float32; the GEMM's operands are stored in
+    operand_dtype(fold_weight.dtype): fp16 and bf16 run natively on tensor cores (with 16-bit gathered
+    projections, half the bytes), fp32 at float32 accuracy (kernels/_tiles.py).
     """
     batch, dim = anchors.shape
     rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
-    dot_in_fp32 = mma_in_fp32(fold_weight)
-    operand = torch.float32 if dot_in_fp32 else fold_weight.dtype
+    if not supports(dim, anchors.dtype, fold_weight.dtype):
+        raise ValueError(f"relational_negatives: no kernel for {anchors.dtype} anchors / {fold_weight.dtype} "
+                         f"fold_weight of relation dim {dim} (supports() says which inputs run)")
+    operand = operand_dtype(fold_weight.dtype)
+    in_fp32 = dot_in_fp32(operand)
+    tiles = INSTALLED_TILES[(in_fp32, block_d(dim))]
     fold_wt = fold_weight.t().to(operand).contiguous()
     projected = projected.to(operand).contiguous()
     anchors, queries, fold_bias = (t.float().contiguous() for t in (anchors, queries, fold_bias))
@@ -119,35 +148,33 @@ def relational_negatives(anchors, projected, neg_idx, fold_weight, fold_bias, qu
             batch, num_neg, dim, 1.0 / temperature,
             anchors.stride(0), projected.stride(0), neg_idx.stride(0), fold_wt.stride(0), queries.stride(0),
             grad.stride(0),
-            LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad, DOT_IN_FP32=dot_in_fp32,
-            **_launch_config(dim, num_neg, dot_in_fp32))
+            LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad, DOT_IN_FP32=in_fp32, BLOCK_K=tiles.block_k,
+            BLOCK_D=block_d(dim), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return rows, (grad if need_grad else grad[:0].reshape(0))
 
 
-def _static_config(dtype: str, block_d: int, log_sum_exp: bool, need_grad: bool) -> dict:
-    """One shipped launch; `dtype` is the GEMM operands' (fold_weight and the gathered projections)."""
-    dot_in_fp32 = dtype == "fp32"
-    cfg = _launch_config(block_d, 512, dot_in_fp32)
-    signature = {
-        "anchors_ptr": "*fp32", "projected_ptr": f"*{dtype}", "neg_idx_ptr": "*i64", "fold_wt_ptr": f"*{dtype}",
-        "fold_b_ptr": "*fp32", "queries_ptr": "*fp32", "offset_ptr": "*fp32", "rows_ptr": "*fp32",
-        "grad_ptr": "*fp32", "batch": "i32", "num_neg": "i32", "dim": "i32", "inv_t": "fp32",
-        "stride_a": "i32", "stride_p": "i32", "stride_n": "i32", "stride_w": "i32", "stride_q": "i32",
-        "stride_g": "i32",
-    }
-    mode = "lse" if log_sum_exp else ("loss_grad" if need_grad else "loss")
-    return dict(
-        fn=relational_negatives_kernel, signature=signature,
-        constexprs=dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_D=block_d, LOG_SUM_EXP=log_sum_exp, NEED_GRAD=need_grad,
-                        DOT_IN_FP32=dot_in_fp32),
-        num_warps=cfg["num_warps"], expect_wgmma=not dot_in_fp32,
-        name=f"relational_negatives_{dtype}_d{block_d}_{mode}")
+# --- every configuration relational_negatives can launch on the installed Triton, for the static checks --
+def static_configs(tiles_by_key: dict) -> list[StaticConfig]:
+    configs = []
+    for (in_fp32, d_block), tiles in tiles_by_key.items():
+        for dtype in (("fp32",) if in_fp32 else ("bf16", "fp16")):
+            signature = {
+                "anchors_ptr": "*fp32", "projected_ptr": f"*{dtype}", "neg_idx_ptr": "*i64",
+                "fold_wt_ptr": f"*{dtype}", "fold_b_ptr": "*fp32", "queries_ptr": "*fp32", "offset_ptr": "*fp32",
+                "rows_ptr": "*fp32", "grad_ptr": "*fp32", "batch": "i32", "num_neg": "i32", "dim": "i32",
+                "inv_t": "fp32", "stride_a": "i32", "stride_p": "i32", "stride_n": "i32", "stride_w": "i32",
+                "stride_q": "i32", "stride_g": "i32",
+            }
+            for log_sum_exp, need_grad in ((False, True), (False, False), (True, False)):
+                mode = "lse" if log_sum_exp else ("loss_grad" if need_grad else "loss")
+                configs.append(StaticConfig(
+                    name=f"relational_negatives_{dtype}_d{d_block}_{mode}", fn=relational_negatives_kernel,
+                    signature=signature,
+                    constexprs=dict(BLOCK_K=tiles.block_k, BLOCK_D=d_block, LOG_SUM_EXP=log_sum_exp,
+                                    NEED_GRAD=need_grad, DOT_IN_FP32=in_fp32),
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    mma="tf32" if in_fp32 else dtype.replace("fp", "f"), expect_wgmma=not in_fp32))
+    return configs
 
 
-# What CI compiles ahead of time (kernels/_aot.py, tests/test_triton_static.py): every mode at the
-# method's d = 128 for both operand dtypes gdrd_fast.ops.relational passes (fp16 for half inputs, fp32).
-STATIC_CONFIGS = [
-    _static_config(dtype, 128, lse, grad)
-    for dtype in ("fp16", "fp32")
-    for lse, grad in ((False, True), (False, False), (True, False))
-]
+STATIC_CONFIGS = static_configs(INSTALLED_TILES)
