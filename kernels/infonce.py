@@ -137,7 +137,7 @@ class Tiles:
 
 # {first Triton version: {(arch, dot_in_fp32, padded feature dim): Tiles}}. Each entry is the largest tile
 # ptxas compiles without spills on that architecture and Triton (tests/test_triton_static.py); fp32 runs as
-# tf32x3, three MMAs per tile, and stops at MAX_D.
+# tf32x3, three MMAs per tile, which stops at D = 128.
 TILES = {
     (3, 6): {
         (90, False, 32): Tiles(32, 64, 128, 4, 3),
@@ -159,13 +159,12 @@ TILES = {
     },
 }
 INSTALLED_TILES = for_installed_triton(TILES)
-MAX_D = {False: 512, True: 128}  # largest feature dim with a spill-free configuration, by dot_in_fp32
-
-
 def supports(d: int, *dtypes: torch.dtype) -> bool:
-    """Whether infonce_bank_forward takes inputs of feature dim d stored in `dtypes` (float64 needs an
-    exact path, and fp32 wider than MAX_D has no spill-free tile)."""
-    return torch.float64 not in dtypes and d <= MAX_D[dot_in_fp32(*dtypes)]
+    """Whether infonce_bank_forward takes inputs of feature dim d stored in `dtypes`: float64 needs an
+    exact path, and a feature dim past the table's (fp32 stops at 128) has no spill-free tile."""
+    if torch.float64 in dtypes:
+        return False
+    return any(key[1:] == (dot_in_fp32(*dtypes), block_d(d)) for key in INSTALLED_TILES)
 
 
 def merge_config(d_block: int) -> dict:
@@ -201,6 +200,8 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
         raise ValueError(f"infonce_bank_forward: no kernel for {query.dtype} query / {bank.dtype} bank of "
                          f"feature dim {d} (supports() says which inputs run)")
     in_fp32 = dot_in_fp32(query.dtype, bank.dtype)
+    if len({query.dtype, positive.dtype, bank.dtype}) > 1:  # mixed dtypes run in fp32, as the static checks cover
+        query, positive, bank = query.float(), positive.float(), bank.float()
     query, positive, bank = query.contiguous(), positive.contiguous(), bank.contiguous()
     d_block = block_d(d)
     tiles = tiles or INSTALLED_TILES[(device_arch(query.device), in_fp32, d_block)]

@@ -11,6 +11,8 @@ from loss_checks import check_loss_and_grads
 
 # (B, Cs, Ct, spatial): odd channel counts, NCHW maps and [N, C] features (spatial = None)
 SIZES = [(1, 3, 5, None), (5, 37, 29, (3, 5)), (2, 70, 130, (7, 3)), (47, 100, 31, None)]
+# the dtypes every fast path is checked in (float64 is the reference's)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_feature_regression(backend: str, b: int, cs: int, ct: int, spatial, dtype: torch.dtype, device: str,

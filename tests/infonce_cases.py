@@ -11,6 +11,8 @@ from loss_checks import check_loss_and_grads
 
 # odd sizes from docs/design/testing.md: (B, K, D); K=1000 spans several bank splits with a ragged last tile
 SIZES = [(1, 1, 31), (47, 123, 100), (5, 1000, 128), (3, 77, 512)]
+# the dtypes every fast path is checked in (float64 is the reference's)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_infonce(backend: str, b: int, k: int, d: int, dtype: torch.dtype, device: str) -> None:

@@ -20,6 +20,10 @@ TEMPERATURE, N_DATA = 0.1, 5000
 HALF = (torch.float16, torch.bfloat16)
 # (batch B, embedding dim D, relation dim d, queue length Q, negatives K): odd sizes, K = 1, K past a tile
 SIZES = [(2, 31, 17, 7, 1), (5, 100, 31, 50, 123), (3, 64, 128, 300, 70)]
+# the Triton interpreter pays Python time per tile operation: each dtype once, every size once; float64
+# runs the exact chunked path (the kernel computes in float32)
+INTERPRETER_CASES = [(torch.float32, SIZES[0]), (torch.float32, SIZES[1]), (torch.float16, SIZES[2]),
+                     (torch.bfloat16, SIZES[1]), (torch.float64, SIZES[1])]
 
 
 def size_id(dtype, sizes) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational
-from relational_cases import (N_DATA, SIZES, TEMPERATURE, cast, check_backend, check_log_z,
+from relational_cases import (N_DATA, SIZES, TEMPERATURE, cast, check_backend, check_bf16_large_inputs, check_log_z,
                               check_nan_poisons_the_loss, check_opcheck, make_case, size_id)
 
 CPU_CASES = [(torch.float64, SIZES[0]), (torch.float64, SIZES[1]), (torch.float32, SIZES[2]),
@@ -97,6 +97,13 @@ GPU_CASES = [(dtype, sizes) for dtype in (torch.float32, torch.float16, torch.bf
 @pytest.mark.parametrize("dtype,sizes", GPU_CASES, ids=[size_id(*c) for c in GPU_CASES])
 def test_triton_backend_on_gpu_matches_float64(dtype, sizes):
     check_backend("triton", dtype, sizes, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+def test_triton_bf16_inputs_of_magnitude_1e5_on_gpu():
+    """bf16 needs bf16 tensor-core operands: fp16 ones overflow past 65504 (the loss went NaN)."""
+    check_bf16_large_inputs("triton", device="cuda")
 
 
 @pytest.mark.cuda

@@ -7,7 +7,9 @@ Also: the launchers pick only statically checked configurations, and kernels/ im
 gdrd_fast (the ops layer imports the kernels, never the reverse).
 """
 import ast
+import dataclasses
 import importlib
+import json
 import os
 import pkgutil
 
@@ -47,6 +49,9 @@ def test_kernel_modules_ship_configs_and_one_tile_table():
 @pytest.mark.parametrize("config,arch", CONFIGS)
 def test_compiles_without_spills(config, arch):
     report = _aot.compile_config(config, arch)
+    if os.environ.get("GDRD_STATIC_REPORT"):  # one JSON line per configuration, for CI's per-stack summary
+        with open(os.environ["GDRD_STATIC_REPORT"], "a") as f:
+            f.write(json.dumps(dict(dataclasses.asdict(report), mma_operands=sorted(report.mma_operands))) + "\n")
     assert report.spill_bytes == 0, f"{report}"
     assert 0 < report.registers <= 255, f"{report}"
     assert report.shared_bytes <= _aot.SHARED_MEMORY_LIMIT[arch], f"{report}"
@@ -179,7 +184,8 @@ def test_kernels_import_nothing_from_gdrd_fast():
     for name in sorted(os.listdir(KERNEL_DIR)):
         if not name.endswith(".py"):
             continue
-        tree = ast.parse(open(os.path.join(KERNEL_DIR, name)).read(), name)
+        with open(os.path.join(KERNEL_DIR, name)) as f:
+            tree = ast.parse(f.read(), name)
         for node in ast.walk(tree):
             targets = []
             if isinstance(node, ast.Import):

@@ -9,12 +9,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from feature_regression_cases import SIZES, check_feature_regression
+from feature_regression_cases import DTYPES, SIZES, check_feature_regression
 
 pytestmark = pytest.mark.triton
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,cs,ct,spatial", SIZES)
 def test_triton_feature_regression_matches_float64(b, cs, ct, spatial, dtype):
     check_feature_regression("triton", b, cs, ct, spatial, dtype, "cpu")

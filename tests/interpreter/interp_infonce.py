@@ -9,12 +9,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from infonce_cases import SIZES, check_infonce
+from infonce_cases import DTYPES, SIZES, check_infonce
 
 pytestmark = pytest.mark.triton
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,k,d", SIZES)
 def test_triton_infonce_matches_float64(b, k, d, dtype):
     check_infonce("triton", b, k, d, dtype, "cpu")

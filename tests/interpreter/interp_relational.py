@@ -2,18 +2,12 @@
 import pytest
 import torch
 
-from relational_cases import (SIZES, check_backend, check_bf16_large_inputs, check_log_z, check_nan_poisons_the_loss,
+from relational_cases import (INTERPRETER_CASES, check_backend, check_bf16_large_inputs, check_log_z, check_nan_poisons_the_loss,
                               check_opcheck, size_id)
 
 pytestmark = pytest.mark.triton
 
-# the interpreter costs Python time per tile operation: each dtype once, every size once
-# float64 runs the exact chunked path (the kernel computes in float32)
-CASES = [(torch.float32, SIZES[0]), (torch.float32, SIZES[1]), (torch.float16, SIZES[2]),
-         (torch.bfloat16, SIZES[1]), (torch.float64, SIZES[1])]
-
-
-@pytest.mark.parametrize("dtype,sizes", CASES, ids=[size_id(*c) for c in CASES])
+@pytest.mark.parametrize("dtype,sizes", INTERPRETER_CASES, ids=[size_id(*c) for c in INTERPRETER_CASES])
 def test_triton_relational_matches_float64(dtype, sizes):
     check_backend("triton", dtype, sizes)
 
