@@ -125,6 +125,12 @@ TILES = {
         (80, True, "bwd"): Tiles(64, 16, 32, 8, 2),
     },
 }
+# Triton 3.9 (ptxas 13) as 3.8, but for two forward tiles that spill there
+TILES[(3, 9)] = {
+    **TILES[(3, 8)],
+    (90, False, "fwd"): Tiles(128, 32, 64, 8, 3),
+    (80, True, "fwd"): Tiles(64, 16, 64, 8, 2),
+}
 INSTALLED_TILES = for_installed_triton(TILES)
 
 

@@ -158,6 +158,14 @@ TILES = {
         (80, True, 128): Tiles(64, 64, 32, 4, 2),
     },
 }
+# Triton 3.9 (ptxas 13 on sm_90) as 3.6, but for the sm_90 tiles that spill there
+TILES[(3, 9)] = {
+    **TILES[(3, 6)],
+    (90, False, 256): Tiles(128, 64, 32, 8, 2),
+    (90, False, 512): Tiles(128, 64, 16, 8, 2),
+    (90, True, 32): Tiles(32, 64, 32, 4, 3),
+    (90, True, 64): Tiles(64, 64, 32, 4, 2),
+}
 INSTALLED_TILES = for_installed_triton(TILES)
 def supports(d: int, *dtypes: torch.dtype) -> bool:
     """Whether infonce_bank_forward takes inputs of feature dim d stored in `dtypes`: float64 needs an
