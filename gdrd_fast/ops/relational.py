@@ -165,9 +165,10 @@ def _negatives(side: _Side, neg_idx: Tensor, offset: Tensor, temperature: float,
 
 
 def _gemm_dtype(e_s: Tensor) -> torch.dtype:
-    """The Triton GEMM's operand dtype: half inputs keep their own (bf16 needs its range: fp16 overflows
-    past 65504), float32 inputs keep float32 accuracy (see kernels/relational.py)."""
-    return e_s.dtype if e_s.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """The Triton GEMM's operand dtype: fp16 inputs run fp16 tensor cores; bf16 and float32 inputs keep
+    float32 accuracy (see kernels/relational.py): fp16 operands overflow past 65504, and one bf16
+    product misses the bf16 tolerance (G and relu(A - P) rounded to 8 bits, amplified by 1/temperature)."""
+    return torch.float16 if e_s.dtype == torch.float16 else torch.float32
 
 
 def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, log_z_t, log_z_s, n_data,
