@@ -167,6 +167,11 @@ TILES[(3, 9)] = {
     (90, True, 64): Tiles(64, 64, 32, 4, 2),
 }
 INSTALLED_TILES = for_installed_triton(TILES)
+def max_d(*dtypes: torch.dtype) -> int:
+    """The widest feature dim the installed tile table covers for inputs stored in `dtypes`."""
+    return max(key[2] for key in INSTALLED_TILES if key[1] == dot_in_fp32(*dtypes))
+
+
 def supports(d: int, *dtypes: torch.dtype) -> bool:
     """Whether infonce_bank_forward takes inputs of feature dim d stored in `dtypes`: float64 needs an
     exact path, and a feature dim past the table's (fp32 stops at 128) has no spill-free tile."""

@@ -48,20 +48,12 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
 
 
 def _triton():
-    kernel = backends.kernels().infonce
-
-    def forward(query, positive, bank, temperature, need_grad):
-        if kernel.supports(query.shape[1], query.dtype, bank.dtype):
-            return kernel.infonce_bank_forward(query, positive, bank, temperature, need_grad)
-        # float64 (exact) and fp32 wider than any spill-free tf32x3 tile: the chunked torch stream, any device
-        return infonce_bank_chunked(query, positive, bank, temperature, need_grad)
-    return forward
+    return backends.kernels().infonce.infonce_bank_forward
 
 
 def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
     """The widest feature dim with a spill-free tile: fp32-accurate products need narrower tiles."""
-    kernels = backends.kernels().infonce
-    return {"d": kernels.MAX_D[kernels.mma_in_fp32(torch.empty(0, dtype=dtype))]}
+    return {"d": backends.kernels().infonce.max_d(dtype)}
 
 
 # the kernels, by backend (loaded on first use; the custom op below calls them)
