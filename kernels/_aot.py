@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels for a GPU that is not here (the static checks).
+"""Ahead-of-time compilation of Triton kernels for a GPU that is not here (docs/performance/measuring.md).
 
 `compile_config(config, arch)` lowers one kernel configuration to PTX for sm_90 or sm_80 with
 triton.compile(target=GPUTarget(...)) and reads what ptxas reported while Triton assembled it: Triton's

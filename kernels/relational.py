@@ -1,4 +1,4 @@
-"""relational_contrastive_loss (CRRCD) negatives: one fused Triton kernel per side.
+"""relational_contrastive_loss (CRRCD) negatives: one fused Triton kernel per side (docs/ops/relational.md).
 
 For pair row r = (i, j) (i != j, i-major) and its K queue negatives n = neg_idx[j, k]:
     key_rk = normalize(G @ relu(A_i - P_n) + g)        (the relation net's last layer and the critic head
