@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from . import functional
 from . import validation as check
 from .integrations import repdistiller
-from .memory import MemoryBank, MemoryQueue
+from .memory import MemoryBank, MemoryQueue, default_generator
 from .params import RelationalParams
 
 
@@ -48,6 +48,18 @@ class FrozenLogZ:
         for name, value in zip(self.log_z_names, values):
             getattr(self, name).copy_(value)
         self._z_set = True
+
+
+def _undoing_draws_on_error(generator: torch.Generator | None, device: torch.device, step, *args):
+    """step(*args), with the generator it draws from (or the device's default) restored if it raises: the
+    banks and queues a step reads are checked where they are read, after its draws."""
+    used = generator if generator is not None else default_generator(device)
+    state = used.get_state()
+    try:
+        return step(*args)
+    except BaseException:
+        used.set_state(state)
+        raise
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -193,7 +205,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
             check.index_in_range("contrast_idx", contrast_idx, self.n_data)
         check.finite("f_s", f_s)
         check.finite("f_t", f_t)
-        _module_finite(self)
+        _module_finite(self, skip=("memory_",))  # the banks are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("crd_nce_pair_loss", self.backend, device, f_s.dtype)
         functional.check_backend("bank_update_pair_", self.backend, device, self.memory_s.rows.dtype)
@@ -201,6 +213,11 @@ class CRDLoss(FrozenLogZ, nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
         self.check_inputs(f_s, f_t, idx, contrast_idx)
         self.prepare()
+        if contrast_idx is None:
+            return _undoing_draws_on_error(self.generator, idx.device, self._step, f_s, f_t, idx, None)
+        return self._step(f_s, f_t, idx, contrast_idx)
+
+    def _step(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None) -> Tensor:
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
         sizes = self.batch_sizes(idx)
         if contrast_idx is None:
@@ -349,7 +366,8 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
             h1_w=self.teacher_critic.weight, h1_b=self.teacher_critic.bias,
             h2_w=self.cross_critic.weight, h2_b=self.cross_critic.bias)
 
-    def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> None:
+    def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool = True) -> None:
+        """Every check of forward's arguments; pairs=False for one rank's part of a batch."""
         device = _device_of(self)
         check.tensor("e_t", e_t, 2)
         check.tensor("e_s", e_s, 2)
@@ -359,17 +377,22 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
                 raise ValueError(f"{name} is on {t.device}, the module on {device}: move one of them")
         for name, t in dict(e_t=e_t, e_s=e_s).items():
             check.shape(name, t, (labels.shape[0], self.embed_dim), "([B, embed_dim], B = labels.shape[0])")
-        if labels.shape[0] < 2:
+        if pairs and labels.shape[0] < 2:
             raise ValueError(f"the batch needs at least 2 samples to form pairs (i != j), got {labels.shape[0]}")
         check.finite("e_t", e_t)
         check.finite("e_s", e_s)
-        _module_finite(self)
+        _module_finite(self, skip=("queue_",))  # the queues are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("relational_contrastive_loss", self.backend, device, e_s.dtype)
         functional.check_backend("queue_push_", self.queue_t.backend, device, self.queue_t.values.dtype)
 
     def forward(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
         self.check_inputs(e_t, e_s, labels)
+        if self.queue_t.is_full():  # the step draws negatives
+            return _undoing_draws_on_error(self.generator, labels.device, self._step, e_t, e_s, labels)
+        return self._step(e_t, e_s, labels)
+
+    def _step(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
         e_t = e_t.detach()
         if not self.queue_t.is_full():
             loss = e_s.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0

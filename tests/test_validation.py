@@ -219,9 +219,12 @@ def _nan_at(t, row=1):
     return t
 
 
-def _relational(full: bool, **kw):
-    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, num_negatives=3, queue_size=8, n_data=50, **kw)
-    rc.generator = torch.Generator().manual_seed(2)
+def _relational(full: bool, distributed: bool = False, **kw):
+    from gdrd_fast.distributed import DistributedRelationalContrastiveLoss
+    cls = DistributedRelationalContrastiveLoss if distributed else gdrd_fast.RelationalContrastiveLoss
+    rc = cls(embed_dim=6, rel_dim=4, num_negatives=3, queue_size=8, n_data=50, **kw)
+    if not distributed:  # the distributed loss draws from a generator seeded by the global RNG
+        rc.generator = torch.Generator().manual_seed(2)
     if full:
         rc.queue_t.push_(torch.randn(8, 6), torch.arange(8) % 3)
         rc.queue_s.push_(torch.randn(8, 6))
@@ -272,6 +275,8 @@ def _bad_calls():
         for name, call in rel_calls.items():
             yield f"RelationalContrastiveLoss (queue {'full' if full else 'filling'}) {name}", \
                 lambda full=full: _relational(full), call
+    for name, call in rel_calls.items():
+        yield f"DistributedRelationalContrastiveLoss {name}", lambda: _relational(True, distributed=True), call
     yield "RelationalContrastiveLoss no negative of another class", lambda: _relational_one_class(), \
         lambda m: m(e, e, torch.tensor([0, 0, 0, 0]))
     yield "RelationalContrastiveLoss NaN queue", lambda: _relational(True), \

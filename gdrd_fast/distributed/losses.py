@@ -128,13 +128,18 @@ class DistributedRelationalContrastiveLoss(RelationalContrastiveLoss):
         comm.ddp_ignore_buffers(self)
 
     def forward(self, e_t: Tensor, e_s: Tensor, labels: Tensor) -> Tensor:
+        self.check_inputs(e_t, e_s, labels, pairs=False)  # this rank's part, before any collective or draw
         sizes = comm.batch_sizes(e_s.shape[0], e_s.device, self.group)
         every = (comm.gather_rows(e_t, sizes, self.group), comm.gather_rows_with_grad(e_s, sizes, self.group),
                  comm.gather_rows(labels, sizes, self.group))
         if self.generator is not None:
             return super().forward(*every)
+        global_rng = torch.get_rng_state()  # shared_generator draws its seed from it
         self.generator = shared_generator(labels.device, self.group)
         try:
             return super().forward(*every)
+        except BaseException:
+            torch.set_rng_state(global_rng)
+            raise
         finally:
             self.generator = None
