@@ -1,6 +1,7 @@
 """The gdrd-fast command: `gdrd-fast <subcommand> --help`.
 
   gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
+                                           (--quick: a smoke run into ./demo_output_quick)
   gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
   gdrd-fast eval --weights student.pt --pairs lfw.bin cfp_fp.bin   LFW-protocol verification at 8/16/32
   gdrd-fast identify tinyface --weights student.pt --root TinyFace/Testing_Set   CMC (also uccs, ar)
@@ -9,13 +10,41 @@
   gdrd-fast analyze RUN                    feature geometry (CKA, probe, plots) of a finished ablation cell
   gdrd-fast bench [-- pytest args]         the kernel benchmarks (pytest-benchmark)
   gdrd-fast env                            what was built and which devices exist
+
+A failure is one line on stderr and a non-zero exit: 2 for bad input (arguments, files, a missing
+optional package), 1 for anything unexpected, 130 for Ctrl-C. GDRD_FAST_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
+
+# pip names of the optional packages a subcommand may need, where they differ from the import name
+_PIP_NAMES = {"diffusers": "'gdrd_fast[demo]'", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image"}
+
+
+class CommandError(Exception):
+    """A failure the user can fix (an argument, a file, a missing package): reported as one line, exit 2."""
+
+
+def require(purpose: str, *modules: str) -> None:
+    """Fail now, before any work starts, if a package `purpose` needs is not installed."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise CommandError(f"{purpose} needs {', '.join(missing)}, which is not installed: "
+                           f"pip install {' '.join(_PIP_NAMES.get(m, m) for m in missing)}")
 
 
 def _env(args) -> int:
@@ -30,6 +59,8 @@ def _train(args) -> int:
     from .train.config import load_config, to_dict
     from .train.pipeline import train_gdrd
     config = load_config(args.config, args.set)
+    if config.models.generative_teacher == "diffusers":
+        require("the diffusers generative teacher", "diffusers")
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
@@ -61,6 +92,9 @@ def _eval(args) -> int:
     from .eval import markdown_table, verification_rows, write_verification_report
     from .eval.protocols import plot_accuracy_vs_resolution, verify_sets, write_sets_report
     resolutions = _resolutions(args.resolutions)
+    for flag, path in [("--weights", args.weights)] + [("--pairs", p) for p in args.pairs]:
+        if not Path(path).is_file():
+            raise CommandError(f"{flag}: no file at {path!r}")
     net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
     results = verify_sets(net, args.pairs, resolutions, batch_size=args.batch_size, device=torch.device(args.device))
     extra = {"weights": str(args.weights), "arch": args.arch}
@@ -111,19 +145,38 @@ def _data_pack(args) -> int:
     return 0
 
 
+def benchmarks_dir() -> Path:
+    """The kernel benchmarks: shipped inside the package (gdrd_fast/benchmarks), or beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "benchmarks", here.parent / "benchmarks"):
+        if (candidate / "harness.py").is_file():
+            return candidate
+    raise CommandError(f"no benchmarks found beside {here}: this install ships without them; "
+                       "run from a source checkout or pass --path")
+
+
 def _bench(args) -> int:
+    path = args.path or str(benchmarks_dir())
+    if not Path(path).exists():
+        raise CommandError(f"--path: no benchmark file or folder at {path!r}")
+    require("the benchmarks", "pytest", "pytest_benchmark")
     extra = [a for a in args.pytest_args if a != "--"]
-    return subprocess.call([sys.executable, "-m", "pytest", args.path, "--benchmark-only", *extra])
+    return subprocess.call([sys.executable, "-m", "pytest", path, "--benchmark-only", "-p", "no:cacheprovider",
+                            *extra])
 
 
 def _demo(args) -> int:
     import torch
 
     from .demo import load_demo_config, run_demo
+    config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
+    require("the demo (its generative teacher is a diffusers UNet)", "diffusers")
+    output = Path(args.output or ("demo_output_quick" if args.quick else "demo_output"))
+    if (output / "results.json").exists():
+        print(f"gdrd-fast demo: replacing the results of an earlier run in {output}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
-    result = run_demo(args.output, config, train_root=args.train_root, pairs=args.pairs, device=args.device,
+    result = run_demo(output, config, train_root=args.train_root, pairs=args.pairs, device=args.device,
                       progress=not args.no_progress, jobs=args.jobs, threads=args.threads or 1)
     print(f"\n{result['note']}\n\n{result['table']}\n{result['text']}")
     print("outputs: " + ", ".join(str(p) for p in result["paths"].values()))
@@ -154,9 +207,19 @@ def _analyze(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Rejects unknown arguments itself, so the error shows the (sub)command's own usage, not the top level's.
+    Subparsers inherit the class, nested ones (gdrd-fast data pack) included."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdrd-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="gdrd-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="what was built and which devices exist")
@@ -212,13 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     pack.set_defaults(func=_data_pack)
 
     bench = sub.add_parser("bench", help="run the kernel benchmarks: pytest <path> --benchmark-only [args]")
-    bench.add_argument("--path", default="benchmarks", help="benchmark folder or file")
+    bench.add_argument("--path", help="benchmark folder or file (default: the benchmarks of this install)")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest (after --)")
     bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="the offline CPU demo: GDRD vs baseline vs CRD at 16x16, table + plots")
-    demo.add_argument("--output", default="demo_output", help="folder for the table, JSON, plots and log")
-    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds) that checks the whole path")
+    demo.add_argument("--output", help="folder for the table, JSON, plots and log "
+                                       "(default demo_output, or demo_output_quick with --quick)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke run (seconds) that checks the whole path; its numbers mean nothing")
     demo.add_argument("--config", default="demo", help="demo recipe name or .yaml path")
     demo.add_argument("--set", **overrides)
     demo.add_argument("--train-root", help="real data: identity-folder tree to train on (with --pairs)")
@@ -257,10 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    elif isinstance(exc, ModuleNotFoundError) and exc.name:
+        text = f"needs {exc.name}, which is not installed: pip install {_PIP_NAMES.get(exc.name, exc.name)}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+# failures of the user's input or environment; anything else is a bug, reported as one line all the same
+_USER_ERRORS = (CommandError, ValueError, TypeError, OSError, ImportError, pickle.UnpicklingError)
+
+
 def main(argv=None) -> int:
+    """Run one subcommand; every failure is reported here, once, as one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args)
-    except ValueError as exc:  # bad input: a clear message, not a traceback
-        parser.exit(2, f"gdrd-fast {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{prog}: interrupted\n")
+    except Exception as exc:
+        if os.environ.get("GDRD_FAST_DEBUG"):
+            raise
+        if isinstance(exc, _USER_ERRORS):
+            parser.exit(2, f"{prog}: error: {_one_line(exc)}\n")
+        parser.exit(1, f"{prog}: unexpected {type(exc).__name__}: {_one_line(exc)} "
+                       "(GDRD_FAST_DEBUG=1 shows the traceback)\n")

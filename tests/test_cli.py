@@ -1,8 +1,12 @@
-"""The gdrd-fast command: every subcommand has --help, recipes resolve, bad input exits cleanly."""
+"""The gdrd-fast command: every subcommand has --help, recipes resolve, and every failure is one line on
+stderr with a non-zero exit code, never a traceback."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gdrd_fast import cli
@@ -55,15 +59,117 @@ def test_train_without_data_root_says_so(capsys, tmp_path):
     assert exit_info.value.code == 2 and "data.train_root" in capsys.readouterr().err
 
 
-def test_bench_passes_arguments_to_pytest(monkeypatch):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_passes_arguments_to_pytest(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.chdir(tmp_path)  # the benchmarks are found from the package, not the working directory
     assert cli.main(["bench", "--", "-k", "infonce", "--benchmark-json=out.json"]) == 0
-    assert calls == [[sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-k", "infonce",
-                      "--benchmark-json=out.json"]]
+    assert calls == [[sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-p",
+                      "no:cacheprovider", "-k", "infonce", "--benchmark-json=out.json"]]
+
+
+def test_bench_collects_from_another_directory(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "gdrd_fast", "bench", "--", "--collect-only", "-q",
+                          "-k", "bank_update"], check=False, capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "test_bench_bank_update.py::" in out.stdout
 
 
 def test_demo_rejects_half_a_real_dataset(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--quick", "--output", str(tmp_path), "--train-root", str(tmp_path)])
     assert exit_info.value.code == 2 and "pairs" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, exit_info, code=2) -> str:
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _write_pairs(path):
+    from gdrd_fast.data import write_pairs_bin
+    write_pairs_bin(path, torch.zeros(4, 3, 8, 8), [True, False])
+    return path
+
+
+def test_eval_missing_weights_is_one_line(capsys, tmp_path):
+    pairs = _write_pairs(tmp_path / "lfw.bin")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--weights", "/nonexistent/student.pt", "--pairs", str(pairs)])
+    line = _one_error_line(capsys, exit_info)
+    assert line.startswith("gdrd-fast eval: error:") and "--weights" in line and "/nonexistent/student.pt" in line
+
+
+def test_missing_optional_package_fails_before_any_training(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr("gdrd_fast.demo.run_demo", lambda *a, **k: pytest.fail("the demo started without diffusers"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--quick", "--output", str(tmp_path)])
+    line = _one_error_line(capsys, exit_info)
+    assert "diffusers" in line and "pip install" in line
+
+
+@pytest.mark.parametrize("argv, usage", [(["train", "--bogus"], "usage: gdrd-fast train"),
+                                         (["eval", "--weights", "w", "--pairs", "p", "--nope"], "usage: gdrd-fast eval"),
+                                         (["demo", "--quick", "extra"], "usage: gdrd-fast demo")])
+def test_unknown_arguments_show_the_subcommands_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and f"error: unrecognized arguments: {argv[-1]}" in err
+    assert "{train,eval" not in err  # not the top-level usage
+
+
+def test_quick_demo_writes_to_its_own_folder(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fake_run_demo(output, config, **kwargs):
+        seen.append((Path(output), config.smoke))
+        return {"note": "", "table": "", "paths": {}}
+
+    monkeypatch.setattr("gdrd_fast.demo.run_demo", fake_run_demo)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick"]) == 0 and cli.main(["demo", "--set", "teacher.steps=1"]) == 0
+    assert seen == [(Path("demo_output_quick"), True), (Path("demo_output"), False)]
+
+
+def test_unexpected_failures_and_interrupts_are_one_line(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(cli, "_env", boom)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["env"])
+    line = _one_error_line(capsys, exit_info, code=1)
+    assert "RuntimeError: kernel exploded second line" in line and "GDRD_FAST_DEBUG=1" in line
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_env", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["env"])
+    assert _one_error_line(capsys, exit_info, code=130) == "gdrd-fast env: interrupted"
+
+
+def test_console_failure_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("GDRD_FAST_DEBUG", None)
+    out = subprocess.run([sys.executable, "-m", "gdrd_fast", "eval", "--weights", "/nonexistent", "--pairs",
+                          "/nonexistent.bin"], check=False, capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["gdrd-fast eval: error: --weights: no file at '/nonexistent'"]

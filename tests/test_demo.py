@@ -19,9 +19,13 @@ def _png(path):
 @pytest.mark.slow
 def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     config = load_demo_config(quick=True, overrides=QUICK_VARIANTS)
+    (tmp_path / "demo.log").write_text("a line of an earlier run\n")
     result = run_demo(tmp_path, config, progress=False, jobs=1)
     for name in ("results.md", "results.json", "demo.log", "ablation.md"):
         assert "SYNTHETIC" in (tmp_path / name).read_text(), f"{name} does not say SYNTHETIC"
+    for name in ("results.md", "results.json", "demo.log"):  # --quick's numbers are labelled as what they are
+        assert "SMOKE RUN" in (tmp_path / name).read_text(), f"{name} does not say SMOKE RUN"
+    assert "earlier run" not in (tmp_path / "demo.log").read_text()  # one log per run
     for name in ("ablation.png", "training.png", "geometry/cosine.png", "geometry/embedding.png"):
         _png(tmp_path / name)
     payload = json.loads((tmp_path / "results.json").read_text())

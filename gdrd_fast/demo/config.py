@@ -69,6 +69,7 @@ class DemoConfig:
     student: OptimConfig = field(default_factory=OptimConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     quick: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, applied by --quick
+    smoke: bool = False  # set by --quick: every output says its numbers come from a smoke run
 
     def __post_init__(self):
         for name in ("teacher", "stage1"):
@@ -88,4 +89,5 @@ def load_demo_config(name_or_path: str | Path = "demo", quick: bool = False,
     if quick:
         for key, value in (data.get("quick") or {}).items():
             set_dotted(data, key, value)
+        data["smoke"] = True
     return from_dict(DemoConfig, apply_overrides(data, overrides))

@@ -32,6 +32,7 @@ from .nets import SmallFaceNet
 log = logging.getLogger("gdrd_fast.demo")
 SYNTHETIC_NOTE = ("SYNTHETIC data: face-like images drawn by gdrd_fast.data.synthetic, not real faces; "
                   "numbers are not comparable with LFW results.")
+SMOKE_NOTE = "SMOKE RUN (--quick): tiny models trained for a few steps to check the whole path; its numbers mean nothing."
 
 
 def load_data(config: DemoConfig, train_root: str | None = None, pairs: str | None = None):
@@ -141,6 +142,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runtime = Runtime.create(device)
+    (out / "demo.log").unlink(missing_ok=True)  # one log per run
     handler = log_to_file(out / "demo.log", runtime)
     try:
         a = config.ablation
@@ -152,9 +154,13 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
             geometry = analyze_cell(out / "cells" / f"{variant}-r{config.resolution}-s0", out / "geometry",
                                     device=device)
         text = interpret(summary, geometry, config)
+        note = f"{SMOKE_NOTE} {summary['note']}" if config.smoke else summary["note"]
+        if config.smoke:
+            log.info("%s", SMOKE_NOTE)
         elapsed = time.perf_counter() - start
         r = config.resolution
-        md = [summary["markdown"].rstrip(), "", "## What the numbers show, and what they do not", "", text, ""]
+        md = ([f"**{SMOKE_NOTE}**", ""] if config.smoke else []) + [
+            summary["markdown"].rstrip(), "", "## What the numbers show, and what they do not", "", text, ""]
         if geometry is not None:
             md += [geometry["markdown"].replace("# Feature geometry", "## Feature geometry"), ""]
         md += [f"Total demo time {elapsed:.0f} s ({summary['machine']}).", ""]
@@ -164,7 +170,8 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
             paths |= {"geometry_" + k: v for k, v in geometry["paths"].items()}
         atomic_write_bytes(paths["markdown"], "\n".join(md).encode())
         write_json(paths["json"], {
-            "synthetic": summary["note"] == SYNTHETIC_NOTE, "note": summary["note"], "dataset": summary["dataset"],
+            "synthetic": summary["note"] == SYNTHETIC_NOTE, "smoke_run": config.smoke, "note": note,
+            "dataset": summary["dataset"],
             "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md) + linear probe",
             "ablation": {k: summary[k] for k in ("students", "references", "cells", "jobs", "threads", "machine")},
             "geometry": None if geometry is None else {k: geometry[k] for k in ("features", "cka")},
@@ -179,7 +186,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
         plot_training(paths["training"], histories, f"Training losses (seed 0), {summary['dataset']}")
         log.info("wrote %s in %.0f s", ", ".join(str(p) for p in paths.values()), elapsed)
         table = summary["markdown"]
-        return {"summary": summary, "geometry": geometry, "table": table, "text": text, "note": summary["note"],
+        return {"summary": summary, "geometry": geometry, "table": table, "text": text, "note": note,
                 "paths": paths, "elapsed_s": elapsed}
     finally:
         if handler is not None:
