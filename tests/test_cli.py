@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from gdrd_fast import cli
+from gdrd_fast import cli, models
+from gdrd_fast.train import save_checkpoint
 
 
 @pytest.mark.parametrize("command, expected", [("train", "--resume"), ("eval", "--pairs"), ("bench", "pytest"),
@@ -106,6 +107,26 @@ def test_eval_missing_weights_is_one_line(capsys, tmp_path):
         cli.main(["eval", "--weights", "/nonexistent/student.pt", "--pairs", str(pairs)])
     line = _one_error_line(capsys, exit_info)
     assert line.startswith("gdrd-fast eval: error:") and "--weights" in line and "/nonexistent/student.pt" in line
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n" * 3, bytes(range(256)) * 8])
+def test_eval_non_checkpoint_weights_is_one_line(content, capsys, tmp_path):
+    weights = tmp_path / "student.pt"
+    weights.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--weights", str(weights), "--pairs", str(_write_pairs(tmp_path / "lfw.bin"))])
+    line = _one_error_line(capsys, exit_info)
+    assert str(weights) in line and "corrupt" in line and "weights_only" not in line
+
+
+def test_eval_corrupt_pairs_is_one_line(capsys, tmp_path):
+    weights = tmp_path / "student.pt"
+    save_checkpoint(models.get_model("r18").state_dict(), weights)
+    pairs = _write_pairs(tmp_path / "lfw.bin")
+    pairs.write_bytes(pairs.read_bytes()[:-40])  # truncated
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--weights", str(weights), "--pairs", str(pairs)])
+    assert str(pairs) in _one_error_line(capsys, exit_info)
 
 
 def test_missing_optional_package_fails_before_any_training(monkeypatch, capsys, tmp_path):

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from .checkpoints import CorruptCheckpointError
 from .diffusion_encoder import CONFIGS as DIFFUSERS_CONFIGS
 from .diffusion_encoder import VAE_CONFIGS, DiffusionEncoder, VAEEncoder, build_unet, build_vae, diffusion_encoder, \
     load_unet, vae_encoder
@@ -70,4 +71,4 @@ __all__ = ["IResNet", "StudentBackbone", "StudentHead", "Student", "get_model", 
            "GuidedDiffusionEncoder", "UNetConfig", "PGDIFF_FFHQ512", "DEFAULT_TAP", "level_end",
            "load_pgdiff_encoder", "DiffusionEncoder", "DIFFUSERS_CONFIGS", "build_unet", "load_unet",
            "diffusion_encoder", "VAE_CONFIGS", "VAEEncoder", "build_vae", "vae_encoder", "build_student",
-           "build_discriminative_teacher", "build_generative_teacher"]
+           "build_discriminative_teacher", "build_generative_teacher", "CorruptCheckpointError"]

@@ -1,11 +1,142 @@
-"""Reading pretrained weights from local files: safe loading, prefix stripping, exact key matching."""
+"""Checkpoint files and pretrained weights: checksummed atomic writes, safe verified reads, exact key matching.
+
+A checkpoint written here is an ordinary torch.save zip archive (torch.load reads it as is) whose zip
+comment records the SHA-256 of every byte before it: b"gdrd_fast sha256=<64 hex digits>". Reading
+verifies that digest before torch.load(weights_only=True), so a flipped bit, a truncated copy or
+random bytes raise CorruptCheckpointError naming the file; never torch's advice to retry unsafely.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+_TAG = b"gdrd_fast sha256="
+_COMMENT_LEN = len(_TAG) + 64
+_EOCD = b"PK\x05\x06"  # zip end-of-central-directory record: 22 bytes + comment, at the end of the file
+_EOCD_LEN = 22
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be trusted: truncated, empty, altered, or not a checkpoint."""
+
+    def __init__(self, path, reason: str):
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path} is corrupt or not a checkpoint: {reason}")
+
+
+def _sha256(f, length: int) -> str:
+    f.seek(0)
+    digest, left = hashlib.sha256(), length
+    while left:
+        chunk = f.read(min(left, 1 << 22))
+        if not chunk:
+            raise EOFError("file shrank while it was read")
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX; Windows cannot open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` with its SHA-256: written beside it, fsynced, renamed over it, folder fsynced.
+    A failure leaves any earlier file at `path` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            torch.save(obj, f)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(size - _EOCD_LEN)
+            eocd = f.read(_EOCD_LEN)
+            if size < _EOCD_LEN or eocd[:4] != _EOCD or eocd[-2:] != b"\0\0":
+                raise RuntimeError("torch.save did not end its file with a comment-free zip directory record")
+            f.seek(size - 2)
+            f.write(_COMMENT_LEN.to_bytes(2, "little"))
+            digest = _sha256(f, size)
+            f.seek(size)
+            f.write(_TAG + digest.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _stored_digest(f, size: int, path: Path) -> str | None:
+    """The digest recorded in the file's zip comment; None if the file has no such record."""
+    f.seek(max(0, size - _EOCD_LEN - _COMMENT_LEN))
+    tail = f.read()
+    at = tail.rfind(_EOCD)
+    if at < 0 or tail[at + _EOCD_LEN - 2: at + _EOCD_LEN] != _COMMENT_LEN.to_bytes(2, "little"):
+        return None
+    comment = tail[at + _EOCD_LEN:]
+    if len(comment) != _COMMENT_LEN or not comment.startswith(_TAG):
+        raise CorruptCheckpointError(path, "its SHA-256 record is cut short or overwritten")
+    return comment[len(_TAG):].decode("ascii", "replace")
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong, in one line, without torch's advice to retry with weights_only=False."""
+    text = str(exc)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler:
+        text = unpickler.group(1)
+    elif "weights_only" in text:
+        text = "its pickle could not be read safely"
+    lines = text.strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", *, require_digest: bool = True,
+                    what: str = "checkpoint"):
+    """torch.load(weights_only=True) of `path` after checking its SHA-256. require_digest=False also reads
+    files written elsewhere (released weights), which carry no digest; a digest present is always checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {os.fspath(path)!r}")
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            raise CorruptCheckpointError(path, "the file is empty")
+        stored = _stored_digest(f, size, path)
+        if stored is None and require_digest:
+            raise CorruptCheckpointError(path, "it ends without the SHA-256 record that gdrd_fast writes "
+                                               "(cut short, or not written by gdrd_fast)")
+        if stored is not None and _sha256(f, size - _COMMENT_LEN) != stored:
+            raise CorruptCheckpointError(path, "its SHA-256 does not match the one recorded when it was written "
+                                               "(the file changed on disk or in transfer)")
+        f.seek(0)
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as exc:  # whatever torch makes of bad bytes, the answer is the same
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if unsafe:  # a pickled Python object: refused, and no advice to load it unsafely
+                raise CorruptCheckpointError(path, f"it holds a pickled {unsafe.group(1)}, and checkpoints are "
+                                                   "read as tensors and plain containers only") from None
+            raise CorruptCheckpointError(path, f"torch.load failed ({_first_line(exc)})") from None
+
 
 def read_state_dict(source, *, what: str = "weights") -> dict[str, Tensor]:
     """A state dict from a mapping or a local file (.safetensors, or a torch file read with weights_only=True)."""
@@ -16,10 +147,14 @@ def read_state_dict(source, *, what: str = "weights") -> dict[str, Tensor]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what}: no file at {path!r}")
         if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file  # comes with diffusers / huggingface_hub
-            state = load_file(path)
+            try:
+                state = load_file(path)
+            except SafetensorError as exc:
+                raise CorruptCheckpointError(path, _first_line(exc)) from None
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_checkpoint(path, require_digest=False, what=what)
         if not isinstance(state, Mapping):
             raise ValueError(f"{what}: {path!r} holds a {type(state).__name__}, not a state dict")
         state = dict(state)

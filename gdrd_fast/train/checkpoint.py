@@ -1,13 +1,15 @@
-"""Atomic checkpoints that load with torch.load(weights_only=True): RNG states are stored as tensors."""
+"""Training checkpoints: atomic, SHA-256-verified files (gdrd_fast.models.checkpoints) that load with
+torch.load(weights_only=True); RNG states are stored as tensors."""
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..models.checkpoints import read_checkpoint, write_checkpoint
 
 
 def rng_state() -> dict:
@@ -39,27 +41,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Never a half-written file: see write_checkpoint."""
+    return write_checkpoint(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint written by save_checkpoint; CorruptCheckpointError if its bytes are not what was written."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return read_checkpoint(path, map_location)
 
 
 def shard_path(path: str | os.PathLike, rank: int) -> Path:
