@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 
-from benchmarks.harness import EAGER, median_seconds, memory_ratio
+from .harness import EAGER, median_seconds, memory_mb_text, memory_ratio_text
 
 
 def _rows(config):
@@ -28,14 +28,14 @@ def ratio_table(groups) -> list[str]:
         for b in sorted(benches, key=median_seconds):
             median, mem = median_seconds(b), b.extra_info.get("peak_extra_bytes")
             speed = f"{median_seconds(eager) / median:.2f}x" if eager else "-"
-            ratio = memory_ratio(eager.extra_info.get("peak_extra_bytes"), mem) if eager else None
-            mem_ratio = f"{ratio:.1f}x" if ratio is not None else "-"
-            mem_mb = f"{mem / 2**20:.1f}" if mem is not None else "-"
+            mem_ratio = memory_ratio_text(eager.extra_info.get("peak_extra_bytes"), mem) if eager else "-"
+            mem_mb = memory_mb_text(mem)
             lines.append(f"{group:<44} {b.extra_info.get('provider', b.name):<22} {median * 1e3:>10.2f} "
                          f"{speed:>9} {mem_mb:>14} {mem_ratio:>10}")
     return lines
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables, which print from the same hook
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     groups = _rows(config)
     if groups:

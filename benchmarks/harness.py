@@ -26,8 +26,15 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the folder holding the top-level package of this one: the repository (benchmarks) or site-packages
+# (gdrd_fast.benchmarks, as installed); the memory probe runs `python -m <package>.harness` from there
+PACKAGE = __spec__.parent if __spec__ is not None and __spec__.parent else "benchmarks"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(_HERE, *[os.pardir] * (PACKAGE.count(".") + 1)))
 EAGER = "eager"  # the provider every ratio is taken against
+# Peak extra memory below this is not resolved: CPU RSS moves by pages and allocator pools, so a
+# provider measured under it counts as this much, and its ratio against eager is a lower bound (">=").
+MEMORY_RESOLUTION = 2 ** 20
 
 
 def bench_device() -> str:
@@ -93,7 +100,7 @@ def peak_extra_bytes(module: str, provider: str, size_key: str, device: str) -> 
     # so what the warm-up call freed cannot hide inside the heap when the measured call reuses it
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-m", "benchmarks.harness", module, provider, size_key, device],
+    out = subprocess.run([sys.executable, "-m", f"{PACKAGE}.harness", module, provider, size_key, device],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {module} {provider} {size_key} failed:\n{out.stderr[-2000:]}")
@@ -114,11 +121,26 @@ def median_seconds(bench) -> float:
 
 
 def memory_ratio(eager_bytes: int | None, provider_bytes: int | None) -> float | None:
-    """Eager's peak extra memory over a provider's; None where eager needs under 1 MiB (CPU RSS pages make
-    that noise). The provider's is floored at 16 KiB: "nothing measurable" is not infinitely better."""
-    if eager_bytes is None or provider_bytes is None or eager_bytes < 2 ** 20:
+    """Eager's peak extra memory over a provider's, both floored at MEMORY_RESOLUTION; None where eager is
+    itself below it (both are then noise) or either is missing."""
+    if eager_bytes is None or provider_bytes is None or eager_bytes < MEMORY_RESOLUTION:
         return None
-    return eager_bytes / max(provider_bytes, 2 ** 14)
+    return eager_bytes / max(provider_bytes, MEMORY_RESOLUTION)
+
+
+def memory_ratio_text(eager_bytes: int | None, provider_bytes: int | None) -> str:
+    """memory_ratio as a table cell: '-', '2.50x', or '>=400x' where the provider is below the resolution."""
+    ratio = memory_ratio(eager_bytes, provider_bytes)
+    if ratio is None:
+        return "-"
+    return f">={ratio:.0f}x" if provider_bytes < MEMORY_RESOLUTION else f"{ratio:.2f}x"
+
+
+def memory_mb_text(nbytes: int | None) -> str:
+    """Peak extra memory as a table cell in MiB: '-', '<1' below the resolution, else one decimal."""
+    if nbytes is None:
+        return "-"
+    return f"<{MEMORY_RESOLUTION / 2**20:g}" if nbytes < MEMORY_RESOLUTION else f"{nbytes / 2**20:.1f}"
 
 
 def measure(benchmark, module: str, op: str, provider: str, size_key: str, device: str,
@@ -144,7 +166,7 @@ def measure(benchmark, module: str, op: str, provider: str, size_key: str, devic
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
-if __name__ == "__main__":  # memory probe: python -m benchmarks.harness MODULE PROVIDER SIZE DEVICE
+if __name__ == "__main__":  # memory probe: python -m <package>.harness MODULE PROVIDER SIZE DEVICE
     _module, _provider, _size, _device = sys.argv[1:5]
     _fn = importlib.import_module(_module).build(_provider, _size, _device)
     print(json.dumps({"peak_extra_bytes": peak_extra_bytes_here(_fn, _device)}))

@@ -18,7 +18,7 @@ import os
 import re
 from collections import defaultdict
 
-from benchmarks.harness import median_seconds, memory_ratio
+from .harness import MEMORY_RESOLUTION, median_seconds, memory_mb_text, memory_ratio, memory_ratio_text
 
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
@@ -77,8 +77,7 @@ def table(benches: list[dict]) -> list[str]:
             cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
                       f"{nbytes / median[provider] / 1e9:.4g}" if nbytes else "-",
-                      f"{mem / 2**20:.1f}" if mem is not None else "-",
-                      _times(memory_ratio(memory.get("eager"), mem))]
+                      memory_mb_text(mem), memory_ratio_text(memory.get("eager"), mem)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -106,7 +105,8 @@ def plot(benches: list[dict], path: str) -> None:
     for ax, title, value in (
             (axes[0], "speed-up vs eager (median time)",
              lambda g, p: median_seconds(g["eager"]) / median_seconds(g[p])),
-            (axes[1], "peak extra memory: eager / provider\n(cases where eager needs >= 1 MiB)",
+            (axes[1], f"peak extra memory: eager / provider\n(both floored at {MEMORY_RESOLUTION / 2**20:g} MiB, "
+                      "the measurement's resolution)",
              lambda g, p: memory_ratio(g["eager"]["extra_info"].get("peak_extra_bytes"),
                                        g[p]["extra_info"].get("peak_extra_bytes")))):
         for pos, name, provider in rows:
@@ -116,6 +116,7 @@ def plot(benches: list[dict], path: str) -> None:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_title(title, fontsize=9)
+        ax.set_xlabel("ratio against eager (log scale; > 1: better than eager)", fontsize=8)
         ax.grid(axis="x", which="major", linewidth=0.3)
     axes[0].set_yticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)
     axes[0].invert_yaxis()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gdrd_fast import reference
 from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 OP = "bank update (both banks)"
 SIZES = {  # (B, D, N)

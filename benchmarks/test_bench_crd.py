@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gdrd_fast import CRDLoss
 from gdrd_fast.ops import crd_nce
 from gdrd_fast import functional
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 OP = "crd_nce_loss (both banks, + bank update)"
 SIZES = {  # (B, K, D, N)

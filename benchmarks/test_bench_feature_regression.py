@@ -8,7 +8,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import feature_regression as fr_ops
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 OP = "feature_regression_loss"
 # (B, Cs, Ct, H=W): docs/performance/index.md targets Cs <= 128 and Cs >= 512

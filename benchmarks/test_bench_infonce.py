@@ -8,7 +8,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import infonce as infonce_ops
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 OP = "infonce_bank_loss"
 SIZES = {

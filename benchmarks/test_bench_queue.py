@@ -10,7 +10,7 @@ import torch
 from gdrd_fast import reference
 from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 # (op, B, D, queue size, k negatives, classes); CRRCD's defaults and a MoCo-sized queue
 SIZES = {

@@ -12,7 +12,7 @@ import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational as relational_ops
 from gdrd_fast import RelationalParams
-from benchmarks.harness import cases, measure, skip_unavailable
+from .harness import cases, measure, skip_unavailable
 
 OP = "relational_contrastive_loss"
 # (batch B, negatives K, relation dim d, embedding dim D, queue length Q)

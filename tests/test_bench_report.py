@@ -1,7 +1,11 @@
-"""benchmarks/report.py on a hand-made pytest-benchmark JSON: the ratios in the table and the files."""
+"""benchmarks/report.py on a hand-made pytest-benchmark JSON: the ratios in the table and the files; the
+console summary of a real benchmark run comes after pytest-benchmark's tables."""
 import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,6 +28,7 @@ def test_report_table_ratios_and_files(tmp_path):
         bench("op A [cuda]", "eager", 0.010, 400 * 2 ** 20),
         bench("op A [cuda]", "compile", 0.005, 200 * 2 ** 20),
         bench("op A [cuda]", "triton", 0.001, 2 ** 20, flop=4e12),
+        bench("op A [cuda]", "cuda", 0.002, 3 * 2 ** 10),  # below the 1 MiB resolution: a lower bound
         bench("op B [cuda]", "eager", 0.002, 0),
         bench("op B [cuda]", "cuda", 0.004, 0, nbytes=8e9),
     ]}
@@ -39,8 +44,23 @@ def test_report_table_ratios_and_files(tmp_path):
     triton = rows[("op A [cuda]", "triton")]
     # median ms, vs eager, vs compile, TFLOP/s, GB/s, peak MB, memory vs eager
     assert triton[2:] == ["1 (0.9-1.2)", "10.00x", "5.00x", "4e+03", "-", "1.0", "400.00x"]
+    assert rows[("op A [cuda]", "cuda")][-2:] == ["<1", ">=400x"]  # not 400 MiB / 3 KiB = 136533x
+    assert rows[("op B [cuda]", "cuda")][-2:] == ["<1", "-"]  # eager itself unresolved: no ratio
     assert rows[("op B [cuda]", "cuda")][6] == "2000"
     assert rows[("op B [cuda]", "cuda")][3] == "0.50x"
     merged = json.load(open(base + ".json"))
     assert sorted(b["name"] for b in merged["benchmarks"]) == sorted(b["name"] for b in data["benchmarks"])
     assert os.path.getsize(base + ".png") > 10_000
+
+
+@pytest.mark.slow
+def test_ratio_summary_prints_after_the_benchmark_tables(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "test_bench_bank_update.py"),
+                          "--benchmark-only", "-p", "no:cacheprovider", "-k", "B64 and (eager or cpu)"],
+                         check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("Name (time in"))
+    summary = next(i for i, line in enumerate(lines) if "gdrd_fast: ratios against the eager reference" in line)
+    assert table < summary
+    assert any(line.startswith("bank update (both banks) B64") and " eager " in line for line in lines[summary:])

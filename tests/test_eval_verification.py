@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdrd_fast.eval import extract_embeddings, kfold_contiguous, roc_curve, verify, verify_embeddings
+from gdrd_fast.eval import (extract_embeddings, kfold_contiguous, roc_curve, verification_rows, verify,
+                            verify_embeddings)
+from gdrd_fast.eval.report import resolution_note, roc_figure
 
 
 def _pairs_with_distances(distances):
@@ -140,3 +142,41 @@ def test_flip_sum_before_normalise():
     assert (got - wrong).abs().max() > 1e-3
     no_flip = extract_embeddings(model, images, flip=False, transform=lambda x: x * 0.5)
     assert torch.allclose(no_flip, F.normalize(model(images * 0.5), dim=1), atol=1e-6)
+
+
+def _informative(n_pairs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    e1 = F.normalize(torch.randn(n_pairs, 8, generator=g, dtype=torch.float64), dim=1)
+    issame = torch.arange(n_pairs) % 2 == 0
+    noise = torch.randn(n_pairs, 8, generator=g, dtype=torch.float64)
+    e2 = torch.where(issame[:, None], F.normalize(e1 + 0.6 * noise, dim=1), F.normalize(noise, dim=1))
+    return e1, e2, issame
+
+
+def test_tar_is_reported_at_the_far_the_impostors_resolve():
+    # 600 pairs: 300 impostors, 270 in each 9-fold training split: FAR=1e-3 would accept 0.27 of a pair
+    e1, e2, issame = _informative(600)
+    r = verify(e1, e2, issame, far_target=1e-3)
+    assert r.far_target == 1e-3 and r.far_level == pytest.approx(1 / 270) and r.num_impostors == 300
+    dist = ((e1 - e2) ** 2).sum(1).numpy()
+    assert r.tar == pytest.approx(_brute_force(dist, issame.numpy(), far_target=1 / 270)[2], abs=1e-12)
+    assert list(verification_rows({"m": r})[0])[3] == "TAR@FAR=0.0037 %"
+    assert "FAR=0.0037, not the 0.001 asked for" in resolution_note({"m": r})
+    # 6000 pairs: 2700 impostors per training split resolve 1e-3, which is then what is reported
+    big = verify(*_informative(6000, seed=1), far_target=1e-3)
+    assert big.far_level == 1e-3 and resolution_note({"m": big}) == ""
+    assert list(verification_rows({"m": big})[0])[3] == "TAR@FAR=0.001 %"
+    rows = verification_rows({"small": r, "big": big})  # different levels: each row says its own
+    assert [(row["TAR %"], row["at FAR"]) for row in rows] == [(r.tar, "0.0037"), (big.tar, "0.001")]
+
+
+def test_roc_figure_starts_at_the_resolvable_far_with_the_legend_off_the_axes():
+    results = {"a": verify(*_informative(600)), "b": verify(*_informative(600, seed=2))}
+    fig = roc_figure(results, "ROC on test pairs")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] == pytest.approx(1 / 300) and ax.get_xscale() == "log"
+    assert "false accept rate" in ax.get_xlabel() and "true accept rate" in ax.get_ylabel()
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y1 < ax.get_window_extent().y0  # below the axes: covers no curve
+    assert len(ax.get_legend().get_texts()) == 3  # two models and the FAR of the TAR column

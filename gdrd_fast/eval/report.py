@@ -37,34 +37,66 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join(lines) + "\n"
 
 
+def _far_label(far: float) -> str:
+    return f"{far:.2g}"
+
+
 def verification_rows(results: Mapping[str, VerificationResult]) -> list[dict]:
-    """One row per named result (e.g. 'student 16x16'), accuracies in percent."""
-    return [{"model": name, "accuracy %": r.accuracy, "std %": r.accuracy_std,
-             f"TAR@FAR={r.far_target:g} %": r.tar, "AUC %": r.auc, "pairs": r.num_pairs}
-            for name, r in results.items()]
+    """One row per named result (e.g. 'student 16x16'), accuracies in percent. The TAR column is labelled
+    with the FAR it was measured at (far_level: never finer than the impostor count resolves); rows at
+    different levels get a FAR column instead."""
+    levels = {_far_label(r.far_level) for r in results.values()}
+    tar_column = f"TAR@FAR={levels.pop()} %" if len(levels) == 1 else "TAR %"
+    rows = []
+    for name, r in results.items():
+        row = {"model": name, "accuracy %": r.accuracy, "std %": r.accuracy_std, tar_column: r.tar}
+        if tar_column == "TAR %":
+            row["at FAR"] = _far_label(r.far_level)
+        rows.append(row | {"AUC %": r.auc, "pairs": r.num_pairs})
+    return rows
 
 
-def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult], title: str) -> Path:
-    """ROC curves (TAR vs FAR, log FAR axis) of every named result into a PNG, with matplotlib's Agg."""
+def resolution_note(results: Mapping[str, VerificationResult]) -> str:
+    """A sentence for reports where the data could not resolve the FAR asked for ('' where it could)."""
+    coarse = [r for r in results.values() if r.far_level > r.far_target]
+    if not coarse:
+        return ""
+    r = coarse[0]
+    return (f"TAR is reported at FAR={_far_label(r.far_level)}, not the {r.far_target:g} asked for: with "
+            f"{r.num_impostors} impostor pairs (about {round(1 / r.far_level)} per 9-fold training split) the "
+            "smallest false accept rate above 0 is 1 / that count.")
+
+
+def roc_figure(results: Mapping[str, VerificationResult], title: str):
+    """ROC curves (TAR vs FAR, log FAR axis from the smallest FAR the impostor count resolves) of every
+    named result, the FAR of the reported TAR dotted; the legend sits below the axes, off the curves."""
     # A bare Figure renders PNG through Agg without pyplot: no GUI, and the caller's backend is untouched.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5, 4.5), dpi=120)
+    # FAR of one accepted impostor (a decade wide at least, for sets of one or two impostors)
+    floor = min([0.1] + [1.0 / max(r.num_impostors, 1) for r in results.values()])
+    fig = Figure(figsize=(6.0, 4.2 + 0.22 * len(results)), dpi=120)
     ax = fig.add_subplot()
     for name, r in results.items():
-        fpr = [max(f, 1e-4) for f in r.roc_fpr]
-        ax.step(fpr, r.roc_tpr, where="post", label=f"{name} ({100 * r.accuracy:.2f}%)")
+        fpr = [max(f, floor) for f in r.roc_fpr]  # FAR 0 is drawn at the left edge of the log axis
+        ax.step(fpr, r.roc_tpr, where="post", label=f"{name}: accuracy {100 * r.accuracy:.2f}%")
+    for level in sorted({r.far_level for r in results.values()}):
+        ax.axvline(level, color="grey", linestyle=":", linewidth=1, label=f"FAR={_far_label(level)} (TAR column)")
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1.0)
+    ax.set_xlim(floor, 1.0)
     ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long dataset notes stay inside the figure
+    ax.set_xlabel(f"false accept rate (FAR, log scale; 1 impostor pair = {floor:.2g})")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)  # long dataset notes stay inside the figure
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult], title: str) -> Path:
+    """roc_figure into a PNG (the legend included)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    roc_figure(results, title).savefig(buf, format="png", bbox_inches="tight")
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -79,7 +111,9 @@ def write_verification_report(out_dir: str | os.PathLike, dataset: str,
     out.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": dataset, "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md)",
                "results": {name: r.as_dict() for name, r in results.items()}, **(extra or {})}
+    note = resolution_note(results)
     table = f"# Verification on {dataset}\n\n" + markdown_table(verification_rows(results))
+    table += f"\n{note}\n" if note else ""
     md = out / "results.md"
     atomic_write_bytes(md, table.encode())
     return {"json": write_json(out / "results.json", payload), "markdown": md,

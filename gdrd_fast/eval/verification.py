@@ -11,6 +11,11 @@ folds is <= far (exactly: impostor distances sorted, at most floor(far * imposto
 then TAR and FAR are measured on the held-out fold; mean and std over folds. insightface interpolates
 a threshold on a 0.001 grid instead; this form needs no interpolation and never exceeds the target
 on the training folds.
+
+The FAR is never finer than the data can resolve: with n impostor pairs in the smallest training split,
+the smallest FAR above 0 is 1/n, so TAR is reported at far_level = max(far_target, 1/n) (300 impostor
+pairs cannot show a TAR at FAR=1e-3: it is reported, and labelled, at FAR=3.7e-3). far_level is what
+reports print; far_target is what was asked.
 """
 from __future__ import annotations
 
@@ -66,14 +71,16 @@ class VerificationResult:
     accuracy_std: float             # ddof = 0
     fold_accuracies: list[float]
     fold_thresholds: list[float]
-    far_target: float
-    tar: float                      # TAR@FAR=far_target, mean over folds
+    far_target: float               # the FAR asked for
+    far_level: float                # the FAR TAR is reported at: max(far_target, 1 / training impostors)
+    tar: float                      # TAR@FAR=far_level, mean over folds
     tar_std: float
     far: float                      # the FAR measured on held-out folds, mean
     roc_fpr: list[float] = field(repr=False)   # exact ROC over all pairs, ascending FPR
     roc_tpr: list[float] = field(repr=False)
     auc: float = 0.0
     num_pairs: int = 0
+    num_impostors: int = 0          # the ROC's FAR resolution is 1 / num_impostors
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,23 +118,26 @@ def verify(embeddings1: Tensor, embeddings2: Tensor, issame, n_folds: int = 10, 
     if not 0 < far_target < 1:
         raise ValueError(f"far_target must be in (0, 1), got {far_target!r}")
     thresholds = np.asarray(thresholds, dtype=np.float64)
+    folds = kfold_contiguous(len(dist), n_folds)
+    fewest_impostors = min(int((~issame[train]).sum()) for train, _ in folds)
+    far_level = max(far_target, 1.0 / fewest_impostors) if fewest_impostors else 1.0
     accuracies, chosen, tars, fars = [], [], [], []
-    for train, test in kfold_contiguous(len(dist), n_folds):
+    for train, test in folds:
         train_acc, _, _ = _rates(dist[train], issame[train], thresholds)
         best = thresholds[int(np.argmax(train_acc))]        # argmax: the first maximum
         test_acc, _, _ = _rates(dist[test], issame[test], np.array([best]))
         accuracies.append(float(test_acc[0]))
         chosen.append(float(best))
-        t_far = _threshold_at_far(dist[train][~issame[train]], far_target)
+        t_far = _threshold_at_far(dist[train][~issame[train]], far_level)
         _, tar, far = _rates(dist[test], issame[test], np.array([t_far]))
         tars.append(float(tar[0]))
         fars.append(float(far[0]))
     fpr, tpr = roc_curve(dist, issame)
     return VerificationResult(
         accuracy=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)), fold_accuracies=accuracies,
-        fold_thresholds=chosen, far_target=far_target, tar=float(np.mean(tars)), tar_std=float(np.std(tars)),
-        far=float(np.mean(fars)), roc_fpr=fpr.tolist(), roc_tpr=tpr.tolist(), auc=float(_trapezoid(tpr, fpr)),
-        num_pairs=len(dist))
+        fold_thresholds=chosen, far_target=far_target, far_level=far_level, tar=float(np.mean(tars)),
+        tar_std=float(np.std(tars)), far=float(np.mean(fars)), roc_fpr=fpr.tolist(), roc_tpr=tpr.tolist(),
+        auc=float(_trapezoid(tpr, fpr)), num_pairs=len(dist), num_impostors=int((~issame).sum()))
 
 
 def verify_embeddings(embeddings: Tensor, issame, **kwargs) -> VerificationResult:
