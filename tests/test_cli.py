@@ -148,9 +148,11 @@ def test_missing_optional_package_fails_before_any_training(monkeypatch, capsys,
     assert "diffusers" in line and "pip install" in line
 
 
-@pytest.mark.parametrize("argv, usage", [(["train", "--bogus"], "usage: gdrd-fast train"),
-                                         (["eval", "--weights", "w", "--pairs", "p", "--nope"], "usage: gdrd-fast eval"),
-                                         (["demo", "--quick", "extra"], "usage: gdrd-fast demo")])
+@pytest.mark.parametrize("argv, usage", [
+    (["train", "--bogus"], "usage: gdrd-fast train"),
+    (["eval", "--weights", "w", "--pairs", "p", "--nope"], "usage: gdrd-fast eval"),
+    (["demo", "--quick", "extra"], "usage: gdrd-fast demo"),
+])
 def test_unknown_arguments_show_the_subcommands_usage(argv, usage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

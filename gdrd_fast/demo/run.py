@@ -32,7 +32,8 @@ from .nets import SmallFaceNet
 log = logging.getLogger("gdrd_fast.demo")
 SYNTHETIC_NOTE = ("SYNTHETIC data: face-like images drawn by gdrd_fast.data.synthetic, not real faces; "
                   "numbers are not comparable with LFW results.")
-SMOKE_NOTE = "SMOKE RUN (--quick): tiny models trained for a few steps to check the whole path; its numbers mean nothing."
+SMOKE_NOTE = ("SMOKE RUN (--quick): tiny models trained for a few steps to check the whole path; "
+              "its numbers mean nothing.")
 
 
 def load_data(config: DemoConfig, train_root: str | None = None, pairs: str | None = None):

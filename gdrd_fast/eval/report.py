@@ -102,8 +102,8 @@ def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult],
     return path
 
 
-def write_verification_report(out_dir: str | os.PathLike, dataset: str,
-                              results: Mapping[str, VerificationResult], extra: Mapping | None = None) -> dict[str, Path]:
+def write_verification_report(out_dir: str | os.PathLike, dataset: str, results: Mapping[str, VerificationResult],
+                              extra: Mapping | None = None) -> dict[str, Path]:
     """results.json, results.md and roc.png in out_dir, each naming `dataset`."""
     if not results:
         raise ValueError("results must not be empty")
@@ -132,7 +132,8 @@ def identification_rows(cmc_results: Mapping[str, Mapping[int, float]],
     return rows
 
 
-def write_identification_report(out_dir: str | os.PathLike, dataset: str, cmc_results: Mapping[str, Mapping[int, float]],
+def write_identification_report(out_dir: str | os.PathLike, dataset: str,
+                                cmc_results: Mapping[str, Mapping[int, float]],
                                 linear_probe_results: Mapping[str, float] | None = None,
                                 subsets: Mapping[str, Mapping[str, dict]] | None = None) -> dict[str, Path]:
     """identification.json and identification.md in out_dir, each naming `dataset`. subsets: per model,
