@@ -202,3 +202,13 @@ def test_console_failure_has_no_traceback(tmp_path):
                          timeout=300)
     assert out.returncode == 2
     assert out.stderr.splitlines() == ["gdrd-fast eval: error: --weights: no file at '/nonexistent'"]
+
+
+def test_bench_without_benchmarks_is_one_line(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--path", str(tmp_path / "missing")])
+    assert "--path: no benchmark file or folder" in _one_error_line(capsys, exit_info)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "gdrd_fast" / "cli.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench"])
+    assert "ships without them" in _one_error_line(capsys, exit_info)
