@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from benchmarks.harness import bench_device, device_name, versions
+from .harness import bench_device, device_name, versions
 
 IMAGES, BATCH, RESOLUTION = 512, 64, 16
 WORKER_PROVIDERS = ("eager", "per-image-degrade", "folder-uint8", "recordio")

@@ -170,6 +170,17 @@ def test_tar_is_reported_at_the_far_the_impostors_resolve():
     assert [(row["TAR %"], row["at FAR"]) for row in rows] == [(r.tar, "0.0037"), (big.tar, "0.001")]
 
 
+def test_multi_set_report_labels_each_tar_with_its_far(tmp_path):
+    from gdrd_fast.eval.protocols import write_sets_report
+
+    small, big = verify(*_informative(600)), verify(*_informative(6000, seed=1))
+    paths = write_sets_report(tmp_path, {"small.bin": {"16x16": small}, "big.bin": {"16x16": big}})
+    table = [line.split("|")[1:-1] for line in paths["markdown"].read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0]]
+    far = header.index("at FAR")
+    assert [row[far].strip() for row in table[2:]] == ["0.0037", "0.001"] and "TAR %" in header
+
+
 def test_roc_figure_starts_at_the_resolvable_far_with_the_legend_off_the_axes():
     results = {"a": verify(*_informative(600)), "b": verify(*_informative(600, seed=2))}
     fig = roc_figure(results, "ROC on test pairs")

@@ -104,7 +104,7 @@ def write_sets_report(out_dir: str | os.PathLike, results: dict[str, dict[str, V
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"set": name, "resolution": label, "accuracy %": r.accuracy, "std %": r.accuracy_std,
-             f"TAR@FAR={r.far_target:g} %": r.tar, "AUC %": r.auc, "pairs": r.num_pairs}
+             "TAR %": r.tar, "at FAR": f"{r.far_level:.2g}", "AUC %": r.auc, "pairs": r.num_pairs}
             for name, per in results.items() for label, r in per.items()]
     payload = {"protocol": "LFW verification (insightface conventions) per set and resolution",
                "results": {name: {label: r.as_dict() for label, r in per.items()} for name, per in results.items()},
