@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -160,8 +159,9 @@ def paper_parts(config: TrainConfig, runtime: Runtime, student: models.Student, 
                 raise ValueError("stage2.kd_weight > 0 needs models.discriminative_teacher_head: a state dict with "
                                  "the teacher's ArcFace classifier 'weight' [num_classes, embedding_dim]")
             teacher_head = classifier()
-            teacher_head.load_state_dict(torch.load(m.discriminative_teacher_head, map_location="cpu",
-                                                    weights_only=True))
+            models.checkpoints.load_exact(teacher_head, models.checkpoints.read_state_dict(
+                m.discriminative_teacher_head, what="models.discriminative_teacher_head"),
+                what="models.discriminative_teacher_head")
         return teacher, teacher_head
 
     def generative():
