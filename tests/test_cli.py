@@ -167,7 +167,7 @@ def test_quick_demo_writes_to_its_own_folder(monkeypatch, tmp_path, capsys):
 
     def fake_run_demo(output, config, **kwargs):
         seen.append((Path(output), config.smoke))
-        return {"note": "", "table": "", "paths": {}}
+        return {"note": "", "table": "", "text": "", "paths": {}}
 
     monkeypatch.setattr("gdrd_fast.demo.run_demo", fake_run_demo)
     monkeypatch.chdir(tmp_path)
