@@ -184,9 +184,11 @@ if __name__ == "__main__":
     require_build_tools()
     ext_modules, cmdclass = extensions()
     setup(
-        # configs/ holds only the packaged recipes (YAML): a data package, listed so setuptools ships it
-        packages=find_packages(include=["gdrd_fast", "gdrd_fast.*"]) + ["gdrd_fast.configs", "gdrd_fast.kernels"],
-        package_dir={"gdrd_fast.kernels": "kernels"},
+        # configs/ holds only the packaged recipes (YAML): a data package, listed so setuptools ships it;
+        # benchmarks/ ships as gdrd_fast.benchmarks so that an installed `gdrd-fast bench` finds them
+        packages=find_packages(include=["gdrd_fast", "gdrd_fast.*"])
+        + ["gdrd_fast.configs", "gdrd_fast.kernels", "gdrd_fast.benchmarks"],
+        package_dir={"gdrd_fast.kernels": "kernels", "gdrd_fast.benchmarks": "benchmarks"},
         package_data={"gdrd_fast.configs": ["*.yaml"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -85,8 +85,8 @@ def test_validator_keeps_the_best_across_a_resume_and_rejects_bad_targets(tmp_pa
     from gdrd_fast.train.validation import Validator
     pairs = tmp_path / "lfw.bin"
     write_pairs_bin(pairs, torch.rand(40, 3, 16, 16) * 2 - 1, [True, False] * 10)
-    (tmp_path / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\n1,stage2,lfw,8,0.9,0,0,0\n"
-                                          "2,stage2,lfw,16,0.7,0,0,0\n3,stage2,lfw,16,0.75,0,0,0\n")
+    (tmp_path / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\n1,stage2,lfw,8,0.9,0,0,0,0\n"
+                                          "2,stage2,lfw,16,0.7,0,0,0,0\n3,stage2,lfw,16,0.75,0,0,0,0\n")
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
     validator = Validator(net, [pairs], tmp_path, resolution=16, image_size=16, progress=False)
     assert validator.best == {"lfw": 0.75}         # the 8x8 row is another protocol

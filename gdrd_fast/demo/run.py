@@ -121,7 +121,7 @@ def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> P
             ax.plot([h["step"] for h in history], [h[term] for h in history], label=term, lw=1)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -89,7 +89,7 @@ def plot_accuracy_vs_resolution(path: str | os.PathLike, results: dict[str, dict
     ax.set_ylabel("verification accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -4,12 +4,12 @@
 cplfw, ...) every `eval.val_every` steps and at the end of the stage, at the recipe's resolution, with
 the LFW protocol of gdrd_fast.eval, on rank 0 only. Each result is one row of <run>/metrics.csv:
 
-    step, stage, target, resolution, accuracy, std, tar_at_far_1e-3, auc
+    step, stage, target, resolution, accuracy, std, tar_at_far_1e-3, far_of_tar, auc
 
 accuracy and std: the 10-fold verification accuracy (mean, std with ddof=0); auc: the area under the
-exact ROC; tar_at_far_1e-3: VerificationResult.tar asked at FAR 1e-3, i.e. the TAR at the FAR target
-gdrd_fast.eval.verify resolves for that set (1e-3 where the set has enough impostor pairs; see its
-docstring for a small set). The best accuracy per target is kept (also across a resume, from
+exact ROC; tar_at_far_1e-3: VerificationResult.tar asked at FAR 1e-3, i.e. the TAR at the smallest FAR
+that set's impostor count resolves; far_of_tar: that FAR (1e-3 where the set has enough impostor pairs,
+larger for a small set). The best accuracy per target is kept (also across a resume, from
 metrics.csv), and the student whose accuracy on the first target is the best so far is saved as
 <run>/best.pt (a plain IResNet state dict, like student.pt).
 
@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint as ckpt
 
 log = logging.getLogger("gdrd_fast.train")
-METRICS_COLUMNS = ("step", "stage", "target", "resolution", "accuracy", "std", "tar_at_far_1e-3", "auc")
+METRICS_COLUMNS = ("step", "stage", "target", "resolution", "accuracy", "std", "tar_at_far_1e-3", "far_of_tar", "auc")
 
 
 def _append_rows(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
@@ -119,7 +119,8 @@ class Validator:
                 result = verify(emb[0::2], emb[1::2], issame, far_target=1e-3)
                 rows.append({"step": step, "stage": stage, "target": name, "resolution": r or "hr",
                              "accuracy": result.accuracy, "std": result.accuracy_std,
-                             "tar_at_far_1e-3": result.tar, "auc": result.auc})
+                             "tar_at_far_1e-3": result.tar, "far_of_tar": result.far_level,
+                             "auc": result.auc})
         finally:
             self.net.train(was_training)
         self.output_dir.mkdir(parents=True, exist_ok=True)
