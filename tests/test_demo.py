@@ -69,8 +69,9 @@ def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path,
     assert summary["jobs"] == 2 and all(len(r["seeds"]) == 2 for r in summary["students"].values())
     _png(out / "ablation.png")
     assert "stage1-probe" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # argparse names the valid variants
+    with pytest.raises(SystemExit) as exit_info:  # one line that names the valid variants
         cli.main(["ablate", "--quick", "--variants", "gdrd-fast", "--output", str(out)])
+    assert exit_info.value.code == 2 and "gdrd-e2e" in capsys.readouterr().err
 
 
 def test_quick_demo_on_a_real_folder_and_bin(tmp_path, capsys):
