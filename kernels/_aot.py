@@ -7,7 +7,7 @@ those a launch on that GPU would get. It reports registers, spill bytes, shared 
 uses wgmma (Hopper tensor-core MMA) and which operand types its MMAs take.
 
 Each kernel module exposes STATIC_CONFIGS: a list of StaticConfig covering every configuration its
-launchers can pick on the installed Triton (from the module's TILES table); tests/test_triton_static.py
+launchers can pick on the installed Triton (from the module's TILES table); tests/lib/test_triton_static.py
 checks them all.
 """
 from __future__ import annotations

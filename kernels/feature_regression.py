@@ -102,7 +102,7 @@ class Tiles:
 
 
 # {first Triton version: {(arch, dot_in_fp32, "fwd" | "bwd"): Tiles}}; each entry compiles without spills
-# on that Triton (tests/test_triton_static.py)
+# on that Triton (tests/lib/test_triton_static.py)
 TILES = {
     (3, 6): {
         (90, False, "fwd"): Tiles(64, 32, 64, 8, 3),

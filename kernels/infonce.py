@@ -136,7 +136,7 @@ class Tiles:
 
 
 # {first Triton version: {(arch, dot_in_fp32, padded feature dim): Tiles}}. Each entry is the largest tile
-# ptxas compiles without spills on that architecture and Triton (tests/test_triton_static.py); fp32 runs as
+# ptxas compiles without spills on that architecture and Triton (tests/lib/test_triton_static.py); fp32 runs as
 # tf32x3, three MMAs per tile, which stops at D = 128.
 TILES = {
     (3, 6): {

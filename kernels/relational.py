@@ -95,7 +95,7 @@ def block_d(dim: int) -> int:
 
 
 # {first Triton version: {(dot_in_fp32, padded relation dim): Tiles}}, each compiling without spills on sm_90
-# and sm_80 (tests/test_triton_static.py). G^T stays in registers for the whole program, so the
+# and sm_80 (tests/lib/test_triton_static.py). G^T stays in registers for the whole program, so the
 # fp32-accurate product (three operand pairs) only fits narrow key tiles (fp32 is not the fast path).
 TILES = {
     (3, 6): {

@@ -77,7 +77,7 @@ def test_gpu_test_outcomes_are_collected_per_kernel_and_dtype(tmp_path):
     outcomes = tmp_path / "outcomes.json"
     env = dict(os.environ, GDRD_GPU_OUTCOMES=str(outcomes),
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_infonce.py", "-m", "cuda", "-q",
+    out = subprocess.run([sys.executable, "-m", "pytest", "tests/lib/test_infonce.py", "-m", "cuda", "-q",
                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     with open(outcomes) as f:

@@ -1,5 +1,5 @@
 """infonce_bank_loss fast paths against the float64 reference: the chunked CPU path here, the Triton
-kernels on a GPU (marked cuda; the same kernels run on CPU in tests/interpreter/interp_infonce.py)."""
+kernels on a GPU (marked cuda; the same kernels run on CPU in tests/lib/interpreter/interp_infonce.py)."""
 import pytest
 import torch
 

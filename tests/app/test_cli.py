@@ -61,7 +61,7 @@ def test_train_without_data_root_says_so(capsys, tmp_path):
     assert exit_info.value.code == 2 and "data.train_root" in capsys.readouterr().err
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_passes_arguments_to_pytest(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-PAGES = Path(__file__).resolve().parents[1] / "docs" / "switching"
+PAGES = Path(__file__).resolve().parents[2] / "docs" / "switching"
 
 
 def snippet(page: str) -> str:

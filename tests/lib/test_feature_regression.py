@@ -1,5 +1,5 @@
 """feature_regression_loss fast paths against the float64 reference (chunked CPU path here, Triton on a
-GPU; the Triton kernels also run on CPU in tests/interpreter/interp_feature_regression.py), plus the
+GPU; the Triton kernels also run on CPU in tests/lib/interpreter/interp_feature_regression.py), plus the
 custom ops' opcheck, torch.compile without graph breaks and the reductions."""
 import pytest
 import torch

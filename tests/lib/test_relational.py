@@ -1,5 +1,5 @@
 """relational_contrastive_loss fast paths against the float64 reference: the chunked 'cpu' backend here,
-the Triton kernel on a GPU (marked cuda; the same kernel runs on CPU in tests/interpreter/interp_relational.py).
+the Triton kernel on a GPU (marked cuda; the same kernel runs on CPU in tests/lib/interpreter/interp_relational.py).
 Also: the custom op's opcheck, torch.compile without graph breaks, the cpu backend's chunking, NaN
 propagation and the Module end to end."""
 import pytest

@@ -2,7 +2,7 @@
 import os
 
 # Triton decides at import whether kernels are interpreted: set before gdrd_fast.kernels loads. These
-# files are run by tests/test_triton_interpreter.py in their own process (the name keeps `pytest tests`
+# files are run by tests/lib/test_triton_interpreter.py in their own process (the name keeps `pytest tests`
 # from collecting them into a session that compiles kernels for the static checks).
 os.environ["TRITON_INTERPRET"] = "1"
 

@@ -175,7 +175,7 @@ def test_crd_key_refuses_a_bank_size_other_than_the_dataset():
 
 def test_switching_page_snippet_runs_in_a_distillation_box():
     """docs/switching/torchdistill.md: its import line and its YAML term (sizes shrunk to the tiny data)."""
-    page = (Path(__file__).resolve().parents[1] / "docs" / "switching" / "torchdistill.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "switching" / "torchdistill.md").read_text()
     (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
     exec(compile(code, "torchdistill.md", "exec"), {})  # noqa: S102 (our own docs)
     (term,) = re.findall(r"```yaml\n(.*?)```", page, flags=re.DOTALL)

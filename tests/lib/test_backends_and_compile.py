@@ -11,7 +11,7 @@ import gdrd_fast
 from gdrd_fast import backends
 from gdrd_fast.ops import infonce as infonce_ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
