@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -21,12 +22,16 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu/run.sh on the GPU machine")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu/run.sh on the GPU machine")
+    # an optional package: the GPU machine, for one, has no diffusers
+    no_diffusers = pytest.mark.skip(reason="needs the optional package diffusers: pip install 'gdrd_fast[demo]'")
+    has_gpu = torch.cuda.is_available()
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not has_gpu:
+            item.add_marker(no_gpu)
+        if "diffusers" in item.keywords and not has_diffusers:
+            item.add_marker(no_diffusers)
 
 
 # benchmarks/gpu/run.sh sets GDRD_GPU_OUTCOMES: every GPU test's kernel, dtype and outcome go there as JSON,

@@ -26,14 +26,29 @@ API_DIR = os.path.join(ROOT, "docs", "api")
 DIRECTIVE = re.compile(r"^:::\s*([\w.]+)\s*$", re.MULTILINE)
 
 
+def _optional_dependency_missing(exc: ImportError) -> bool:
+    """The import failed on a third-party package that is not installed here (e.g. torchdistill, diffusers)."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "gdrd_fast":
+            return True
+        exc = exc.__cause__ if isinstance(exc.__cause__, ImportError) else None
+    return False
+
+
 def _resolve(path: str):
-    """The object a mkdocstrings identifier names: the longest importable module prefix, then attributes."""
+    """The object a mkdocstrings identifier names: the longest importable module prefix, then attributes;
+    None where that module needs an optional package that is not installed here."""
     parts = path.split(".")
     for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
+            obj = importlib.import_module(name)
+        except ImportError as exc:
+            if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+                continue  # not a module: the rest is an attribute path
+            if _optional_dependency_missing(exc):
+                return None
+            raise
         for attr in parts[cut:]:
             obj = getattr(obj, attr)
         return obj
@@ -64,8 +79,8 @@ def _exported() -> list[tuple[str, str]]:
     for module_name in _public_modules():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # an optional third-party dependency is missing here
-            if exc.name and exc.name.split(".")[0] == "gdrd_fast":
+        except ImportError as exc:  # an optional third-party dependency is missing here
+            if not _optional_dependency_missing(exc):
                 raise
             continue
         out += [(module_name, name) for name in getattr(module, "__all__", ())]
@@ -81,7 +96,7 @@ def _uncovered(directives: list[str]) -> list[str]:
     """Exported names the directives do not render: neither an entry for the object itself, nor one for
     the exporting module (which renders its __all__, except names that are also submodules: mkdocstrings
     shows the submodule there, not the object)."""
-    documented_ids = {id(_resolve(path)) for path in directives}
+    documented_ids = {id(obj) for obj in map(_resolve, directives) if obj is not None}
     missing = []
     for module, name in _exported():
         obj = getattr(importlib.import_module(module), name)

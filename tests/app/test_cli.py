@@ -162,6 +162,7 @@ def test_unknown_arguments_show_the_subcommands_usage(argv, usage, capsys):
     assert "{train,eval" not in err  # not the top-level usage
 
 
+@pytest.mark.diffusers
 def test_quick_demo_writes_to_its_own_folder(monkeypatch, tmp_path, capsys):
     seen = []
 

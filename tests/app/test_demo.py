@@ -16,6 +16,7 @@ def _png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
 
 
+@pytest.mark.diffusers
 @pytest.mark.slow
 def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     config = load_demo_config(quick=True, overrides=QUICK_VARIANTS)
@@ -59,6 +60,7 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     assert "S_b after stage 1" in geometry["features"] and "CKA" in capsys.readouterr().out
 
 
+@pytest.mark.diffusers
 @pytest.mark.slow
 def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path, capsys):
     out = tmp_path / "grid"
@@ -74,6 +76,7 @@ def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path,
     assert exit_info.value.code == 2 and "gdrd-e2e" in capsys.readouterr().err
 
 
+@pytest.mark.diffusers
 def test_quick_demo_on_a_real_folder_and_bin(tmp_path, capsys):
     data = write_synthetic_dataset(tmp_path / "data", num_train_identities=12, images_per_identity=6,
                                    num_test_identities=20, test_images_per_identity=3, pairs_per_fold=4,

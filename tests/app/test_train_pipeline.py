@@ -11,6 +11,7 @@ from gdrd_fast.train import Runtime, Trainer, load_checkpoint, load_config
 from gdrd_fast.train.pipeline import build_stage1, build_stage2, train_gdrd
 
 
+@pytest.mark.diffusers
 @pytest.mark.slow
 def test_train_resume_and_eval_on_small_data(tmp_path):
     data = write_synthetic_dataset(tmp_path / "data", num_train_identities=3, images_per_identity=4,
