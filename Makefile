@@ -17,8 +17,10 @@ HAVE_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 || command -v nvcc >/
 TORCH ?= $(if $(HAVE_CUDA),torch==2.14.1,torch==2.13.0)
 EXTRAS ?= app,demo,test$(if $(HAVE_CUDA),$(comma)triton$(comma)peers)
 comma := ,
-# torchvision (pulled by torchdistill) must match the torch in use
-TORCHVISION = $(if $(findstring 2.14,$(TORCH)),torchvision==0.29.1,$(if $(findstring 2.13,$(TORCH)),torchvision==0.28.0))
+# torchvision (pulled by torchdistill, with the peers) must match the torch in use. None beside the CPU torch
+# 2.13.0: PyPI's torchvision 0.28.0 does not load with that wheel ("operator torchvision::nms does not exist"),
+# and diffusers then fails to import; gdrd_fast decodes images with PIL where torchvision is absent.
+TORCHVISION = $(if $(findstring 2.14,$(TORCH)),torchvision==0.29.1)
 
 STAMP := $(VENV)/.setup-done
 PINS := $(VENV)/.setup-pins

@@ -34,7 +34,8 @@ from .config import DemoConfig
 
 log = logging.getLogger("gdrd_fast.demo")
 TG_ROW = "generative teacher T_g (denoiser encoder, flattened)"
-METRICS = {"accuracy": "verification acc %", "tar": "TAR@FAR=1e-3 %", "auc": "AUC %", "probe": "probe acc %"}
+# TAR is measured at the smallest FAR the pairs resolve (gdrd_fast.eval.verify); the table names that FAR
+METRICS = {"accuracy": "verification acc %", "tar": "TAR %", "auc": "AUC %", "probe": "probe acc %"}
 
 
 # --- teachers ----------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def evaluate(model, data: dict, transform, device, desc: str) -> dict:
     emb = extract_embeddings(model, data["pair_images"], transform=transform, device=device, progress=False,
                              desc=desc)
     result = verify(emb[0::2], emb[1::2], data["issame"]).as_dict()
-    out = {k: result[k] for k in ("accuracy", "accuracy_std", "tar", "auc", "num_pairs")}
+    out = {k: result[k] for k in ("accuracy", "accuracy_std", "tar", "far_level", "auc", "num_pairs")}
     if data.get("probe_images") is not None:
         feats = extract_embeddings(model, data["probe_images"], transform=transform, device=device, flip=False,
                                    progress=False, desc=desc)
@@ -247,14 +248,16 @@ def _ref_cell(metrics: dict | None, metric: str) -> str:
 
 
 def ablation_markdown(summary: dict, note: str, title: str, footer: Sequence[str] = ()) -> str:
+    fars = {m["far_level"] for per in summary["references"].values() for m in per.values() if m and "far_level" in m}
+    labels = dict(METRICS, tar=f"TAR@FAR={fars.pop():.2g} %" if len(fars) == 1 else METRICS["tar"])
     rows = []
     for row in summary["students"].values():
         rows.append({"model": row["variant"], "input": f"{row['resolution']}x{row['resolution']}",
-                     "seeds": len(row["seeds"]), **{label: _pm(row.get(m)) for m, label in METRICS.items()}})
+                     "seeds": len(row["seeds"]), **{label: _pm(row.get(m)) for m, label in labels.items()}})
     for name, per_res in summary["references"].items():
         for r, metrics in per_res.items():
             rows.append({"model": name, "input": "HR" if r == "hr" else f"{r}x{r}", "seeds": "-",
-                         **{label: _ref_cell(metrics, m) for m, label in METRICS.items()}})
+                         **{label: _ref_cell(metrics, m) for m, label in labels.items()}})
     lines = [f"# {title}", "", f"**{note}**", "", markdown_table(rows), "",
              "Students: mean +- std (ddof=1) over seeds. Verification: LFW protocol (10 contiguous folds). Probe: a "
              "linear softmax classifier on frozen features, fitted on half of each unseen test identity's images, "
