@@ -191,13 +191,13 @@ def test_the_citation_scan_catches_a_missing_document(tmp_path):
     (tmp_path / "README.md").write_text("# readme\n")
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(
-        '"""Formulas: docs/page.md; usage: README.md; the old spec: specs/ops.md section 2."""\n'
+        '"""Formulas: docs/page.md; usage: README.md; the old spec: specs/kernels.md section 2."""\n'
         'REPORT = "summary.md"  # written by this module\n'
-        '# writes summary.md beside the JSON; see also ../docs/page.md and method.md\n')
+        '# writes summary.md beside the JSON; see also ../docs/page.md and theory.md\n')
     (tmp_path / "build.sh").write_text("# follows docs/missing.md\n")
     files = ["docs/page.md", "README.md", "pkg/mod.py", "build.sh"]
     assert missing_citations(str(tmp_path), files) == [
-        "pkg/mod.py:1: specs/ops.md", "pkg/mod.py:3: method.md", "build.sh:1: docs/missing.md"]
+        "pkg/mod.py:1: specs/kernels.md", "pkg/mod.py:3: theory.md", "build.sh:1: docs/missing.md"]
 
 
 # --- the site ---------------------------------------------------------------------------------------
