@@ -9,29 +9,11 @@ from gdrd_fast import backends, functional, reference
 from gdrd_fast.ops import crd_nce
 from gdrd_fast.testing import assert_close
 
+from crd_cases import DTYPES, SIZES, check_crd, crd_inputs
+
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-# (B, K, D, N): N large keeps the gathered kernel; the last case takes the dense path on every device
-SIZES = [(1, 1, 31, 50), (47, 123, 100, 5000), (5, 1000, 128, 20000), (3, 300, 31, 97)]
-DTYPES = [  # (anchor dtype, bank dtype)
-    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
-
-
-def inputs(b, k, d, n, anchor_dtype, bank_dtype, idx_dtype, device):
-    anchor = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=1)
-    memory = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
-    idx = torch.randint(n, (b, k + 1), dtype=idx_dtype)
-    log_z = torch.tensor(math.log(n) + torch.rand(()).item(), dtype=torch.float64)
-    return (anchor.to(device, anchor_dtype), memory.to(device, bank_dtype), idx.to(device), log_z.to(device))
-
-
-def loss_and_grad(fn, anchor, weights):
-    anchor = anchor.detach().requires_grad_(True)
-    rows = fn(anchor)
-    (grad,) = torch.autograd.grad((rows.double() * weights).sum(), anchor)
-    return rows, grad
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -39,31 +21,17 @@ def loss_and_grad(fn, anchor, weights):
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 def test_crd_nce_loss_matches_float64_reference(device, size, dtypes, idx_dtype):
-    backend = "cpu" if device == "cpu" else "cuda"
     if device == "cuda" and dtypes[0] == torch.float64:
         pytest.skip("float64 is checked on CPU (gradcheck); the CUDA kernels compute in float32")
-    anchor, memory, idx, log_z = inputs(*size, *dtypes, idx_dtype, device)
-    kw = dict(temperature=0.07, log_z=log_z, n_data=memory.shape[0] + 3, reduction="none")
-    weights = torch.rand(size[0], dtype=torch.float64, device=device) + 0.5  # grad_output != 1
-    fast, g_fast = loss_and_grad(lambda a: functional.crd_nce_loss(a, memory, idx, backend=backend, **kw),
-                                 anchor, weights)
-    ref, g_ref = loss_and_grad(lambda a: reference.crd_nce_loss(a.double(), memory.double(), idx, **kw), anchor,
-                               weights)
-    same, g_same = loss_and_grad(lambda a: reference.crd_nce_loss(a, memory, idx, **kw), anchor, weights)
-    assert fast.dtype == anchor.dtype and g_fast.dtype == anchor.dtype
-    assert_close("loss", fast, ref, same, dtypes[0])
-    assert_close("d anchor", g_fast, g_ref, g_same, dtypes[0])
-    with torch.no_grad():
-        nograd = functional.crd_nce_loss(anchor, memory, idx, backend=backend, **kw)
-    assert_close("no-grad loss", nograd, ref, same, dtypes[0])
+    check_crd("cpu" if device == "cpu" else "cuda", size, dtypes, idx_dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", SIZES)
 def test_pair_kernel_equals_two_single_kernels(device, size):
     """One idx read for both sides gives what two single-bank kernels give."""
-    anchor_a, memory_a, idx, log_z_a = inputs(*size, torch.float32, torch.float32, torch.int64, device)
-    anchor_b, memory_b, _, log_z_b = inputs(*size, torch.float32, torch.float32, torch.int64, device)
+    anchor_a, memory_a, idx, log_z_a = crd_inputs(*size, torch.float32, torch.float32, torch.int64, device)
+    anchor_b, memory_b, _, log_z_b = crd_inputs(*size, torch.float32, torch.float32, torch.int64, device)
     if not crd_nce.dense_wins(idx, memory_a):
         backend = crd_nce.PAIR_KERNELS[device]()
         single = crd_nce.KERNELS[device]()
@@ -84,7 +52,7 @@ def test_pair_kernel_equals_two_single_kernels(device, size):
 @pytest.mark.parametrize("size", [(4, 300, 31, 100), (7, 5, 64, 2)])
 def test_dense_path_equals_gathered_kernel_in_float64(size):
     """The dense GEMM path (chosen for B(K+1) >= 2N) is exact: it equals the gathered kernel."""
-    anchor, memory, idx, log_z = inputs(*size, torch.float64, torch.float64, torch.int64, "cpu")
+    anchor, memory, idx, log_z = crd_inputs(*size, torch.float64, torch.float64, torch.int64, "cpu")
     assert crd_nce.dense_wins(idx, memory)
     c, inv_t = size[1] / size[3], 1 / 0.07
     dense = crd_nce.dense_forward(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
@@ -94,14 +62,14 @@ def test_dense_path_equals_gathered_kernel_in_float64(size):
 
 
 def test_gradcheck_cpu_kernel_float64():
-    anchor, memory, idx, log_z = inputs(3, 7, 5, 40, torch.float64, torch.float64, torch.int64, "cpu")
+    anchor, memory, idx, log_z = crd_inputs(3, 7, 5, 40, torch.float64, torch.float64, torch.int64, "cpu")
     anchor.requires_grad_(True)
     torch.autograd.gradcheck(lambda a: functional.crd_nce_loss(a, memory, idx, temperature=0.5, log_z=log_z,
                                                                reduction="none", backend="cpu"), (anchor,))
 
 
 def test_opcheck_custom_ops():
-    anchor, memory, idx, log_z = inputs(3, 9, 8, 40, torch.float32, torch.float32, torch.int64, "cpu")
+    anchor, memory, idx, log_z = crd_inputs(3, 9, 8, 40, torch.float32, torch.float32, torch.int64, "cpu")
     anchor.requires_grad_(True)
     torch.library.opcheck(crd_nce.crd_nce_op, (anchor, memory, idx, log_z, 0.1, 0.2, 1e-7, "cpu", True))
     anchor_b = torch.randn_like(anchor, requires_grad=True)
@@ -110,7 +78,7 @@ def test_opcheck_custom_ops():
 
 
 def test_backward_through_no_grad_forward_raises():
-    anchor, memory, idx, log_z = inputs(2, 3, 4, 40, torch.float32, torch.float32, torch.int64, "cpu")
+    anchor, memory, idx, log_z = crd_inputs(2, 3, 4, 40, torch.float32, torch.float32, torch.int64, "cpu")
     anchor.requires_grad_(True)
     rows, _ = crd_nce.crd_nce_op(anchor, memory, idx, log_z, 0.1, 0.1, 1e-7, "cpu", False)
     with pytest.raises(RuntimeError, match="need_grad=False"):
@@ -122,7 +90,7 @@ def test_fp32_loss_at_70k_negatives_is_accurate(backend):
     """K = 70,000 fp32 terms per row: summed in order in fp32 they drift (1.8e-4 relative on 'cpu'); the
     kernel sums each row in fp64 and the reference in log space, so both stay near fp32 rounding."""
     b, k, d, n = 2, 70_000, 128, 100_000
-    anchor, memory, idx, _ = inputs(b, k, d, n, torch.float64, torch.float64, torch.int64, "cpu")
+    anchor, memory, idx, _ = crd_inputs(b, k, d, n, torch.float64, torch.float64, torch.int64, "cpu")
     log_z = reference.crd_log_z(anchor, memory, idx, temperature=0.07)
     kw = dict(temperature=0.07, log_z=log_z, reduction="none")
     exact = reference.crd_nce_loss(anchor, memory, idx, **kw)
@@ -134,7 +102,7 @@ def test_fp32_loss_at_70k_negatives_is_accurate(backend):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_float_log_z_keeps_float64(backend):
     """A Python float log_z used to pass through float32 (5e-9 relative error in float64 CRD)."""
-    anchor, memory, idx, _ = inputs(5, 40, 16, 300, torch.float64, torch.float64, torch.int64, "cpu")
+    anchor, memory, idx, _ = crd_inputs(5, 40, 16, 300, torch.float64, torch.float64, torch.int64, "cpu")
     log_z = 7.123456789012345
     got = functional.crd_nce_loss(anchor, memory, idx, temperature=0.1, log_z=log_z, reduction="none",
                                   backend=backend)

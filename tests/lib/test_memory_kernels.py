@@ -8,20 +8,10 @@ from gdrd_fast import MemoryBank, MemoryQueue, backends, reference, validation
 from gdrd_fast import functional
 from gdrd_fast.ops import memory as memory_ops
 
+from memory_cases import TOL, bank_case, empty_queue, expected_bank
+
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="needs the C++ extension gdrd_fast._C")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-def case(n, d, b, bank_dtype, idx_dtype, device, duplicates=True):
-    bank = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
-    idx = torch.randint(n, (b,)) if duplicates else torch.randperm(n)[:b]
-    values = torch.randn(b, d, dtype=torch.float64)
-    return bank.to(device, bank_dtype), idx.to(device, idx_dtype), values.to(device, torch.float32)
-
-
-def expected(bank, idx, values, momentum):
-    return reference.bank_update_(bank.double().clone(), idx, values.double(), momentum)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -29,8 +19,8 @@ def expected(bank, idx, values, momentum):
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("n, d, b", [(7, 31, 20), (1000, 128, 65), (3, 5, 1)])
 def test_bank_update_matches_reference(device, bank_dtype, idx_dtype, n, d, b):
-    bank, idx, values = case(n, d, b, bank_dtype, idx_dtype, device)
-    want = expected(bank, idx, values, 0.3)
+    bank, idx, values = bank_case(n, d, b, bank_dtype, idx_dtype, device)
+    want = expected_bank(bank, idx, values, 0.3)
     functional.bank_update_(bank, idx, values, 0.3, backend=device)
     # rows the update does not touch are left bit for bit
     untouched = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, idx.long(), False)
@@ -40,10 +30,10 @@ def test_bank_update_matches_reference(device, bank_dtype, idx_dtype, n, d, b):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_last_duplicate_wins_deterministically(device):
-    bank, _, values = case(10, 16, 40, torch.float32, torch.int64, device)
+    bank, _, values = bank_case(10, 16, 40, torch.float32, torch.int64, device)
     idx = torch.full((40,), 4, device=device)
     idx[::3] = 7
-    want = expected(bank, idx, values, 0.5)
+    want = expected_bank(bank, idx, values, 0.5)
     last_only = bank.clone()  # row 4 written from values[38] only, row 7 from values[39] only
     functional.bank_update_(last_only, idx[[38, 39]], values[[38, 39]], 0.5, backend=device)
     for _ in range(3):
@@ -56,8 +46,8 @@ def test_last_duplicate_wins_deterministically(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
 def test_pair_update_equals_two_single_updates(device, bank_dtype):
-    bank_a, idx, values_a = case(500, 100, 47, bank_dtype, torch.int64, device)
-    bank_b, _, values_b = case(500, 100, 47, bank_dtype, torch.int64, device)
+    bank_a, idx, values_a = bank_case(500, 100, 47, bank_dtype, torch.int64, device)
+    bank_b, _, values_b = bank_case(500, 100, 47, bank_dtype, torch.int64, device)
     single_a, single_b = bank_a.clone(), bank_b.clone()
     functional.bank_update_(single_a, idx, values_a, 0.5, backend=device)
     functional.bank_update_(single_b, idx, values_b, 0.5, backend=device)
@@ -76,18 +66,12 @@ def test_memory_bank_module_uses_kernel_and_rejects_bad_input(device, monkeypatc
         bank.update_(torch.tensor([1, 2], device=device), torch.full((2, 8), float("nan"), device=device))
     assert torch.equal(bank.rows, before)
     idx, values = torch.tensor([5, 2, 5], device=device), torch.randn(3, 8, device=device)
-    want = expected(before, idx, values, 0.5)
+    want = expected_bank(before, idx, values, 0.5)
     bank.update_(idx, values)
     torch.testing.assert_close(bank.rows.double(), want, rtol=0, atol=1e-6)
 
 
 # --- MemoryQueue kernels (csrc/cpu/queue.cpp, csrc/cuda/queue.cu) ----------------------------------------
-def empty_queue(size, d, dtype, device, with_labels):
-    labels = torch.full((size,), -1, device=device) if with_labels else None
-    return [torch.zeros(size, d, dtype=dtype, device=device), torch.tensor(0, device=device),
-            torch.tensor(0, device=device), labels]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("queue_dtype, value_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                       (torch.float16, torch.float16), (torch.float64, torch.float32)])
@@ -179,7 +163,7 @@ def test_compiled_memory_ops_pass_opcheck():
     assert memory_ops.PUSH_IMPLS["cpu"].unavailable(torch.device("cpu")) is None  # registers the fake kernels
     ops = {name: getattr(torch.ops.gdrd_fast_C, name).default
            for name in ("bank_update_", "bank_update_pair_", "queue_push_", "queue_sample_negatives")}
-    bank, idx, values = case(50, 16, 9, torch.float32, torch.int64, "cpu")
+    bank, idx, values = bank_case(50, 16, 9, torch.float32, torch.int64, "cpu")
     torch.library.opcheck(ops["bank_update_"], (bank, idx, values, 0.5))
     torch.library.opcheck(ops["bank_update_pair_"], (bank, values, bank.clone(), values.clone(), idx, 0.5))
     queue, ptr, count, queue_labels = empty_queue(11, 16, torch.float32, "cpu", with_labels=True)
