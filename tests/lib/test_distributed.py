@@ -1,12 +1,11 @@
 """Two gloo processes on CPU against one process fed the concatenated batch (issue 6).
 
-One spawn of 2 ranks (tcp on 127.0.0.1, a free port) runs every case: each trains for a few SGD steps under
+One spawn of 2 ranks (gloo over a file store) runs every case: each trains for a few SGD steps under
 DistributedDataParallel with uneven local batches, saves what it saw, and the parent compares it
 with a single-process run in float64: per-step losses, weights, banks and queues.
 """
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -25,22 +24,17 @@ SIZES = [3, 4]  # uneven local batches: rank 0 holds global rows 0..2, rank 1 ro
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64 end to end; only the order of sums differs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, out_dir, cases):
+def _rank_main(rank, world, out_dir, cases):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no TCP server thread in rank 0 to outlive, and no free-port race
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         results = {name: worker(rank, *args) for name, (worker, args) in cases.items()}
     except BaseException:
         dist.destroy_process_group()  # no barrier: the peer may never reach it
         raise
-    shutdown()  # barrier first: tearing gloo down under a peer's last collective aborts the process
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    shutdown()  # barrier first: tearing gloo down under a peer's last collective aborts the process
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def two_ranks(tmp_path_factory):
     cases["bank"] = (_sharded_bank_worker, inputs["bank"])
     out_dir = tmp_path_factory.mktemp("ranks")
     world = 2
-    mp.spawn(_rank_main, args=(world, _free_port(), str(out_dir), cases), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, str(out_dir), cases), nprocs=world, join=True)
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return {name: [r[name] for r in ranks] for name in cases}, inputs
 
