@@ -9,7 +9,6 @@ mean +- std over seeds), the feature geometry of the GDRD student, and what the 
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from torch import nn
 from .. import models
 from ..data import IdentityFolderDataset, SyntheticFaces, load_pairs_bin, sample_pairs
 from ..data.images import atomic_write_bytes
-from ..eval import write_json
+from ..eval import save_png, write_json
 from ..train import DiscriminativeStage, Runtime, Trainer, log_to_file, seed_everything
 from ..train.config import to_dict
 from .config import DemoConfig
@@ -125,10 +124,7 @@ def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> P
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None = None, pairs: str | None = None,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .identification import linear_probe
-from .report import markdown_table, write_json
+from .report import markdown_table, save_png, write_json
 
 
 def _matrix(name: str, x: Tensor) -> Tensor:
@@ -163,7 +163,7 @@ def _plot_cosines(path: Path, features: Mapping[str, Tensor], labels: Tensor, ti
             ax.legend(fontsize=7)
     fig.suptitle(f"Intra- vs inter-class cosine, {title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)
 
 
 def _plot_embeddings(path: Path, features: Mapping[str, Tensor], labels: Tensor, title: str) -> None:
@@ -181,4 +181,4 @@ def _plot_embeddings(path: Path, features: Mapping[str, Tensor], labels: Tensor,
             k += 1
     fig.suptitle(f"2-D embeddings coloured by identity, {title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_png(fig, path)

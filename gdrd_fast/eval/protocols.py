@@ -16,7 +16,6 @@ and back (gdrd_fast.data.degrade); 'hr' (None) keeps it as it is (TinyFace's fac
 """
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from ..data.folder import ImageListDataset, image_files
 from ..data.images import atomic_write_bytes
 from .embeddings import embed_dataset, extract_embeddings
 from .identification import RANKS, cmc, linear_probe, subset_report
-from .report import markdown_table, write_identification_report, write_json
+from .report import markdown_table, save_png, write_identification_report, write_json
 from .verification import VerificationResult, verify
 
 INPUT_SIZE = 112
@@ -91,10 +90,7 @@ def plot_accuracy_vs_resolution(path: str | os.PathLike, results: dict[str, dict
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)
 
 
 def write_sets_report(out_dir: str | os.PathLike, results: dict[str, dict[str, VerificationResult]],

@@ -21,6 +21,15 @@ def write_json(path: str | os.PathLike, payload: Mapping) -> Path:
     return path
 
 
+def save_png(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """A matplotlib figure as a PNG, written atomically (a stopped run leaves no half-written plot)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
     """A GitHub Markdown table; floats in [0, 1] are shown as percentages with two decimals."""
     if not rows:
@@ -95,11 +104,7 @@ def roc_figure(results: Mapping[str, VerificationResult], title: str):
 
 def plot_roc(path: str | os.PathLike, results: Mapping[str, VerificationResult], title: str) -> Path:
     """roc_figure into a PNG (the legend included)."""
-    buf = io.BytesIO()
-    roc_figure(results, title).savefig(buf, format="png", bbox_inches="tight")
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(roc_figure(results, title), path, bbox_inches="tight")
 
 
 def write_verification_report(out_dir: str | os.PathLike, dataset: str, results: Mapping[str, VerificationResult],

@@ -80,7 +80,7 @@ class _BankPositivePairs(torch.autograd.Function):
             keys = _keys(bank, start, start + chunk, q.dtype, normalize)
             same = labels[:, None] == bank_labels[None, start:start + chunk]
             x = lse[:, None] - torch.mm(q, keys.t()).mul_(inv_t)
-            total += torch.where(same, _softplus(x), 0.0).sum(1)
+            total += torch.where(same, reference.softplus(x), 0.0).sum(1)
             weight = torch.where(same, torch.sigmoid(x), 0.0)
             grad_lse += weight.sum(1)
             grad_q.addmm_(weight, keys, alpha=-inv_t)
@@ -93,11 +93,6 @@ class _BankPositivePairs(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_count):
         grad_q, grad_lse = ctx.saved_tensors
         return grad_q * grad_total[:, None], grad_lse * grad_total, None, None, None, None, None
-
-
-def _softplus(x: Tensor) -> Tensor:
-    """log(1 + exp(x)) exactly (F.softplus turns linear above 20, off by up to 2e-9)."""
-    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
@@ -153,7 +148,7 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
     count = torch.zeros((), dtype=torch.long, device=q.device)
     if positive is not None:
         p = F.normalize(positive.to(dt), dim=1) if normalize else positive.to(dt)
-        rows = rows + _softplus(lse - (q * p).sum(1) * inv_t)
+        rows = rows + reference.softplus(lse - (q * p).sum(1) * inv_t)
         count = count + b
     if bank.shape[0]:
         total, per_query = _BankPositivePairs.apply(q, lse, bank.detach(), labels, bank_labels, inv_t, normalize)
@@ -161,7 +156,7 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
         count = count + per_query.sum()
     if in_batch is not None:
         s, pos = in_batch
-        rows = rows + torch.where(pos, _softplus(lse[:, None] - s), 0.0).sum(1)
+        rows = rows + torch.where(pos, reference.softplus(lse[:, None] - s), 0.0).sum(1)
         count = count + pos.sum()
     return rows, count
 
