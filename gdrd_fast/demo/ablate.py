@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import models
 from ..data import degrade
-from ..eval import extract_embeddings, markdown_table, verify, write_json
+from ..eval import extract_embeddings, markdown_table, save_png, verify, write_json
 from ..eval.geometry import probe_accuracy
 from ..train import Runtime, Trainer, log_to_file, seed_everything
 from ..train import checkpoint as ckpt
@@ -34,6 +34,8 @@ from .config import DemoConfig
 
 log = logging.getLogger("gdrd_fast.demo")
 TG_ROW = "generative teacher T_g (denoiser encoder, flattened)"
+PIXELS_ROW = "the LR face's own pixels (flattened)"
+RANDOM_ROW = "untrained student (random features)"
 # TAR is measured at the smallest FAR the pairs resolve (gdrd_fast.eval.verify); the table names that FAR
 METRICS = {"accuracy": "verification acc %", "tar": "TAR %", "auc": "AUC %", "probe": "probe acc %"}
 
@@ -195,7 +197,7 @@ def run_cell(spec: dict) -> dict:
 # --- the grid ----------------------------------------------------------------------------------------
 def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data: dict, device) -> dict:
     """The rows every student is measured against: the HR teacher (at HR and at each resolution), the
-    generative teacher's encoder features at each resolution, and an untrained student."""
+    generative teacher's encoder features at each resolution, the LR face's pixels, and an untrained student."""
     from .nets import SmallFaceNet
     teacher, _, encoder = load_teachers(config, grid, int(data["train"].targets.max()) + 1)
     seed_everything(config.seed)
@@ -204,11 +206,15 @@ def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data:
         "hr": evaluate(teacher, data, None, device, "HR teacher")}}
     for name, model, feats in (("HR teacher on LR input", teacher, None),
                                (TG_ROW, encoder, "tg"),
-                               ("untrained student (random features)", untrained, None)):
+                               (PIXELS_ROW, None, "pixels"),
+                               (RANDOM_ROW, untrained, None)):
         rows[name] = {}
         for r in resolutions:
             if feats == "tg":
                 rows[name][r] = evaluate(teacher_feature(encoder, r), data, None, device, name)
+            elif feats == "pixels":  # what T_g's features must beat to add identity to their own input
+                rows[name][r] = evaluate(lambda x: x.flatten(1), data, lambda x, r=r: degrade(x, r, size=r), device,
+                                         name)
             else:
                 rows[name][r] = evaluate(model, data, lambda x, r=r: degrade(x, r), device, name)
     return rows
@@ -267,13 +273,10 @@ def ablation_markdown(summary: dict, note: str, title: str, footer: Sequence[str
 
 
 def plot_ablation(path: Path, summary: dict, title: str) -> Path:
-    import io
-
     import matplotlib
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from ..data.images import atomic_write_bytes
     students = list(summary["students"].values())
     variants = list(dict.fromkeys(r["variant"] for r in students))
     resolutions = list(dict.fromkeys(r["resolution"] for r in students))
@@ -305,10 +308,7 @@ def plot_ablation(path: Path, summary: dict, title: str) -> Path:
         ax.set_ylim(max(0.0, min(lows) - 5), 100)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 def default_jobs(threads: int) -> int:

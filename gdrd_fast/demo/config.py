@@ -20,9 +20,9 @@ class SyntheticDataConfig:
 
 @dataclass
 class DenoiserConfig:
-    """The brief diffusion training that makes the generative teacher (a small diffusers UNet2DModel)."""
+    """The diffusion training that makes the generative teacher (a small diffusers UNet2DModel)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(optimizer="adamw", lr=2e-3, weight_decay=0.0,
-                                                                   epochs=1, milestones=[], steps=200))
+                                                                   epochs=1, milestones=[], steps=1000))
     batch_size: int = 32
     image_size: int = 32  # faces are resized to this for the UNet; the LR face too, in stage 1
     unet: dict[str, Any] = field(default_factory=dict)  # UNet2DModel kwargs

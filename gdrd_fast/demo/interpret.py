@@ -5,7 +5,7 @@ rule for 2..5 seeds, said as such); everything else is reported as within the se
 """
 from __future__ import annotations
 
-from .ablate import TG_ROW
+from .ablate import PIXELS_ROW, RANDOM_ROW, TG_ROW
 
 NAMES = {"baseline": "the baseline (no distillation)", "crd": "CRD", "crrcd": "CRRCD (ArcFace + KD + RCD)",
          "kd": "KD", "gdrd": "GDRD (module-wise)", "gdrd-e2e": "GDRD end to end", "gdrd-unfrozen":
@@ -31,6 +31,15 @@ def compare(summary: dict, a: str, b: str, r: int, metric: str = "accuracy") -> 
     return f"{NAMES.get(a, a)} {verdict} {NAMES.get(b, b)} by {diff:+.2f} points ({numbers})"
 
 
+def _teacher_verdict(tg: float, random: float, pixels: float | None) -> str:
+    if tg <= random:
+        return "Its features carry no more identity than random ones, so stage 1 distils little identity."
+    if pixels is not None and tg <= pixels:
+        return ("Its features carry more identity than random ones but no more than the pixels they are computed "
+                "from: stage 1 teaches the backbone a representation, not identity the input lacks.")
+    return "Its features carry more identity than random ones and than the pixels they are computed from."
+
+
 def interpret(summary: dict, geometry: dict | None, config) -> str:
     r = config.resolution
     variants = list(dict.fromkeys(row["variant"] for row in summary["students"].values()))
@@ -43,15 +52,13 @@ def interpret(summary: dict, geometry: dict | None, config) -> str:
             if sentence:
                 lines.append(f"- {sentence}.")
     refs = summary["references"]
-    tg, rnd = refs.get(TG_ROW, {}).get(r, {}), refs.get("untrained student (random features)", {}).get(r, {})
+    tg, rnd, pixels = (refs.get(row, {}).get(r, {}) for row in (TG_ROW, RANDOM_ROW, PIXELS_ROW))
     if "probe" in tg and "probe" in rnd:
-        gap = 100 * (tg["probe"] - rnd["probe"])
         lines += ["", f"Does the generative teacher deserve the name? A linear probe on its encoder features of "
                       f"{r}x{r} faces reaches {100 * tg['probe']:.2f}% on unseen identities, against "
-                      f"{100 * rnd['probe']:.2f}% for an untrained student's random features "
-                      f"({gap:+.2f} points): its features "
-                      + ("carry more identity than random ones." if gap > 0 else
-                         "carry no more identity than random ones, so stage 1 distils little identity.")]
+                      f"{100 * rnd['probe']:.2f}% for an untrained student's random features"
+                      + (f" and {100 * pixels['probe']:.2f}% for the LR face's own pixels" if "probe" in pixels else "")
+                      + ". " + _teacher_verdict(tg["probe"], rnd["probe"], pixels.get("probe"))]
         probes = {v: _entry(summary, v, r, "probe") for v in variants}
         best = max((v for v in probes if probes[v]), key=lambda v: probes[v]["mean"], default=None)
         if best is not None:

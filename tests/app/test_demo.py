@@ -7,7 +7,8 @@ import pytest
 from gdrd_fast import cli
 from gdrd_fast.data import write_synthetic_dataset
 from gdrd_fast.demo import load_demo_config, run_demo
-from gdrd_fast.demo.ablate import run_grid
+from gdrd_fast.demo.ablate import PIXELS_ROW, RANDOM_ROW, TG_ROW, run_grid
+from gdrd_fast.demo.interpret import interpret
 
 QUICK_VARIANTS = ["ablation.variants=[baseline, gdrd]"]  # two students x two seeds keep the test short
 
@@ -37,6 +38,7 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
         assert 0 <= row["probe"]["mean"] <= 1
     refs = payload["ablation"]["references"]
     assert "probe" in refs["generative teacher T_g (denoiser encoder, flattened)"]["8"]
+    assert "probe" in refs["the LR face's own pixels (flattened)"]["8"]
     assert any(k.startswith("S_b after stage 1 vs T_g") for k in payload["geometry"]["cka"])
     text = (tmp_path / "results.md").read_text()
     assert "What the numbers show" in text and "does not show" in text and result["text"] in text
@@ -99,3 +101,12 @@ def test_demo_recipe_budget_and_ablation_are_checked():
         load_demo_config(overrides=["stage2.rcd.negatives=3"])
     with pytest.raises(ValueError, match="ablation.variants must be among"):
         load_demo_config(overrides=["ablation.variants=[gdrd, sota]"])
+
+
+@pytest.mark.parametrize("tg_probe, verdict", [(0.05, "no more identity than random ones"),
+                                               (0.12, "no more than the pixels they are computed from"),
+                                               (0.30, "more identity than random ones and than the pixels")])
+def test_the_demo_text_judges_the_generative_teacher_against_random_features_and_pixels(tg_probe, verdict):
+    refs = {TG_ROW: {16: {"probe": tg_probe}}, RANDOM_ROW: {16: {"probe": 0.10}}, PIXELS_ROW: {16: {"probe": 0.15}}}
+    text = interpret({"students": {}, "references": refs}, None, load_demo_config())
+    assert verdict in text and f"{100 * tg_probe:.2f}%" in text and "15.00% for the LR face's own pixels" in text
