@@ -3,13 +3,16 @@
 Compiled kernels in csrc/: torch.ops.gdrd_fast_C bank_update_ and bank_update_pair_ (two banks, one idx,
 one launch; cpu/bank_update.cpp, cuda/bank_update.cu), queue_push_ and queue_sample_negatives
 (cpu/queue.cpp, cuda/queue.cu); the reference (gdrd_fast.reference) is the 'torch' backend. They write in
-place, so they are torch ops with mutation schemas (csrc/ops.cpp) and fake kernels, not autograd ops.
+place, so they are torch ops with mutation schemas (csrc/ops.cpp) and fake kernels, not autograd ops;
+what they write gets its version counter bumped here, as torch's own in-place ops do.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch.autograd.graph import increment_version
+
 from .. import backends, reference
 
 
@@ -42,10 +45,26 @@ def _compiled(op: str):
         return unavailable
 
     def load():
-        return getattr(torch.ops.gdrd_fast_C, op)
+        return _bumping_versions(getattr(torch.ops.gdrd_fast_C, op))
 
     return {"cpu": backends.Backend(load, available(backends.with_cpu_extension)),
             "cuda": backends.Backend(load, available(backends.with_cuda_extension))}
+
+
+def _bumping_versions(op):
+    """op, then a version bump of every argument its schema marks written (a!): a backward that saved a
+    tensor the kernel has since overwritten then fails loudly instead of using the new values."""
+    written = [i for i, arg in enumerate(op.default._schema.arguments)
+               if arg.alias_info is not None and arg.alias_info.is_write]
+    if not written:
+        return op
+
+    def call(*args):
+        result = op(*args)
+        increment_version([args[i] for i in written if args[i] is not None])
+        return result
+
+    return call
 
 
 def _reference_pair(memory_a, values_a, memory_b, values_b, idx, momentum):

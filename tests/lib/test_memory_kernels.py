@@ -172,3 +172,30 @@ def test_compiled_memory_ops_pass_opcheck():
                           (torch.randint(3, (11,)), 11, torch.randint(3, (5,)), torch.tensor([7]), 13))
     torch.library.opcheck(ops["queue_sample_negatives"], (None, 11, torch.zeros(5, dtype=torch.long),
                                                           torch.tensor([7]), 13))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_in_place_updates_bump_the_version_so_a_stale_backward_fails(backend):
+    """A backward that saved a bank or queue which an update then overwrote must raise, as with torch's own
+    in-place ops; without the version bump it would silently use the new rows."""
+    bank, idx, values = bank_case(50, 16, 9, torch.float32, torch.int64, "cpu")
+    other = bank.clone()
+    weight = torch.randn(16, requires_grad=True)
+    stale = [(bank * weight).sum(), (other * weight).sum()]  # both save their bank for backward
+    before = bank._version, other._version
+    functional.bank_update_(bank, idx, values, 0.5, backend=backend)
+    assert bank._version > before[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale[0].backward()
+    functional.bank_update_pair_(bank, values, other, values.clone(), idx, 0.5, backend=backend)
+    assert bank._version > before[0] + 1 and other._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale[1].backward()
+
+    queue, ptr, count, queue_labels = empty_queue(11, 16, torch.float32, "cpu", with_labels=True)
+    saved = (queue * weight).sum()
+    versions = [t._version for t in (queue, ptr, count, queue_labels)]
+    functional.queue_push_(queue, ptr, count, values, torch.arange(9), queue_labels, backend=backend)
+    assert all(t._version > v for t, v in zip((queue, ptr, count, queue_labels), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
