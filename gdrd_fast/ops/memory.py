@@ -45,22 +45,27 @@ def _compiled(op: str):
         return unavailable
 
     def load():
-        return _bumping_versions(getattr(torch.ops.gdrd_fast_C, op))
+        return _bumping_versions(op)
 
     return {"cpu": backends.Backend(load, available(backends.with_cpu_extension)),
             "cuda": backends.Backend(load, available(backends.with_cuda_extension))}
 
 
-def _bumping_versions(op):
-    """op, then a version bump of every argument its schema marks written (a!): a backward that saved a
-    tensor the kernel has since overwritten then fails loudly instead of using the new values."""
-    written = [i for i, arg in enumerate(op.default._schema.arguments)
-               if arg.alias_info is not None and arg.alias_info.is_write]
-    if not written:
-        return op
+# the arguments each in-place op's schema marks written (a!), by position (tests/lib/test_memory_kernels.py
+# checks them against csrc/ops.cpp); read here, not from the schema, so torch.compile can trace the call
+WRITTEN = {"bank_update_": (0,), "bank_update_pair_": (0, 2), "queue_push_": (0, 1, 2, 5)}
+
+
+def _bumping_versions(op: str):
+    """The compiled op, then a version bump of every argument it wrote: a backward that saved a tensor the
+    kernel has since overwritten then fails loudly instead of using the new values."""
+    kernel = getattr(torch.ops.gdrd_fast_C, op)
+    written = WRITTEN.get(op)
+    if written is None:
+        return kernel
 
     def call(*args):
-        result = op(*args)
+        result = kernel(*args)
         increment_version([args[i] for i in written if args[i] is not None])
         return result
 

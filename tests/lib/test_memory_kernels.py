@@ -174,6 +174,14 @@ def test_compiled_memory_ops_pass_opcheck():
                                                           torch.tensor([7]), 13))
 
 
+def test_the_written_arguments_table_matches_the_op_schemas():
+    assert memory_ops.PUSH_IMPLS["cpu"].unavailable(torch.device("cpu")) is None
+    for name, written in memory_ops.WRITTEN.items():
+        schema = getattr(torch.ops.gdrd_fast_C, name).default._schema
+        assert written == tuple(i for i, arg in enumerate(schema.arguments)
+                                if arg.alias_info is not None and arg.alias_info.is_write), name
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_in_place_updates_bump_the_version_so_a_stale_backward_fails(backend):
     """A backward that saved a bank or queue which an update then overwrote must raise, as with torch's own
