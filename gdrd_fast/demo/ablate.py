@@ -10,6 +10,7 @@ Outputs: ablation.md, ablation.json (mean +- std over seeds, ddof=1) and ablatio
 from __future__ import annotations
 
 import concurrent.futures as futures
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from ..eval import extract_embeddings, markdown_table, save_png, verify, write_j
 from ..eval.geometry import probe_accuracy
 from ..train import Runtime, Trainer, log_to_file, seed_everything
 from ..train import checkpoint as ckpt
-from ..train.config import VARIANTS, from_dict, to_dict
+from ..train.config import GENERATIVE_VARIANTS, VARIANTS, from_dict, to_dict
 from ..train.pipeline import Parts, variant_plan
 from .config import DemoConfig
 
@@ -45,36 +46,59 @@ def teacher_paths(out: Path) -> dict[str, Path]:
     return {"hr": out / "teachers" / "hr_teacher.pt", "denoiser": out / "teachers" / "denoiser.pt"}
 
 
-def train_teachers(config: DemoConfig, out: Path, train_set, runtime: Runtime, progress: bool = True) -> dict:
-    """Train (or reuse, when saved) the HR teacher and the denoiser; returns their training histories."""
+def train_teachers(config: DemoConfig, out: Path, train_set, runtime: Runtime, progress: bool = True,
+                   which: Sequence[str] = ("hr", "denoiser")) -> dict:
+    """Train (or reuse, when saved) the named teachers; returns their training histories and timings."""
     from .run import Demo
-    paths, histories = teacher_paths(out), {}
-    demo = Demo(config, runtime, train_set, progress)
-    if not paths["hr"].is_file():
+    paths, demo = teacher_paths(out), Demo(config, runtime, train_set, progress)
+    if "hr" in which and not paths["hr"].is_file():
         net, head = demo.hr_teacher()
         ckpt.save_checkpoint({"net": net.state_dict(), "head": head.state_dict()}, paths["hr"])
-    if not paths["denoiser"].is_file():
+    if "denoiser" in which and not paths["denoiser"].is_file():
         unet = demo.generative_teacher()
         ckpt.save_checkpoint({"unet": unet.state_dict()}, paths["denoiser"])
-    histories.update(demo.histories)
-    return {"histories": histories, "timings": demo.timings}
+    return {"histories": dict(demo.histories), "timings": dict(demo.timings)}
 
 
-def load_teachers(config: DemoConfig, out: Path, num_classes: int):
-    """(HR teacher net, its ArcFace head, the denoiser's encoder T_g), in eval mode."""
+def train_denoiser_job(spec: dict) -> dict:
+    """The denoiser, trained in a grid worker while the others run the cells that do not need it."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    config = from_dict(DemoConfig, spec["config"])
+    runtime = Runtime.create(spec.get("device", "cpu"))
+    grid = Path(spec["grid_dir"])
+    handler = log_to_file(grid / "teachers" / "denoiser.log", runtime)
+    try:
+        train_set = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))["train"]
+        return train_teachers(config, grid, train_set, runtime, progress=False, which=("denoiser",))
+    finally:
+        if handler is not None:
+            logging.getLogger("gdrd_fast").removeHandler(handler)
+
+
+def load_hr_teacher(config: DemoConfig, out: Path, num_classes: int):
+    """(HR teacher net, its ArcFace head), in eval mode."""
     from .nets import SmallFaceNet
-    paths = teacher_paths(out)
-    saved = ckpt.load_checkpoint(paths["hr"])
+    saved = ckpt.load_checkpoint(teacher_paths(out)["hr"])
     net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
     head = models.ArcFaceHead(config.embedding_dim, num_classes, config.stage2.arcface_scale,
                               config.stage2.arcface_margin)
     net.load_state_dict(saved["net"])
     head.load_state_dict(saved["head"])
+    return net.eval(), head.eval()
+
+
+def load_generative_teacher(config: DemoConfig, out: Path) -> models.DiffusionEncoder:
+    """The denoiser's encoder T_g, in eval mode."""
     d = config.denoiser
     unet = models.build_unet(dict(d.unet))
-    unet.load_state_dict(ckpt.load_checkpoint(paths["denoiser"])["unet"])
-    encoder = models.DiffusionEncoder(unet.eval(), d.tap, input_size=d.image_size)
-    return net.eval(), head.eval(), encoder.eval()
+    unet.load_state_dict(ckpt.load_checkpoint(teacher_paths(out)["denoiser"])["unet"])
+    return models.DiffusionEncoder(unet.eval(), d.tap, input_size=d.image_size).eval()
+
+
+def load_teachers(config: DemoConfig, out: Path, num_classes: int):
+    """(HR teacher net, its ArcFace head, the denoiser's encoder T_g), in eval mode."""
+    return (*load_hr_teacher(config, out, num_classes), load_generative_teacher(config, out))
 
 
 # --- one cell ----------------------------------------------------------------------------------------
@@ -149,7 +173,9 @@ def run_cell(spec: dict) -> dict:
         data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))
         train_set = data["train"]
         num_classes = int(train_set.targets.max()) + 1
-        teacher, teacher_head, encoder = load_teachers(config, grid, num_classes)
+        teacher, teacher_head = load_hr_teacher(config, grid, num_classes)
+        # loaded only by the variants that use it (it may still be training while the others run)
+        encoder = functools.cache(lambda: load_generative_teacher(config, grid))
         from .nets import SmallFaceNet
         seed_everything(seed)  # the same seed gives every variant the same initial student
         net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
@@ -158,7 +184,7 @@ def run_cell(spec: dict) -> dict:
         def classifier():
             return models.ArcFaceHead(config.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
 
-        parts = Parts(runtime, net.backbone, net.head, classifier, lambda: (teacher, teacher_head), lambda: encoder,
+        parts = Parts(runtime, net.backbone, net.head, classifier, lambda: (teacher, teacher_head), encoder,
                       len(train_set), config.embedding_dim, config.backend, config.denoiser.image_size,
                       config.denoiser.timestep, config.denoiser.noise)
         histories, steps = {}, {}
@@ -346,35 +372,43 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         data = load_cell_data(config, train_root, pairs)
         note = data_note(data)
         log.info("%s", note)
-        teachers = train_teachers(config, out, data["train"], runtime, progress)
-        refs = references(config, out, resolutions, data, runtime.device)
-        specs, results = [], []
+        specs, done, order = [], {}, []
         for r in resolutions:
             for seed in seed_list:
                 for v in variants:
                     cell = out / "cells" / cell_name(v, r, seed)
-                    done = cell / "result.json"
-                    if done.is_file() and json.loads(done.read_text()).get("spec_hash") == spec_hash:
-                        results.append(json.loads(done.read_text()))
+                    order.append(str(cell))
+                    result = cell / "result.json"
+                    if result.is_file() and json.loads(result.read_text()).get("spec_hash") == spec_hash:
+                        done[str(cell)] = json.loads(result.read_text())
                         continue
                     specs.append({"config": to_dict(cell_config(config, r, seed)), "variant": v, "cell_dir": str(cell),
                                   "grid_dir": str(out), "train_root": train_root, "pairs": pairs, "device": device,
                                   "threads": threads, "spec_hash": spec_hash})
         jobs = min(jobs or default_jobs(threads), max(1, len(specs)))
-        log.info("grid: %d cells to run (%d done before), %d process(es) x %d thread(s)", len(specs), len(results),
+        # with several processes the denoiser trains in one of them while the others run the cells without T_g
+        denoiser_job = None
+        if jobs > 1 and not teacher_paths(out)["denoiser"].is_file():
+            denoiser_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
+                            "device": device, "threads": threads}
+        teachers = train_teachers(config, out, data["train"], runtime, progress,
+                                  which=("hr",) if denoiser_job else ("hr", "denoiser"))
+        log.info("grid: %d cells to run (%d done before), %d process(es) x %d thread(s)", len(specs), len(done),
                  jobs, threads)
         bar = tqdm(total=len(specs), desc="ablation cells", unit="cell", disable=not progress, dynamic_ncols=True)
         if jobs == 1:
             for spec in specs:
-                results.append(run_cell(spec | {"progress": progress}))
+                done[spec["cell_dir"]] = run_cell(spec | {"progress": progress})
                 bar.update()
         else:
-            context = multiprocessing.get_context("spawn")
-            with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                for result in pool.map(run_cell, specs):
-                    results.append(result)
-                    bar.update()
+            denoiser = _run_in_processes(specs, denoiser_job, jobs, done, bar)
+            if denoiser is not None:
+                log.info("denoiser (in a grid process): %.1fs", denoiser["timings"]["denoiser"])
+                for key in ("histories", "timings"):
+                    teachers[key] |= denoiser[key]
         bar.close()
+        results = [done[cell] for cell in order]  # grid order, however the processes finished
+        refs = references(config, out, resolutions, data, runtime.device)
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
@@ -397,6 +431,27 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
     finally:
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)
+
+
+def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, done: dict, bar) -> dict | None:
+    """Run the cells in `jobs` spawned processes (results into done[cell_dir]); with denoiser_job, train the
+    denoiser first in one of them and start the cells that need T_g once it is saved. Returns its report."""
+    needs_denoiser = [s for s in specs if denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS]
+    report = None
+    with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(train_denoiser_job, denoiser_job): None} if denoiser_job is not None else {}
+        pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in specs if s not in needs_denoiser}
+        while pending:
+            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                cell = pending.pop(future)
+                if cell is None:
+                    report = future.result()
+                    pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in needs_denoiser}
+                else:
+                    done[cell] = future.result()
+                    bar.update()
+    return report
 
 
 def data_note(data: dict) -> str:

@@ -20,6 +20,8 @@ DISTILL_MODES = ("rcd", "crd", "none")
 # also fine-tuning the backbone; one-stage students (CRRCD = ArcFace + KD + RCD, CRD, KD, no distillation);
 # or stage 1 alone, its backbone judged by a linear probe on frozen features.
 VARIANTS = ("gdrd", "gdrd-e2e", "gdrd-unfrozen", "crrcd", "crd", "kd", "baseline", "stage1-probe")
+# the variants that distil the generative teacher T_g (the others never build it)
+GENERATIVE_VARIANTS = ("gdrd", "gdrd-e2e", "gdrd-unfrozen", "stage1-probe")
 
 
 @dataclass

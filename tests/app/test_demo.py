@@ -71,6 +71,11 @@ def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path,
     summary = json.loads((out / "ablation.json").read_text())
     assert set(summary["students"]) == {"stage1-probe@4", "stage1-probe@8", "kd@4", "kd@8"}
     assert summary["jobs"] == 2 and all(len(r["seeds"]) == 2 for r in summary["students"].values())
+    # the denoiser trained in a grid process while the other ran kd cells; stage1-probe waited for it
+    assert (out / "teachers" / "denoiser.log").is_file()
+    assert set(summary["teacher_timings_s"]) == {"HR teacher", "denoiser"}
+    assert [(c["variant"], c["resolution"], c["seed"]) for c in summary["cells"]] == [
+        (v, r, s) for r in (4, 8) for s in (0, 1) for v in ("stage1-probe", "kd")]  # grid order
     _png(out / "ablation.png")
     assert "stage1-probe" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:  # one line that names the valid variants

@@ -7,7 +7,7 @@ from train_cases import CLASSES, EMB, N_DATA, Faces
 from gdrd_fast.eval import linear_probe
 from gdrd_fast.models import ArcFaceHead
 from gdrd_fast.train import OptimConfig, Runtime, Trainer, seed_everything
-from gdrd_fast.train.config import VARIANTS, Stage2Config, load_config
+from gdrd_fast.train.config import GENERATIVE_VARIANTS, VARIANTS, Stage2Config, load_config
 from gdrd_fast.train.pipeline import Parts, variant_plan
 
 
@@ -170,3 +170,14 @@ def test_generative_target_runs_the_teacher_at_its_timestep_and_noise():
     for bad in (dict(noise=1.0), dict(noise=-0.1), dict(timestep=-1), dict(timestep=2.5)):
         with pytest.raises(ValueError, match="noise|timestep"):
             GenerativeTarget(Recorder(), **bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_the_generative_variants_build_the_generative_teacher(variant):
+    """The ablation grid starts the other variants' cells while the generative teacher is still training."""
+    built = []
+    p = parts()
+    p.generative = lambda: built.append(1) or Teacher()
+    for planned in variant_plan(variant, p, STAGE1, STAGE2, SINGLE):
+        planned.build()
+    assert bool(built) == (variant in GENERATIVE_VARIANTS)
