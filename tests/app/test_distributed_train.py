@@ -5,7 +5,6 @@ across ranks: bit-identical state; rank 0 alone writes checkpoints; a distribute
 bit for bit. All cases run in one spawn (starting processes dominates the cost).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -55,16 +54,11 @@ def _state(trainer):
     return {k: v.clone() for k, v in trainer.stage.state_dict().items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, port, out_dir):
-    # what torchrun exports to each process it starts
+    # what torchrun exports to each process it starts; as under torchrun, the store is the launcher's (this
+    # test's process), so no rank runs a store server thread that could outlive its teardown
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     results = {}
     for kind in KINDS:
@@ -94,7 +88,8 @@ def _rank_main(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("train")
-    mp.spawn(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    store = torch.distributed.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
+    mp.spawn(_rank_main, args=(store.port, str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -156,7 +151,7 @@ def test_without_torchrun_the_runtime_is_one_process(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", "29500")  # never dialled: one process makes no group
     runtime = Runtime.create("cpu")  # torchrun with one process needs no process group
     assert (runtime.rank, runtime.world_size) == (0, 1) and not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="divisible by the world size"):
