@@ -7,6 +7,7 @@ import torch
 
 import gdrd_fast
 from gdrd_fast import reference
+from gdrd_fast.testing import assert_close
 from loss_checks import check_loss_and_grads
 
 # odd sizes from docs/design/testing.md: (B, K, D); K=1000 spans several bank splits with a ragged last tile
@@ -25,3 +26,24 @@ def check_infonce(backend: str, b: int, k: int, d: int, dtype: torch.dtype, devi
     fast = functools.partial(gdrd_fast.infonce_bank_loss, temperature=temperature, reduction="none", backend=backend)
     ref = functools.partial(reference.infonce_bank_loss, temperature=temperature, reduction="none")
     check_loss_and_grads(fast, ref, inputs, ("query", "positive"), dtype)
+
+
+def check_infonce_pairs(backend: str, b: int, k: int, d: int, labelled: bool, device: str, temperature: float,
+                        classes: int) -> None:
+    """In-batch negatives + normalize (+ labels): loss rows and every gradient, fp32 against float64."""
+    q, p, n = (torch.randn(b, d, device=device, requires_grad=True) for _ in range(3))
+    bank = torch.randn(k, d, device=device)
+    kw = {"temperature": temperature, "batch_negatives": n, "normalize": True}
+    if labelled:
+        kw.update(labels=torch.randint(classes, (b,), device=device),
+                  bank_labels=torch.randint(classes, (k,), device=device))
+    grad_out = torch.rand(b, device=device) + 0.5
+    got = gdrd_fast.infonce_bank_loss(q, p, bank, reduction="none", backend=backend, **kw)
+    gots = torch.autograd.grad(got, (q, p, n), grad_out, allow_unused=True)  # B = 1: no in-batch negative
+    q64, p64, n64 = (t.detach().double().requires_grad_() for t in (q, p, n))
+    ref = gdrd_fast.infonce_bank_loss(q64, p64, bank.double(), reduction="none", backend="torch",
+                                      **{**kw, "batch_negatives": n64})
+    refs = torch.autograd.grad(ref, (q64, p64, n64), grad_out.double())
+    assert_close("rows", got, ref, None, torch.float32)
+    for name, g, r in zip(("query", "positive", "batch_negatives"), gots, refs):
+        assert_close(f"grad {name}", torch.zeros_like(r) if g is None else g, r, None, torch.float32)

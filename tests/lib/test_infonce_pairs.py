@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import gdrd_fast
 from gdrd_fast import reference
+from infonce_cases import check_infonce_pairs
 
 
 def _case(b, k, d, n_labels, dtype=torch.float64, with_positive=True):
@@ -183,20 +184,4 @@ def test_module_form_passes_the_options_through():
 @pytest.mark.parametrize("labelled", [False, True])
 def test_gpu_paths_match_float64(b, k, d, labelled):
     """On CUDA: the bank through the Triton kernel (unlabelled) or the chunked masked path (labelled)."""
-    from gdrd_fast.testing import assert_close
-
-    q, p, n = (torch.randn(b, d, device="cuda", requires_grad=True) for _ in range(3))
-    bank = torch.randn(k, d, device="cuda")
-    kw = {"temperature": 0.07, "batch_negatives": n, "normalize": True}
-    if labelled:
-        kw.update(labels=torch.randint(5, (b,), device="cuda"), bank_labels=torch.randint(5, (k,), device="cuda"))
-    grad_out = torch.rand(b, device="cuda") + 0.5
-    got = gdrd_fast.infonce_bank_loss(q, p, bank, reduction="none", backend="auto", **kw)
-    gots = torch.autograd.grad(got, (q, p, n), grad_out, allow_unused=True)
-    q64, p64, n64 = (t.detach().double().requires_grad_() for t in (q, p, n))
-    ref = gdrd_fast.infonce_bank_loss(q64, p64, bank.double(), reduction="none", backend="torch",
-                                      **{**kw, "batch_negatives": n64})
-    refs = torch.autograd.grad(ref, (q64, p64, n64), grad_out.double())
-    assert_close("rows", got, ref, None, torch.float32)
-    for name, g, r in zip(("query", "positive", "batch_negatives"), gots, refs):
-        assert_close(f"grad {name}", torch.zeros_like(r) if g is None else g, r, None, torch.float32)
+    check_infonce_pairs("auto", b, k, d, labelled, "cuda", temperature=0.07, classes=5)
