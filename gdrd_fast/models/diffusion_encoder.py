@@ -47,15 +47,20 @@ def _diffusers():
     return diffusers
 
 
+def _named_config(config: str | dict, named: dict) -> dict:
+    """A config dict: `config` itself, or the entry of `named` it names."""
+    if isinstance(config, str):
+        if config not in named:
+            raise ValueError(f"config must be one of {sorted(named)} or a dict, got {config!r}")
+        return named[config]
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
+    return config
+
+
 def build_unet(config: str | dict = "tiny"):
     """A randomly initialised diffusers UNet2DModel from a CONFIGS name or a config dict."""
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"config must be one of {sorted(CONFIGS)} or a dict, got {config!r}")
-        config = CONFIGS[config]
-    elif not isinstance(config, dict):
-        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
-    return _diffusers().UNet2DModel(**config)
+    return _diffusers().UNet2DModel(**_named_config(config, CONFIGS))
 
 
 def load_unet(folder: str | os.PathLike):
@@ -198,13 +203,7 @@ _VAE_TAP = re.compile(r"conv_in|mid_block|latent|down_blocks\.(\d+)")
 
 def build_vae(config: str | dict = "tiny"):
     """A randomly initialised diffusers AutoencoderKL from a VAE_CONFIGS name or a config dict."""
-    if isinstance(config, str):
-        if config not in VAE_CONFIGS:
-            raise ValueError(f"config must be one of {sorted(VAE_CONFIGS)} or a dict, got {config!r}")
-        config = VAE_CONFIGS[config]
-    elif not isinstance(config, dict):
-        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
-    return _diffusers().AutoencoderKL(**config)
+    return _diffusers().AutoencoderKL(**_named_config(config, VAE_CONFIGS))
 
 
 class VAEEncoder(nn.Module):
