@@ -436,18 +436,20 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
 def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, done: dict, bar) -> dict | None:
     """Run the cells in `jobs` spawned processes (results into done[cell_dir]); with denoiser_job, train the
     denoiser first in one of them and start the cells that need T_g once it is saved. Returns its report."""
-    needs_denoiser = [s for s in specs if denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS]
+    waits = [denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS for s in specs]
+    waiting = [s for s, w in zip(specs, waits) if w]
+    ready = [s for s, w in zip(specs, waits) if not w]
     report = None
     with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {pool.submit(train_denoiser_job, denoiser_job): None} if denoiser_job is not None else {}
-        pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in specs if s not in needs_denoiser}
+        pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in ready}
         while pending:
             finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             for future in finished:
                 cell = pending.pop(future)
                 if cell is None:
                     report = future.result()
-                    pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in needs_denoiser}
+                    pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in waiting}
                 else:
                     done[cell] = future.result()
                     bar.update()
