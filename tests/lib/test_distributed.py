@@ -9,32 +9,21 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gdrd_fast import CRDLoss, MemoryBank, RelationalContrastiveLoss
-from gdrd_fast.distributed.launch import shutdown
 from gdrd_fast.distributed import (DistributedCRDLoss, DistributedRelationalContrastiveLoss, ShardedMemoryBank,
                                    gather_rows, gather_rows_with_grad)
+from gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 SIZES = [3, 4]  # uneven local batches: rank 0 holds global rows 0..2, rank 1 rows 3..6
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64 end to end; only the order of sums differs
 
 
-def _rank_main(rank, world, out_dir, cases):
-    torch.set_num_threads(1)
-    # a file store: no TCP server thread in rank 0 to outlive, and no free-port race
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
-    try:
-        results = {name: worker(rank, *args) for name, (worker, args) in cases.items()}
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the peer may never reach it
-        raise
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    shutdown()  # barrier first: tearing gloo down under a peer's last collective aborts the process
+def _run_cases(rank, cases):
+    return {name: worker(rank, *args) for name, (worker, args) in cases.items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +43,7 @@ def two_ranks(tmp_path_factory):
     batches, student, loss_fn = inputs["relational"]
     cases["relational"] = (_relational_worker, (_state(student), _state(loss_fn), batches))
     cases["bank"] = (_sharded_bank_worker, inputs["bank"])
-    out_dir = tmp_path_factory.mktemp("ranks")
-    world = 2
-    mp.spawn(_rank_main, args=(world, str(out_dir), cases), nprocs=world, join=True)
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    ranks = run_ranks(_run_cases, (cases,), 2, tmp_path_factory.mktemp("ranks"))
     return {name: [r[name] for r in ranks] for name in cases}, inputs
 
 

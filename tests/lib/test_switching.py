@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from gloo_ranks import run_ranks
 
 PAGES = Path(__file__).resolve().parents[2] / "docs" / "switching"
 
@@ -76,23 +76,11 @@ def test_moco_snippet_gives_mocos_loss_from_an_empty_queue():
                        torch.cat([s[0][1] for s in batches]).float().double()[-size:].sort(0).values)
 
 
-def _moco_rank(rank, world, out_dir, batches, size, dim):
-    torch.set_num_threads(1)
-    # a file store: no TCP server thread in rank 0 to outlive (CI once saw rank 0 abort in teardown)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
-    try:
-        torch.save(_moco_run(rank, world, batches, size, dim), f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_moco_snippet_under_two_gloo_processes_gathers_keys_in_rank_order(tmp_path):
     size, dim, world = 16, 5, 2
     batches = _moco_batches(5, world, 4, dim, int(torch.randint(2 ** 31, (1,))))
-    mp.spawn(_moco_rank, args=(world, str(tmp_path), batches, size, dim), nprocs=world)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = run_ranks(_moco_run, (world, batches, size, dim), world, tmp_path)
     for loss_err, grad_err, _ in results:
         assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12
     assert torch.equal(results[0][2], results[1][2])  # every rank holds the same queue
