@@ -85,18 +85,21 @@ def test_backward_through_no_grad_forward_raises():
         rows.sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_fp32_loss_at_70k_negatives_is_accurate(backend):
-    """K = 70,000 fp32 terms per row: summed in order in fp32 they drift (1.8e-4 relative on 'cpu'); the
-    kernel sums each row in fp64 and the reference in log space, so both stay near fp32 rounding."""
+    """K = 70,000 fp32 terms per row: summed in order in fp32 they drift (1.8e-4 relative on 'cpu'). The CPU
+    kernel sums each row in fp64, the CUDA kernel in a tree (64 columns a warp, 8 warps, one atomic a block
+    of 512 columns), the reference in log space: all stay near fp32 rounding."""
     b, k, d, n = 2, 70_000, 128, 100_000
     anchor, memory, idx, _ = crd_inputs(b, k, d, n, torch.float64, torch.float64, torch.int64, "cpu")
     log_z = reference.crd_log_z(anchor, memory, idx, temperature=0.07)
     kw = dict(temperature=0.07, log_z=log_z, reduction="none")
     exact = reference.crd_nce_loss(anchor, memory, idx, **kw)
-    fast = functional.crd_nce_loss(anchor.float(), memory.float(), idx, backend=backend, **kw)
+    device = "cuda" if backend == "cuda" else "cpu"
+    anchor, memory, idx = anchor.float().to(device), memory.float().to(device), idx.to(device)
+    fast = functional.crd_nce_loss(anchor, memory, idx, backend=backend, **kw)
     assert not crd_nce.dense_wins(idx, memory)
-    assert float(((fast.double() - exact).abs() / exact).max()) < 3e-6
+    assert float(((fast.double().cpu() - exact).abs() / exact).max()) < 3e-6
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
