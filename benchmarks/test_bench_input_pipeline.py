@@ -94,7 +94,8 @@ def _measure(benchmark, run, group: str, provider: str, images: int, device: str
         benchmark.extra_info.update(op=group, provider=provider, size=f"{images} images", device=device_name(device),
                                     images=images, cpu_threads=1, **versions())
         benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)
-        benchmark.extra_info["images_per_s"] = images / benchmark.stats.stats.median
+        if benchmark.stats is not None:  # None under --benchmark-disable (the functions run once, untimed)
+            benchmark.extra_info["images_per_s"] = images / benchmark.stats.stats.median
     finally:
         torch.set_num_threads(threads)
 
