@@ -2,9 +2,10 @@
 
 * Verification over several insightface pairs .bin (lfw, cfp_fp, agedb_30, ...) and several input
   resolutions: one table (Markdown + JSON) and one figure, accuracy against resolution, a line per set.
-* TinyFace: Testing_Set/{Probe, Gallery_Match, Gallery_Distractor}; the identity of a Probe or
-  Gallery_Match image is the integer before the first '_' of its file name (e.g. 1234_2.jpg);
-  distractors have none. CMC rank-1/5/10/20 of every probe over the full gallery (match + distractors).
+* TinyFace: Testing_Set/{Probe, Gallery_Match, Gallery_Distractor}. Probe and Gallery_Match images and
+  their identities come from the released lists (probe_img_ID_pairs.mat, gallery_match_img_ID_pairs.mat)
+  where present; otherwise every image of the folder, its identity the integer before the first '_' of
+  its file name (e.g. 1234_2.jpg). Distractors have none. CMC rank-1/5/10/20 of every probe over the full gallery (match + distractors).
 * UCCS-style: an identity-folder root and a split file (gdrd_fast.data.splits: 'train' / 'test'
   lines); a linear classifier on the frozen train features, top-1 on test (and the CMC of the test
   images against the train images as gallery).
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
@@ -123,6 +125,13 @@ class TinyFaceLayout:
     distractors: list[Path]
 
 
+# The released protocol lists: (file, cell array of file names, identities), in Testing_Set/ or in the
+# evaluation kit's Face_Identification_Evaluation/ beside it.
+TINYFACE_LISTS = {"Probe": ("probe_img_ID_pairs.mat", "probe_set", "probe_ids"),
+                  "Gallery_Match": ("gallery_match_img_ID_pairs.mat", "gallery_set", "gallery_ids")}
+MAX_LIST_BYTES = 64 << 20  # the released lists are a few hundred KB
+
+
 def _label_from_name(path: Path) -> int:
     head = path.name.split("_", 1)[0]
     if not head.isdigit():
@@ -131,8 +140,51 @@ def _label_from_name(path: Path) -> int:
     return int(head)
 
 
+def _released_list(root: Path, part: str) -> tuple[list[Path], Tensor] | None:
+    """The images of `part` and their identities from TinyFace's .mat list, or None where it is absent."""
+    name, names_key, ids_key = TINYFACE_LISTS[part]
+    found = [p for p in (root / name, root.parent / "Face_Identification_Evaluation" / name) if p.is_file()]
+    if not found:
+        return None
+    path = found[0]
+    if path.stat().st_size > MAX_LIST_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a TinyFace list can hold")
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:
+        raise ImportError(f"reading {path} needs scipy: pip install scipy") from exc
+    try:
+        mat = loadmat(path)
+        names = [str(np.asarray(cell).ravel()[0]) for cell in np.asarray(mat[names_key]).ravel()]
+        ids = np.asarray(mat[ids_key]).ravel()
+    except Exception as exc:  # a malformed list: name the file and what was expected
+        raise ValueError(f"{path}: not a TinyFace list with '{names_key}' (file names) and '{ids_key}' "
+                         f"(identities): {type(exc).__name__}: {exc}") from exc
+    if not names or len(names) != len(ids):
+        raise ValueError(f"{path}: {len(names)} file names and {len(ids)} identities (need the same, > 0)")
+    if not np.issubdtype(ids.dtype, np.number) or not np.array_equal(ids, np.round(ids)):
+        raise ValueError(f"{path}: '{ids_key}' must hold integer identities (MATLAB may store them as double)")
+    files = [root / part / n for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{path} lists {len(missing)} images that are not in {root / part}, e.g. {missing[:3]}")
+    return files, torch.from_numpy(ids.astype(np.int64))
+
+
+def _listed_or_named(root: Path, part: str) -> tuple[list[Path], Tensor]:
+    released = _released_list(root, part)
+    if released is not None:
+        return released
+    files = image_files(root / part)
+    if not files:
+        raise ValueError(f"{root / part} holds no images")
+    return files, torch.tensor([_label_from_name(p) for p in files])
+
+
 def read_tinyface(root: str | os.PathLike) -> TinyFaceLayout:
-    """TinyFace's released Testing_Set (root may be Testing_Set itself or a folder holding it)."""
+    """TinyFace's released Testing_Set (root may be Testing_Set itself or a folder holding it). Probe and
+    Gallery_Match come from the released .mat lists where they are present, else from the folders, with
+    the identity read from each file name."""
     root = Path(root)
     if not (root / "Probe").is_dir() and (root / "Testing_Set").is_dir():
         root = root / "Testing_Set"
@@ -140,13 +192,9 @@ def read_tinyface(root: str | os.PathLike) -> TinyFaceLayout:
         if not (root / part).is_dir():
             raise ValueError(f"{root} has no {part}/ folder: expected TinyFace's Testing_Set with Probe/, "
                              "Gallery_Match/ and Gallery_Distractor/")
-    probe, match = image_files(root / "Probe"), image_files(root / "Gallery_Match")
-    distractors = image_files(root / "Gallery_Distractor")
-    for part, files in (("Probe", probe), ("Gallery_Match", match)):
-        if not files:
-            raise ValueError(f"{root / part} holds no images")
-    return TinyFaceLayout(probe, torch.tensor([_label_from_name(p) for p in probe]), match,
-                          torch.tensor([_label_from_name(p) for p in match]), distractors)
+    probe, probe_labels = _listed_or_named(root, "Probe")
+    match, match_labels = _listed_or_named(root, "Gallery_Match")
+    return TinyFaceLayout(probe, probe_labels, match, match_labels, image_files(root / "Gallery_Distractor"))
 
 
 def tinyface(net: nn.Module, root: str | os.PathLike, resolutions: Sequence[int | None] = (None,),

@@ -57,6 +57,58 @@ def test_tinyface_cmc_counts_the_distractors(tmp_path):
         protocols.read_tinyface(tmp_path)
 
 
+def _write_list(path, part, names, ids):
+    """A TinyFace protocol list as released: a cell array of file names (N x 1) and their identities."""
+    savemat = pytest.importorskip("scipy.io").savemat
+    key = "probe" if part == "Probe" else "gallery"
+    cells = np.empty((len(names), 1), dtype=object)
+    cells[:, 0] = names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {f"{key}_set": cells, f"{key}_ids": np.asarray(ids, dtype=np.float64).reshape(-1, 1)})
+
+
+def test_tinyface_uses_the_released_lists_where_present(tmp_path):
+    testing = _tinyface(tmp_path / "tinyface") / "Testing_Set"
+    # names that carry no identity, and a stray image the lists leave out: only the lists decide
+    for k, part in ((1, "Probe"), (2, "Gallery_Match")):
+        for i in (1, 2, 3, 4):
+            (testing / part / f"{i}_{k}.png").rename(testing / part / f"face{i}.png")
+    _image(testing / "Probe" / "stray.png", _colour(5))
+    _write_list(testing / "probe_img_ID_pairs.mat", "Probe", [f"face{i}.png" for i in (1, 2, 3, 4)], [11, 12, 13, 14])
+    eval_kit = tmp_path / "tinyface" / "Face_Identification_Evaluation"  # the evaluation kit's folder also counts
+    _write_list(eval_kit / "gallery_match_img_ID_pairs.mat", "Gallery_Match", [f"face{i}.png" for i in (4, 3, 2, 1)],
+                [14, 13, 12, 11])
+    layout = protocols.read_tinyface(testing)
+    assert [p.name for p in layout.probe] == ["face1.png", "face2.png", "face3.png", "face4.png"]
+    assert layout.probe_labels.tolist() == [11, 12, 13, 14] and layout.probe_labels.dtype == torch.int64
+    assert layout.gallery_labels.tolist() == [14, 13, 12, 11]
+    result = protocols.tinyface(ColourNet(), testing, resolutions=[None], progress=False)
+    assert result == {"112x112": {1: 0.75, 5: 1.0, 10: 1.0, 20: 1.0}}  # as from the file names
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing image", "not in"), ("lengths", "2 file names and 3 identities"), ("fractional id", "integer identities"),
+    ("wrong keys", "probe_set"), ("not a mat file", "probe_img_ID_pairs.mat")])
+def test_a_bad_tinyface_list_is_refused_by_name(tmp_path, fault, message):
+    testing = _tinyface(tmp_path / "tinyface") / "Testing_Set"
+    path = testing / "probe_img_ID_pairs.mat"
+    names, ids = ["1_1.png", "2_1.png"], [1, 2]
+    if fault == "missing image":
+        names[1] = "9_1.png"
+    elif fault == "lengths":
+        ids = [1, 2, 3]
+    elif fault == "fractional id":
+        ids = [1, 2.5]
+    if fault == "wrong keys":
+        pytest.importorskip("scipy.io").savemat(path, {"names": np.zeros((2, 1))})
+    elif fault == "not a mat file":
+        path.write_bytes(b"not MATLAB")
+    else:
+        _write_list(path, "Probe", names, ids)
+    with pytest.raises(ValueError, match=message):
+        protocols.read_tinyface(testing)
+
+
 def _identity_folders(root, members: dict[str, list[int]]):
     for name, colours in members.items():
         for n, k in enumerate(colours):
