@@ -278,15 +278,18 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
 
 
 # --- memory bank and queue: in-place updates, validated before anything is written ---------------------
-def check_bank_update(memory: Tensor, idx: Tensor, values: Tensor, n: int | None = None) -> torch.device:
-    """idx [B] in [0, n) (n: the rows of the whole bank, memory's own by default), values [B, D] finite."""
+def check_bank_update(memory: Tensor, idx: Tensor, values: Tensor, n: int | None = None,
+                      idx_checked: bool = False) -> torch.device:
+    """idx [B] in [0, n) (n: the rows of the whole bank, memory's own by default), values [B, D] finite.
+    idx_checked: idx's values were already checked against a bank of as many rows (the pair's first)."""
     check.tensor("memory", memory, 2)
     check.tensor("idx", idx, 1, check.INDEX_DTYPES)
     check.tensor("values", values, 2)
     device = check.same_device(memory=memory, idx=idx, values=values)
     check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
     check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "memory.shape[1]": memory.shape[1]})
-    check.index_in_range("idx", idx, memory.shape[0] if n is None else n)
+    if not idx_checked:
+        check.index_in_range("idx", idx, memory.shape[0] if n is None else n)
     check.finite("values", values)
     return device
 
@@ -305,7 +308,8 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
                       momentum: float, backend: str = "auto") -> None:
     """bank_update_ of two banks that share idx (CRD's student and teacher banks), in one launch."""
     device = check_bank_update(memory_a, idx, values_a)
-    check_bank_update(memory_b, idx, values_b)
+    check.same_size("bank rows", **{"memory_a.shape[0]": memory_a.shape[0], "memory_b.shape[0]": memory_b.shape[0]})
+    check_bank_update(memory_b, idx, values_b, idx_checked=True)
     check.same_device(memory_a=memory_a, memory_b=memory_b)
     check.in_unit_interval("momentum", momentum)
     name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
