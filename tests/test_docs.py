@@ -204,9 +204,9 @@ def test_the_citation_scan_catches_a_missing_document(tmp_path):
     assert missing_citations(str(tmp_path), files) == [
         "pkg/mod.py:1: specs/kernels.md", "pkg/mod.py:3: theory.md", "build.sh:1: docs/missing.md"]
     # Markdown: a README that cites a spec section by its bare name; relative links resolve from the page
-    (tmp_path / "README.md").write_text("# readme\nSplit as in method.md section 4; see [page](docs/page.md).\n")
+    (tmp_path / "README.md").write_text("# readme\nSplit as in paper_notes.md section 4; see [page](docs/page.md).\n")
     (tmp_path / "docs" / "page.md").write_text("# page\nBack to [readme](../README.md).\n")
-    assert missing_citations(str(tmp_path), files, markdown=True)[:1] == ["README.md:2: method.md"]
+    assert missing_citations(str(tmp_path), files, markdown=True)[:1] == ["README.md:2: paper_notes.md"]
     assert len(missing_citations(str(tmp_path), files, markdown=True)) == 4
 
 

@@ -5,7 +5,8 @@
 * TinyFace: Testing_Set/{Probe, Gallery_Match, Gallery_Distractor}. Probe and Gallery_Match images and
   their identities come from the released lists (probe_img_ID_pairs.mat, gallery_match_img_ID_pairs.mat)
   where present; otherwise every image of the folder, its identity the integer before the first '_' of
-  its file name (e.g. 1234_2.jpg). Distractors have none. CMC rank-1/5/10/20 of every probe over the full gallery (match + distractors).
+  its file name (e.g. 1234_2.jpg). Distractors have none. CMC rank-1/5/10/20 of every probe over the
+  full gallery (match + distractors).
 * UCCS-style: an identity-folder root and a split file (gdrd_fast.data.splits: 'train' / 'test'
   lines); a linear classifier on the frozen train features, top-1 on test (and the CMC of the test
   images against the train images as gallery).
