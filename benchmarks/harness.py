@@ -144,12 +144,13 @@ def memory_mb_text(nbytes: int | None) -> str:
 
 
 def measure(benchmark, module: str, op: str, provider: str, size_key: str, device: str,
-            rounds: int = 5, **info) -> None:
-    """Time one (op, provider, size) case and record its peak extra memory."""
+            rounds: int = 5, memory: bool = True, **info) -> None:
+    """Time one (op, provider, size) case and (memory=True) record its peak extra memory."""
     fn = importlib.import_module(module).build(provider, size_key, device)
     benchmark.group = f"{op} {size_key} [{device}]"
+    if memory:
+        info["peak_extra_bytes"] = peak_extra_bytes(module, provider, size_key, device)
     benchmark.extra_info.update(op=op, provider=provider, size=size_key, device=device_name(device),
-                                peak_extra_bytes=peak_extra_bytes(module, provider, size_key, device),
                                 **versions(), **info)
 
     def step():

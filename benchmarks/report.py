@@ -5,7 +5,8 @@
 Several JSON files (one run split into passes) are merged into one result, named after the first.
 
 For every op and size: median time per provider, speed-up against the eager reference, against
-torch.compile(reference) and against each installed peer, effective TFLOP/s (from the benchmark's
+torch.compile(reference) and against each installed peer, the time in bare torch ops and the host time
+per call on GPU (the host-cost benchmark's), effective TFLOP/s (from the benchmark's
 `flop` extra info), effective GB/s (from `bytes`: the least traffic the op needs) and peak extra memory
 with its ratio to eager. The JSON is copied alongside.
 """
@@ -22,6 +23,7 @@ from .harness import MEMORY_RESOLUTION, median_seconds, memory_mb_text, memory_r
 
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
+BARE_OP = "bare-op"  # benchmarks/test_bench_host_cost.py: one bare torch op, the unit of host cost
 
 
 def load(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -60,7 +62,11 @@ def table(benches: list[dict]) -> list[str]:
     for b in benches:
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     peers = [p for p in PEERS if any(p in g for g in groups.values())]
+    # the host-cost benchmark's unit (one bare torch op) and, on GPU, its host time per call
+    bare = next((median_seconds(b) for b in benches if b["extra_info"].get("provider") == BARE_OP), None)
+    host = any("host_s" in b["extra_info"] for b in benches)
     header = (["case", "provider", "median ms (p20-p80)", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
+              + ["bare ops"] * bool(bare) + ["host us/call"] * host
               + ["TFLOP/s", "GB/s", "peak extra MB", "memory vs eager"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in sorted(groups):
@@ -75,6 +81,10 @@ def table(benches: list[dict]) -> list[str]:
             cells = [group, provider, f"{median[provider] * 1e3:.4g}{spread}"]
             cells += [_ratio(median.get(base), median[provider]) for base in BASELINES]
             cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
+            if bare:
+                cells.append(f"{median[provider] / bare:.1f}")
+            if host:
+                cells.append(f"{b['extra_info']['host_s'] * 1e6:.1f}" if "host_s" in b["extra_info"] else "-")
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
                       f"{nbytes / median[provider] / 1e9:.4g}" if nbytes else "-",
                       memory_mb_text(mem), memory_ratio_text(memory.get("eager"), mem)]
