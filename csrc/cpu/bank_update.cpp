@@ -49,6 +49,17 @@ void mix_normalise(mem_t* __restrict__ row, const val_t* __restrict__ value, int
     row[i] = static_cast<mem_t>((keep * static_cast<acc_t>(row[i]) + take * static_cast<acc_t>(value[i])) * scale);
 }
 
+// The rows sit at random places in a bank far larger than the cache: each one is a cache miss, and one
+// row's arithmetic is too short for the CPU to overlap the next row's miss by itself, so the rows a few
+// iterations ahead are requested early.
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename mem_t>
+inline void prefetch_row(const mem_t* row, int64_t d) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < d * int64_t(sizeof(mem_t)); offset += 64) __builtin_prefetch(bytes + offset, 1);
+}
+
 void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> values, const at::Tensor& idx_in,
                   double momentum) {
   TORCH_CHECK(idx_in.dim() == 1, "idx must be 1-D, got ", idx_in.sizes());
@@ -78,8 +89,10 @@ void update_banks(std::vector<at::Tensor> memories, std::vector<at::Tensor> valu
           // threads only pay off beyond a few thousand rows' worth of work
           const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
           at::parallel_for(0, static_cast<int64_t>(keep.size()), grain, [&](int64_t begin, int64_t end) {
-            for (int64_t j = begin; j < end; ++j)
+            for (int64_t j = begin; j < end; ++j) {
+              if (j + kPrefetchRows < end) prefetch_row(bank + int64_t(ids[keep[j + kPrefetchRows]]) * d, d);
               mix_normalise<acc_t>(bank + int64_t(ids[keep[j]]) * d, vals + keep[j] * d, d, acc_t(momentum));
+            }
           });
         });
       });
