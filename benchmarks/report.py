@@ -63,7 +63,8 @@ def table(benches: list[dict]) -> list[str]:
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     peers = [p for p in PEERS if any(p in g for g in groups.values())]
     # the host-cost benchmark's unit (one bare torch op) and, on GPU, its host time per call
-    bare = next((median_seconds(b) for b in benches if b["extra_info"].get("provider") == BARE_OP), None)
+    bare_bench = next((b for b in benches if b["extra_info"].get("provider") == BARE_OP), None)
+    bare = median_seconds(bare_bench) if bare_bench else None
     host = any("host_s" in b["extra_info"] for b in benches)
     header = (["case", "provider", "median ms (p20-p80)", "vs eager", "vs compile"] + [f"vs {p}" for p in peers]
               + ["bare ops"] * bool(bare) + ["host us/call"] * host
@@ -81,8 +82,9 @@ def table(benches: list[dict]) -> list[str]:
             cells = [group, provider, f"{median[provider] * 1e3:.4g}{spread}"]
             cells += [_ratio(median.get(base), median[provider]) for base in BASELINES]
             cells += [_ratio(median.get(peer), median[provider]) for peer in peers]
-            if bare:
-                cells.append(f"{median[provider] / bare:.1f}")
+            if bare:  # only the host-cost cases are counted in bare ops
+                same_op = b["extra_info"].get("op") == bare_bench["extra_info"].get("op")
+                cells.append(f"{median[provider] / bare:.1f}" if same_op else "-")
             if host:
                 cells.append(f"{b['extra_info']['host_s'] * 1e6:.1f}" if "host_s" in b["extra_info"] else "-")
             cells += [f"{flop / median[provider] / 1e12:.3g}" if flop else "-",
