@@ -13,6 +13,8 @@ pytest-benchmark's own table. `median_seconds` reads whichever a result has.
 Memory: on CUDA, max_memory_allocated over one call minus what was allocated before it. On CPU torch
 allocations are invisible to tracemalloc, so each case runs once more in a fresh subprocess that reads
 its own peak RSS (VmHWM, reset through /proc/self/clear_refs) around one call (docs/performance/measuring.md).
+
+Host time (CUDA only): host_s, the host's time to issue one call (host_seconds), next to the CUDA time.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -143,6 +146,19 @@ def memory_mb_text(nbytes: int | None) -> str:
     return f"<{MEMORY_RESOLUTION / 2**20:g}" if nbytes < MEMORY_RESOLUTION else f"{nbytes / 2**20:.1f}"
 
 
+def host_seconds(fn, device: str, calls: int = 20) -> float:
+    """Host time of one call: `calls` issued back to back after a warm-up, synchronised only at the end. On a
+    GPU, set beside the CUDA time it shows which of the two bounds the call (a call that syncs shows both)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    sync(device)
+    return elapsed / calls
+
+
 def measure(benchmark, module: str, op: str, provider: str, size_key: str, device: str,
             rounds: int = 5, memory: bool = True, **info) -> None:
     """Time one (op, provider, size) case and (memory=True) record its peak extra memory."""
@@ -150,6 +166,8 @@ def measure(benchmark, module: str, op: str, provider: str, size_key: str, devic
     benchmark.group = f"{op} {size_key} [{device}]"
     if memory:
         info["peak_extra_bytes"] = peak_extra_bytes(module, provider, size_key, device)
+    if device.startswith("cuda"):
+        info["host_s"] = host_seconds(fn, device)
     benchmark.extra_info.update(op=op, provider=provider, size=size_key, device=device_name(device),
                                 **versions(), **info)
 

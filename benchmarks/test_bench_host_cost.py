@@ -7,23 +7,21 @@ call replaces (MoCo, RepDistiller, pytorch-metric-learning if installed, a 1x1 c
 "one bare torch op" (torch.add on 4x8) is the unit: the report gives every call's time in bare ops too.
 Run it on one thread (OMP_NUM_THREADS=1) so that the ratios hold still on a shared machine.
 
-On CUDA, each case also records host_s: the host time of one call issued back to back without a sync,
-next to do_bench's CUDA time; whichever is larger bounds that call on the GPU.
+On CUDA, each case also records host_s (benchmarks/harness.py, as every CUDA benchmark does): the host time
+of one call issued back to back without a sync, next to do_bench's CUDA time; whichever is larger bounds
+that call on the GPU.
 """
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
 from gdrd_fast import validation
-from .harness import bench_device, measure, sync
+from .harness import bench_device, measure
 from .host_calls import CALLS, EAGER, bare_op
 
 OP = "host cost"
 BARE = "one bare torch op"
-HOST_CALLS = 100  # calls issued back to back for host_s
 
 
 def _cases() -> list:
@@ -42,23 +40,9 @@ def build(provider: str, size_key: str, device: str):
     return (EAGER if provider == "eager" else CALLS)[size_key](device).run
 
 
-def host_seconds(fn, device: str) -> float:
-    """Host time of one call, HOST_CALLS issued back to back after a warm-up, synchronised only at the end."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(HOST_CALLS):
-        fn()
-    elapsed = time.perf_counter() - start
-    sync(device)
-    return elapsed / HOST_CALLS
-
-
 @pytest.mark.parametrize("provider,size_key,device", _cases())
 def test_host_cost(benchmark, monkeypatch, provider, size_key, device):
     if provider == "gdrd_fast-unchecked":
         monkeypatch.setattr(validation, "value_checks", lambda t: False)
-    info = {"threads": torch.get_num_threads()}
-    if device == "cuda":
-        info["host_s"] = host_seconds(build(provider, size_key, device), device)
-    measure(benchmark, __name__, OP, provider, size_key, device, rounds=200, memory=False, **info)
+    measure(benchmark, __name__, OP, provider, size_key, device, rounds=200, memory=False,
+            threads=torch.get_num_threads())

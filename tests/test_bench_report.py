@@ -53,6 +53,29 @@ def test_report_table_ratios_and_files(tmp_path):
     assert os.path.getsize(base + ".png") > 10_000
 
 
+def test_host_cost_cases_count_in_bare_ops_and_show_host_time(tmp_path):
+    """benchmarks/test_bench_host_cost.py: its cases in units of the bare op; every GPU case with its host time."""
+    cases = [bench("host cost f [cuda]", "eager", 40e-6, 0), bench("host cost f [cuda]", "gdrd_fast", 20e-6, 0),
+             bench("host cost one bare torch op [cuda]", "bare-op", 4e-6, 0), bench("op A [cuda]", "eager", 1e-3, 0)]
+    for case, host in zip(cases, (30e-6, 25e-6, 3e-6, None)):
+        case["extra_info"]["op"] = "op A" if host is None else "host cost"
+        if host:
+            case["extra_info"]["host_s"] = host
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({"datetime": "2026-12-07T10:00:00", "benchmarks": cases}))
+    (base,) = report.write([str(path)], [str(tmp_path / "out")])
+    lines = open(base + ".md").read().splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| case")).strip("|").split("|")]
+    rows = {tuple(c[:2]): dict(zip(header, c)) for c in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| op")
+             or line.startswith("| host"))}
+    assert rows[("host cost f [cuda]", "gdrd_fast")]["bare ops"] == "5.0"
+    assert rows[("host cost f [cuda]", "gdrd_fast")]["host us/call"] == "25.0"
+    assert rows[("host cost f [cuda]", "gdrd_fast")]["vs eager"] == "2.00x"
+    assert rows[("op A [cuda]", "eager")]["bare ops"] == "-"  # not a host-cost case
+    assert rows[("op A [cuda]", "eager")]["host us/call"] == "-"
+
+
 @pytest.mark.slow
 def test_ratio_summary_prints_after_the_benchmark_tables(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "test_bench_bank_update.py"),
