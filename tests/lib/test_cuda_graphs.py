@@ -19,12 +19,30 @@ pytestmark = pytest.mark.cuda
 STEPS = 3  # each side runs this many steps: the graph side as 1 warm-up + capture + STEPS - 1 replays
 
 
+# Not a device read, so the CPU sync-free test cannot see it, but torch refuses it while a graph is captured:
+# reading the CUDA generator's state (to restore it if the call fails). It sits in files this test does not fix.
+GENERATOR_STATE = {
+    "CRDLoss(drawn)": "gdrd_fast/losses.py:57 reads the generator state (get_state) before drawing",
+    "RelationalContrastiveLoss(unsupervised)": "gdrd_fast/losses.py:57 reads the generator state (get_state) "
+                                               "before drawing",
+    "MemoryQueue.sample_negatives": "gdrd_fast/memory.py:159 reads the generator state (get_state) before drawing"}
+
+
 def _params(capture: bool):
-    """A known sync cannot be captured, and a capture that fails may leave the stream unusable for the next
-    tests: such a case is not run in a graph (it shows as xfail, never as a pass). Compiled, the sync
-    only breaks the graph, so that case runs, not strict."""
-    return [pytest.param(name, marks=pytest.mark.xfail(run=not capture, strict=False, reason=KNOWN_SYNCS[name]))
-            if name in KNOWN_SYNCS else name for name in CALLS]
+    """A known sync cannot be captured, and a capture that fails there may leave the stream unusable for the
+    next tests: such a case is not run in a graph (it shows as xfail, never as a pass). A generator-state
+    read fails on the host before anything is captured, so it runs, expected to fail. Compiled, either
+    only breaks the graph, so those cases run, not strict."""
+    params = []
+    for name in CALLS:
+        if name in KNOWN_SYNCS:
+            params.append(pytest.param(name, marks=pytest.mark.xfail(run=not capture, strict=False,
+                                                                     reason=KNOWN_SYNCS[name])))
+        elif name in GENERATOR_STATE and capture:
+            params.append(pytest.param(name, marks=pytest.mark.xfail(strict=False, reason=GENERATOR_STATE[name])))
+        else:
+            params.append(name)
+    return params
 
 
 def _agree(name: str, call: Call, got, want) -> None:
