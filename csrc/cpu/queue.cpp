@@ -5,17 +5,44 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../sampling.h"
 
 namespace {
 
+// A ring this large is far bigger than the cache, and a row written now is read again only after the whole
+// ring has been passed over: caching it would first read each destination line from memory and then evict
+// data that is still in use. Such copies bypass the cache (streaming stores), about twice as fast.
+constexpr int64_t kStreamRingBytes = int64_t(4) << 20;
+constexpr int64_t kStreamCopyBytes = int64_t(64) << 10;
+
+void copy_bytes(char* dst, const char* src, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    const int64_t head = std::min(n, int64_t((16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16));
+    std::memcpy(dst, src, head);
+    int64_t i = head;
+    for (; i + 16 <= n; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    std::memcpy(dst + i, src + i, n - i);
+    _mm_sfence();  // streaming stores are weakly ordered: make them visible before the call returns
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
 // Rows [first, first + m) of src go to ring slots (start + i) mod size: at most two contiguous copies.
 void ring_copy(char* dst, const char* src, int64_t start, int64_t m, int64_t size, int64_t row_bytes) {
   const int64_t head = std::min(m, size - start);
-  std::memcpy(dst + start * row_bytes, src, head * row_bytes);
-  std::memcpy(dst, src + head * row_bytes, (m - head) * row_bytes);
+  const bool stream = size * row_bytes >= kStreamRingBytes && m * row_bytes >= kStreamCopyBytes;
+  copy_bytes(dst + start * row_bytes, src, head * row_bytes, stream);
+  copy_bytes(dst, src + head * row_bytes, (m - head) * row_bytes, stream);
 }
 
 void queue_push_(at::Tensor queue, at::Tensor ptr, at::Tensor count, const at::Tensor& values,

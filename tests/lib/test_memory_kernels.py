@@ -91,6 +91,21 @@ def test_queue_push_matches_reference(device, queue_dtype, value_dtype, d, with_
             assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("d", [63, 128])  # 63: rows of 252 bytes, so most destinations are not 16-byte aligned
+def test_large_queue_push_bypassing_the_cache_matches_reference(d):
+    """A ring of >= 4 MiB takes pushes of >= 64 KiB with streaming stores (csrc/cpu/queue.cpp): same rows."""
+    size = (5 << 20) // (4 * d)
+    ours, ref = empty_queue(size, d, torch.float32, "cpu", True), empty_queue(size, d, torch.float32, "cpu", True)
+    for start in (0, 3, size - 150):  # from slot 0, from a slot off the alignment, and wrapping around the end
+        for queue in (ours, ref):
+            queue[1].fill_(start)
+        values, labels = torch.randn(300, d), torch.randint(100, (300,))
+        functional.queue_push_(*ours[:3], values, labels, ours[3], backend="cpu")
+        reference.queue_push_(*ref[:3], values, labels, ref[3])
+        for got, want in zip(ours, ref):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("filled, batch, k", [(1, 1, 1), (50, 47, 123), (333, 5, 1000), (4096, 64, 513)])
 @pytest.mark.parametrize("classes", [None, 1, 3, 40])
