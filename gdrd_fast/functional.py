@@ -11,11 +11,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends
 from . import validation as check
 from .ops import crd_nce, feature_regression, infonce, infonce_pairs, relational
 from .ops import memory as memory_ops
-from .numerics import compute_dtype, reduce_pairs, reduce_rows
+from .numerics import reduce_pairs, reduce_rows
 from .params import RelationalParams, relational_param_shapes
 
 __all__ = ["crd_nce_loss", "crd_nce_pair_loss", "crd_log_z", "bank_update_", "bank_update_pair_", "queue_push_",
@@ -75,8 +75,9 @@ def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: fl
     check.reduction(reduction)
     device, n_data = check_crd(anchor, memory, idx, temperature, n_data, eps)
     log_z = check.log_z_value("log_z", log_z, anchor)
-    rows = crd_nce.IMPLS[crd_nce.IMPLS.resolve(backend, device, anchor.dtype)].load()(
-        anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data, eps=eps)
+    name = crd_nce.IMPLS.resolve(backend, device, anchor.dtype, d=anchor.shape[1])
+    rows = crd_nce.IMPLS[name].load()(anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data,
+                                      eps=eps)
     return reduce_rows(rows, reduction, anchor.dtype)
 
 
@@ -95,25 +96,19 @@ def crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a, anchor_b: Ten
                          f"{tuple(memory_a.shape)} and {names_b['memory']} {tuple(memory_b.shape)}")
     log_z_a = check.log_z_value(names_a["log_z"], log_z_a, anchor_a)
     log_z_b = check.log_z_value(names_b["log_z"], log_z_b, anchor_b)
-    name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b))
+    name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b),
+                                      d=anchor_a.shape[1])
     rows_a, rows_b = crd_nce.PAIR_IMPLS[name].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
                                                      temperature=temperature, n_data=n_data, eps=eps)
     return reduce_rows(rows_a, reduction, anchor_a.dtype) + reduce_rows(rows_b, reduction, anchor_b.dtype)
 
 
 def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
-              n_data: int | None = None, names=CRD_NAMES) -> Tensor:
+              n_data: int | None = None, names=CRD_NAMES, backend: str = "auto") -> Tensor:
     """log(n_data * mean(exp(s / T))) over the batch's B(K+1) scores: CRD's first-batch normaliser."""
-    _, n_data = check_crd(anchor, memory, idx, temperature, n_data, names=names)
-    with torch.no_grad():
-        dt = compute_dtype(anchor)
-        # chunks of rows keep the gather small; the estimate is a log-sum-exp over all scores
-        chunk = max(1, 2 ** 22 // (idx.shape[1] * anchor.shape[1]))
-        lse = torch.stack([
-            torch.logsumexp(reference.crd_scores(anchor[i:i + chunk], memory, idx[i:i + chunk]).flatten()
-                            / temperature, 0)
-            for i in range(0, anchor.shape[0], chunk)]).to(dt)
-        return torch.logsumexp(lse, 0) - math.log(idx.numel()) + math.log(n_data)
+    device, n_data = check_crd(anchor, memory, idx, temperature, n_data, names=names)
+    name = crd_nce.LOG_Z_IMPLS.resolve(backend, device, anchor.dtype)
+    return crd_nce.LOG_Z_IMPLS[name].load()(anchor, memory, idx, temperature=temperature, n_data=n_data)
 
 
 def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
@@ -230,9 +225,9 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
     log_z_t = check.log_z_value("log_z_t", log_z_t, e_s)
     log_z_s = check.log_z_value("log_z_s", log_z_s, e_s)
-    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
-    rows = relational.IMPLS[name].load().rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
-                                              log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
+    name = relational.IMPLS.resolve(backend, device, e_s.dtype, relation_dim=params.ft_w1.shape[0])
+    rows = relational.IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+                                         log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
     return reduce_rows(rows, reduction, e_s.dtype)
 
 
@@ -241,8 +236,8 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                      backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): each side's log(n_data * mean(exp(s / tau))) over its R(K+1) scores."""
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
-    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
-    return relational.IMPLS[name].load().log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+    name = relational.LOG_Z_IMPLS.resolve(backend, device, e_s.dtype, relation_dim=params.ft_w1.shape[0])
+    return relational.LOG_Z_IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                                n_data=n_data)
 
 

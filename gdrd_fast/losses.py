@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import functional
 from . import validation as check
-from .integrations import repdistiller
+from . import repdistiller_state as repdistiller
 from .memory import MemoryBank, MemoryQueue, default_generator
 from .params import RelationalParams
 
@@ -106,7 +106,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
     so state_dict round-trips. Without contrast_idx, K negatives per sample are drawn uniformly from
     all N rows with `self.generator` (None = the global RNG of the device).
     RepDistiller's `CRDLoss(opt)` works too (opt.s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m),
-    and load_state_dict accepts a RepDistiller criterion's state (gdrd_fast.integrations.repdistiller).
+    and load_state_dict accepts a RepDistiller criterion's state (gdrd_fast/repdistiller_state.py).
 
     forward validates everything first, then draws, computes, and writes the banks and log Z last, so a
     failed call changes nothing. Its steps are hooks that gdrd_fast.distributed.DistributedCRDLoss

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import collectives as comm
 from . import functional
 from . import validation as check
 
@@ -101,9 +102,6 @@ class MemoryQueue(nn.Module):
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""
-        # imported here, not at the top: gdrd_fast.distributed imports this module
-        from .distributed import comm
-
         if not comm.is_active(self.group):
             return values, labels
         sizes = comm.batch_sizes(values.shape[0], values.device, self.group)
