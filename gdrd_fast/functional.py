@@ -327,6 +327,13 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, label
     device = check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
                                queue_labels=queue_labels)
     check.finite("values", values)
+    run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
+
+
+def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None,
+                    queue_labels: Tensor | None, backend: str, device: torch.device) -> None:
+    """queue_push_ after its checks, for a caller that made them itself (MemoryQueue.push_): checks run once,
+    at the outermost layer."""
     name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
     with torch.no_grad():
         memory_ops.PUSH_IMPLS[name].load()(queue, ptr, count, values.detach(), labels, queue_labels)

@@ -62,12 +62,11 @@ def _undoing_draws_on_error(generator: torch.Generator | None, device: torch.dev
         raise
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(iter(module.buffers())).device
-
-
-def _module_finite(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """NaN policy for a Module's own weights (validation.py): checked like any input."""
+def _module_finite(module: nn.Module, probe: Tensor, skip: tuple[str, ...] = ()) -> None:
+    """NaN policy for a Module's own weights (validation.py): checked like any input. Where value checks are
+    off for `probe`'s device (GPU by default, compiled code) nothing is walked."""
+    if not check.value_checks(probe):
+        return
     for name, p in module.named_parameters():
         check.finite(name, p)
     for name, b in module.named_buffers():
@@ -188,7 +187,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
     _names_t = dict(anchor="embed_t(f_t)", memory="memory_s.rows", idx="contrast_idx", log_z="log_z_t")
 
     def check_inputs(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None) -> None:
-        device = _device_of(self)
+        device = self.log_z_s.device
         check.tensor("idx", idx, 1, check.INDEX_DTYPES)
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device}, the module on {device}: move one of them")
@@ -205,7 +204,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
             check.index_in_range("contrast_idx", contrast_idx, self.n_data)
         check.finite("f_s", f_s)
         check.finite("f_t", f_t)
-        _module_finite(self, skip=("memory_",))  # the banks are checked where they are read
+        _module_finite(self, f_s, skip=("memory_",))  # the banks are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("crd_nce_pair_loss", self.backend, device, f_s.dtype)
         functional.check_backend("bank_update_pair_", self.backend, device, self.memory_s.rows.dtype)
@@ -368,7 +367,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
 
     def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool = True) -> None:
         """Every check of forward's arguments; pairs=False for one rank's part of a batch."""
-        device = _device_of(self)
+        device = self.log_z_t.device
         check.tensor("e_t", e_t, 2)
         check.tensor("e_s", e_s, 2)
         check.tensor("labels", labels, 1, check.INDEX_DTYPES)
@@ -381,7 +380,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
             raise ValueError(f"the batch needs at least 2 samples to form pairs (i != j), got {labels.shape[0]}")
         check.finite("e_t", e_t)
         check.finite("e_s", e_s)
-        _module_finite(self, skip=("queue_",))  # the queues are checked where they are read
+        _module_finite(self, e_s, skip=("queue_",))  # the queues are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("relational_contrastive_loss", self.backend, device, e_s.dtype)
         functional.check_backend("queue_push_", self.queue_t.backend, device, self.queue_t.values.dtype)

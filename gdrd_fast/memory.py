@@ -94,11 +94,13 @@ class MemoryQueue(nn.Module):
             check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
         elif labels is not None:
             raise ValueError("labels given, but this queue has none: build it with with_labels=True")
-        check.same_device(queue=self.values, values=values, labels=labels)
+        device = check.same_device(queue=self.values, values=values, labels=labels)
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
-        functional.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
+        # every check of functional.queue_push_ is made above (the buffers are the queue's own)
+        functional.run_queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend,
+                                   device)
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""

@@ -24,6 +24,8 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     q, p = query.to(dt), positive.to(dt)
     inv_t = 1.0 / temperature
     pos = (q * p).sum(1) * inv_t
+    if bank.shape[0] <= chunk:
+        return _one_block(q, p, bank.to(dt), pos, inv_t, need_grad)
     row_max = pos.clone()
     row_sum = torch.ones_like(pos)
     weighted = torch.zeros_like(q) if need_grad else None
@@ -45,6 +47,20 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     grad_query = (weighted / row_sum[:, None] + pos_weight_minus_one * p) * inv_t
     grad_positive = pos_weight_minus_one * q * inv_t
     return rows, grad_query, grad_positive
+
+
+def _one_block(q: Tensor, p: Tensor, keys: Tensor, pos: Tensor, inv_t: float, need_grad: bool):
+    """infonce_bank_chunked for a bank of one chunk: one softmax instead of the running rescale (half the
+    torch calls, which is what a small call costs)."""
+    logits = torch.cat([pos[:, None], torch.mm(q, keys.t()).mul_(inv_t)], 1)
+    lse = torch.logsumexp(logits, 1)
+    rows = lse - pos
+    if not need_grad:
+        return rows, q.new_empty(0), q.new_empty(0)
+    weight = logits.sub_(lse[:, None]).exp_()
+    pos_weight_minus_one = weight[:, :1] - 1
+    grad_query = torch.addmm(pos_weight_minus_one * p, weight[:, 1:], keys).mul_(inv_t)
+    return rows, grad_query, pos_weight_minus_one * q * inv_t
 
 
 def _triton():
