@@ -107,6 +107,38 @@ def _queue_sample(backend, dtype, device):
                                     torch.tensor([7], device=device), 4, backend=backend)
 
 
+def _launch_feature_regression(module, dtype):
+    for teacher_dtype in {dtype, torch.float32}:
+        for bias in (torch.randn(7), None):
+            x, teacher, weight = torch.randn(3, 5, 4).to(dtype), torch.randn(3, 7, 4).to(teacher_dtype), torch.randn(7, 5)
+            module.feature_regression_forward(x, teacher, weight, bias)
+            module.feature_regression_backward(torch.rand(3), x, teacher, weight, bias)
+
+
+def _launch_infonce(module, dtype):
+    for d in (20, 33, 64, 100, 256, 500):
+        q, bank = torch.randn(5, d).to(dtype), torch.randn(50, d).to(dtype)
+        if module.supports(d, dtype, dtype):
+            for need_grad in (True, False):
+                module.infonce_bank_forward(q, q, bank, 0.1, need_grad)
+
+
+def _launch_relational(module, dtype):
+    for dim in (9, 17, 31, 64, 128):
+        if not module.supports(dim, torch.float32, dtype):
+            continue
+        b, k = 4, 300
+        args = (torch.randn(b, dim), torch.randn(20, dim), torch.randint(20, (b, k)), torch.randn(dim, dim).to(dtype),
+                torch.randn(dim), torch.randn(b * (b - 1), dim), torch.tensor(0.5), 0.1)
+        for need_grad, log_sum_exp in ((True, False), (False, False), (False, True)):
+            module.relational_negatives(*args, need_grad, log_sum_exp)
+
+
+# kernels/ module -> launch(module, dtype): every launch its launcher can make for inputs of that dtype, on
+# CPU tensors (tests/lib/test_triton_static.py records them instead of running them)
+TRITON_LAUNCHES = {"feature_regression": _launch_feature_regression, "infonce": _launch_infonce,
+                   "relational": _launch_relational}
+
 OPS = [
     OpEntry("infonce_bank_loss", _infonce, {"d": 8}, "infonce"),
     OpEntry("infonce_bank_pairs_loss", lambda *a, d=8: _infonce(*a, d=d, normalize=True), {"d": 8}, "infonce"),

@@ -135,19 +135,3 @@ def test_crd_module_compiles_with_fullgraph_and_matches_eager(backend):
         torch.testing.assert_close(grads[0], torch.autograd.grad(want, [eager.embed_s.linear.weight])[0])
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(module.state_dict()[key], value)
-
-
-def test_every_triton_entry_point_sends_float64_to_the_exact_path():
-    """One rule, declared by each backend: the Triton kernels compute fp16/bf16/fp32, so float64 runs the
-    chunked float64 path on any device (the relational path used to run its fp32 kernel: 1.4e-8 error)."""
-    pytest.importorskip("triton")
-    from gdrd_fast.ops import feature_regression, relational
-    cuda = torch.device("cuda")  # resolution reads declarations only: no GPU needed
-    for op, sizes in ((infonce_ops.IMPLS, dict(d=64)), (relational.IMPLS, {}), (feature_regression.IMPLS, {})):
-        assert op.resolve("triton", cuda, torch.float32, **sizes) == "triton", op.name
-        assert op.resolve("auto", cuda, torch.float32, **sizes) == "triton", op.name
-        for backend in ("triton", "auto"):
-            assert op.resolve(backend, cuda, torch.float64, **sizes) == op.exact == "chunked", op.name
-    # a size limit: fp32 InfoNCE wider than any spill-free tile
-    assert infonce_ops.IMPLS.resolve("triton", cuda, torch.float32, d=4096) == "chunked"
-    assert infonce_ops.IMPLS["triton"].not_supported_reasons(cuda, torch.float64)
