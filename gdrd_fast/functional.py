@@ -96,6 +96,15 @@ def crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a, anchor_b: Ten
                          f"{tuple(memory_a.shape)} and {names_b['memory']} {tuple(memory_b.shape)}")
     log_z_a = check.log_z_value(names_a["log_z"], log_z_a, anchor_a)
     log_z_b = check.log_z_value(names_b["log_z"], log_z_b, anchor_b)
+    return run_crd_nce_pair_loss(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature=temperature,
+                                 n_data=n_data, eps=eps, reduction=reduction, backend=backend, device=device)
+
+
+def run_crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
+                          log_z_b: Tensor, idx: Tensor, *, temperature: float, n_data: int, eps: float,
+                          reduction: str, backend: str, device: torch.device) -> Tensor:
+    """crd_nce_pair_loss after its checks (log Z as 0-dim float64 tensors on `device`), for a caller that made
+    them itself (CRDLoss): checks run once, at the outermost layer."""
     name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b),
                                       d=anchor_a.shape[1])
     rows_a, rows_b = crd_nce.PAIR_IMPLS[name].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
@@ -307,6 +316,12 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
     check_bank_update(memory_b, idx, values_b, idx_checked=True)
     check.same_device(memory_a=memory_a, memory_b=memory_b)
     check.in_unit_interval("momentum", momentum)
+    run_bank_update_pair_(memory_a, values_a, memory_b, values_b, idx, momentum, backend, device)
+
+
+def run_bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
+                          momentum: float, backend: str, device: torch.device) -> None:
+    """bank_update_pair_ after its checks, for a caller that made them itself (CRDLoss)."""
     name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
     with torch.no_grad():
         memory_ops.PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)

@@ -178,9 +178,10 @@ class CRDLoss(FrozenLogZ, nn.Module):
         return 1.0 / sizes[0]
 
     def update_banks(self, idx: Tensor, v_s: Tensor, v_t: Tensor, sizes: list[int]) -> None:
-        """Both banks' momentum update from this batch, in one launch."""
-        functional.bank_update_pair_(self.memory_s.rows, v_s, self.memory_t.rows, v_t, idx, self.memory_s.momentum,
-                                     self.backend)
+        """Both banks' momentum update from this batch, in one launch (idx and the embeddings' inputs were
+        checked by check_inputs)."""
+        functional.run_bank_update_pair_(self.memory_s.rows, v_s, self.memory_t.rows, v_t, idx,
+                                         self.memory_s.momentum, self.backend, idx.device)
 
     # ---------------------------------------------------------------------------------------------------
     _names_s = dict(anchor="embed_s(f_s)", memory="memory_t.rows", idx="contrast_idx", log_z="log_z_s")
@@ -225,11 +226,17 @@ class CRDLoss(FrozenLogZ, nn.Module):
         log_z = (self.log_z_s, self.log_z_t)
         if self.log_z_needed():
             log_z = self.frozen_log_z(self.estimate_log_z(v_s, v_t, bank_s, bank_t, bank_idx, sizes))
+        # what crd_nce_pair_loss would check and check_inputs did not: the banks and indices as read here
+        check.finite(self._names_s["memory"], bank_t)
+        check.finite(self._names_t["memory"], bank_s)
+        check.index_in_range("contrast_idx", bank_idx, bank_s.shape[0])
+        for name, value in zip(self.log_z_names, log_z):
+            check.finite(name, value)
         # both sides in one pass over contrast_idx
-        loss = functional.crd_nce_pair_loss(
+        loss = functional.run_crd_nce_pair_loss(
             v_s, bank_t.detach(), log_z[0], v_t, bank_s.detach(), log_z[1], bank_idx, temperature=self.nce_t,
-            n_data=self.n_data, eps=self.eps, reduction="sum", backend=self.backend, names_a=self._names_s,
-            names_b=self._names_t) * self.loss_scale(sizes)
+            n_data=self.n_data, eps=self.eps, reduction="sum", backend=self.backend,
+            device=bank_idx.device) * self.loss_scale(sizes)
         if not self._z_set:
             self.keep_log_z(log_z)
         self.update_banks(idx, v_s.detach(), v_t.detach(), sizes)
