@@ -43,11 +43,21 @@ def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None
     return xs, err.sub_(_columns(teacher, samples, pixels))
 
 
+def _one_block_error(x: Tensor, teacher: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """projection - teacher [B, Ct, P] in one batched GEMM, for inputs that fit one chunk."""
+    err = torch.matmul(w, x.to(w.dtype))
+    if bias is not None:
+        err += bias[:, None]
+    return err.sub_(teacher)
+
+
 def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     dt = compute_dtype(x)
     b, _, p = x.shape
     ct = weight.shape[0]
     w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
+    if b * ct * p <= _CHUNK_ELEMENTS:  # one block: a few torch calls, which is what a small call costs
+        return _one_block_error(x, teacher, w, bias_dt).square_().sum((1, 2)).div_(ct * p)
     rows = torch.zeros(b, dtype=dt, device=x.device)
     for samples, pixels in _chunks(b, ct, p):
         _, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
@@ -61,6 +71,11 @@ def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tens
     ct = weight.shape[0]
     w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
     sample_grad = grad_rows.to(dt) * (2.0 / (ct * p))
+    if b * ct * p <= _CHUNK_ELEMENTS:
+        err = _one_block_error(x, teacher, w, bias_dt).mul_(sample_grad[:, None, None])
+        xs = x.to(dt)
+        return (torch.matmul(w.t(), err), torch.matmul(err, xs.transpose(1, 2)).sum(0),
+                err.sum((0, 2)) if bias is not None else None)
     grad_x = torch.empty(b, cs, p, dtype=dt, device=x.device)
     grad_w = torch.zeros(ct, cs, dtype=dt, device=x.device)
     grad_bias = torch.zeros(ct, dtype=dt, device=x.device) if bias is not None else None
