@@ -184,3 +184,31 @@ def test_crd_past_the_cuda_kernels_width_runs_the_exact_path_on_gpu(monkeypatch,
     got = functional.crd_nce_loss(anchor.float(), memory.float(), idx, log_z=3.0)
     want = reference.crd_nce_loss(anchor, memory, idx, log_z=3.0)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+class _Namespaces(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the namespace of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("entry", OPS, ids=lambda e: e.name)
+def test_eager_calls_skip_the_custom_ops(entry):
+    """Outside torch.compile each op runs its autograd.Function twin: torch.library's dispatch of the
+    gdrd_fast:: custom ops (the compile and opcheck path) is not paid, forward or backward."""
+    from gdrd_fast.ops import infonce
+    with _Namespaces() as control:
+        q = torch.randn(3, 4)
+        infonce.infonce_bank_op(q, q, torch.randn(5, 4), 0.1, "chunked", False)
+    assert "gdrd_fast" in control.seen  # the mode does see a custom op
+    with _Namespaces() as mode:
+        out = entry.run("auto", torch.float32, CPU)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.backward()
+    assert "gdrd_fast" not in mode.seen, entry.name
