@@ -221,6 +221,11 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     return device
 
 
+def _relational_dtype(e_s: Tensor, params: RelationalParams) -> torch.dtype:
+    """What dispatch reads: the embeddings' dtype, or float64 where the parameters are (the keys are then)."""
+    return torch.float64 if params.ft_w1.dtype == torch.float64 else e_s.dtype
+
+
 def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                                 neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
                                 log_z_t, log_z_s, n_data: int, reduction: str = "mean",
@@ -234,7 +239,7 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
     log_z_t = check.log_z_value("log_z_t", log_z_t, e_s)
     log_z_s = check.log_z_value("log_z_s", log_z_s, e_s)
-    name = relational.IMPLS.resolve(backend, device, e_s.dtype, relation_dim=params.ft_w1.shape[0])
+    name = relational.IMPLS.resolve(backend, device, _relational_dtype(e_s, params), relation_dim=params.ft_w1.shape[0])
     rows = relational.IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                          log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
     return reduce_rows(rows, reduction, e_s.dtype)
@@ -245,7 +250,8 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                      backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): each side's log(n_data * mean(exp(s / tau))) over its R(K+1) scores."""
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
-    name = relational.LOG_Z_IMPLS.resolve(backend, device, e_s.dtype, relation_dim=params.ft_w1.shape[0])
+    name = relational.LOG_Z_IMPLS.resolve(backend, device, _relational_dtype(e_s, params),
+                                          relation_dim=params.ft_w1.shape[0])
     return relational.LOG_Z_IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                                n_data=n_data)
 
