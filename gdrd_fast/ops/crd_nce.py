@@ -76,6 +76,9 @@ PAIR_IMPLS = Op("crd_nce_pair_loss", {
     **{k: _backend(crd_nce_pair_rows, k, "crd_nce_pair_forward") for k in ("cpu", "cuda")},
 })
 
+# the pair kernels by backend name, read from the table (benchmarks/test_bench_crd.py times them alone)
+PAIR_KERNELS = {k: PAIR_IMPLS[k].kernel for k in ("cpu", "cuda")}
+
 
 def crd_log_z_chunked(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float, n_data: int) -> Tensor:
     """reference.crd_log_z over chunks of rows: the gather stays small; the estimate is one log-sum-exp."""
