@@ -44,7 +44,7 @@ def crd_nce_pair_rows(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, ancho
     """Both sides' per-row losses from one read of idx, with autograd to both anchors."""
     c = (idx.shape[1] - 1) / n_data
     rows_a, _, rows_b, _ = crd_nce_pair(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature,
-                                           c, eps, kernel, _needs_grad(anchor_a, anchor_b))
+                                        c, eps, kernel, _needs_grad(anchor_a, anchor_b))
     return rows_a, rows_b
 
 
