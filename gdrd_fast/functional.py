@@ -374,5 +374,11 @@ def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_lab
         if filled > queue_labels.shape[0]:
             raise ValueError(f"filled = {filled} exceeds the queue's {queue_labels.shape[0]} rows")
     device = check.same_device(queue_labels=queue_labels, partner_labels=partner_labels, seed=seed)
+    return run_queue_sample_negatives(queue_labels, filled, partner_labels, seed, k, backend, device)
+
+
+def run_queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
+                               backend: str, device: torch.device) -> Tensor:
+    """queue_sample_negatives after its checks, for a caller that made them itself (MemoryQueue)."""
     name = memory_ops.SAMPLE_IMPLS.resolve(backend, device, torch.float32)
     return memory_ops.SAMPLE_IMPLS[name].load()(queue_labels, filled, partner_labels, seed, k)

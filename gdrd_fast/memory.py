@@ -153,13 +153,14 @@ class MemoryQueue(nn.Module):
         if filled == 0:
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
-        check.same_device(queue=self.values, partner_labels=partner_labels)
+        device = check.same_device(queue=self.values, partner_labels=partner_labels)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
         generator_used = generator if generator is not None else default_generator(self.values.device)
         state = generator_used.get_state()
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
         seed = seed.to(self.values.device, non_blocking=True)
-        idx = functional.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
+        # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
+        idx = functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend, device)
         if self.labels is not None:
             missing = idx[:, 0] < 0
             if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later
