@@ -9,13 +9,14 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "chunked", "torch")
 _KERNELS_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 
@@ -73,13 +74,9 @@ def kernels():
 
 
 # --- availability checks: None when usable on `device`, else the reason -------------------------------
-def on_cpu(device: torch.device) -> str | None:
-    return None if device.type == "cpu" else f"the 'cpu' backend needs CPU tensors, got {device}"
-
-
 def with_cpu_extension(device: torch.device) -> str | None:
-    if on_cpu(device) is not None:
-        return on_cpu(device)
+    if device.type != "cpu":
+        return f"the 'cpu' backend needs CPU tensors, got {device}"
     if cpu_extension() is None:
         return ("built without the C++ CPU extension (gdrd_fast._C): reinstall with a C++ compiler, "
                 f"`pip install -e . --no-build-isolation` ({extension_error('gdrd_fast._C')})")
@@ -121,51 +118,67 @@ def dispatch_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of one op, and what it supports (declared, as xformers' operators do).
+    """One implementation of one op, and everything it supports (declared, as xformers' operators do).
 
-    load: the implementation, imported on first use.
+    load: the op's per-row function (one signature per op, the reference's), imported on first use.
     unavailable(device): None when its compiled parts are there and it runs on `device`, else why not.
     dtypes: the dtypes it computes itself. max_sizes(dtype): the largest size of each named dimension it
-    takes. Inputs a backend refuses by dtype or size run on the op's exact backend instead.
+    takes. kernel: what the op's custom op calls for this backend (None for the reference).
     """
     load: Callable[[], Callable]
     unavailable: Callable[[torch.device], str | None]
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     max_sizes: Callable[[torch.dtype], dict[str, int]] | None = None
+    kernel: Callable[[], Callable] | None = None
 
-    def refuses(self, dtype: torch.dtype, **sizes: int) -> str | None:
-        """Why this backend does not take inputs of `dtype` and `sizes` (None: it takes them)."""
+    def limits(self, dtype: torch.dtype) -> dict[str, int]:
+        return self.max_sizes(dtype) if self.max_sizes is not None and dtype in self.dtypes else {}
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, **sizes: int) -> list[str]:
+        """Every reason this backend does not run inputs on `device` of `dtype` and `sizes` ([]: it runs them)."""
+        reasons = []
+        missing = self.unavailable(device)
+        if missing is not None:
+            reasons.append(missing)
         if dtype not in self.dtypes:
-            return f"it computes {', '.join(str(d) for d in self.dtypes)}, not {dtype}"
-        limits = self.max_sizes(dtype) if self.max_sizes is not None else {}
-        over = [f"{k}={sizes[k]} > {v}" for k, v in limits.items() if k in sizes and sizes[k] > v]
-        return f"sizes beyond its limits ({', '.join(over)})" if over else None
+            reasons.append(f"it computes {', '.join(str(d) for d in self.dtypes)}, not {dtype}")
+        reasons += [f"{k}={sizes[k]} > {v}, its largest" for k, v in self.limits(dtype).items()
+                    if k in sizes and sizes[k] > v]
+        return reasons
 
 
-# the device's preference order for backend="auto"; "torch" (the reference) when none is available
-AUTO = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+# the device's preference order for backend="auto"; the op's exact backend when none is available
+AUTO = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "chunked")}
 _OPS: dict[str, "Op"] = {}
 
 
 class Op:
     """The backends of one op and the one rule that picks a backend for a call.
 
-    `exact` names the backend that runs on every device and dtype (the reference, or a chunked torch
-    stream): it takes the inputs that the chosen backend refuses by dtype or size.
+    `exact` names the backend that runs on every device and dtype (the reference, or the chunked torch
+    stream): it takes the inputs that the chosen backend does not support by dtype or size.
+    `aliases`: old backend names still accepted, with a DeprecationWarning ('cpu' where it meant the
+    chunked path).
     """
 
-    def __init__(self, name: str, backends: dict[str, Backend], exact: str = "torch"):
+    def __init__(self, name: str, backends: dict[str, Backend], exact: str = "torch",
+                 aliases: dict[str, str] | None = None):
         self.name, self.backends, self.exact = name, backends, exact
+        self.aliases = aliases or {}
         _OPS[name] = self
 
     def __getitem__(self, backend: str) -> Backend:
-        return self.backends[backend]
+        return self.backends[self.aliases.get(backend, backend)]
 
     def __contains__(self, backend: str) -> bool:
-        return backend in self.backends
+        return backend in self.backends or backend in self.aliases
 
     def check_name(self, backend: str) -> str:
-        """A backend= value this op knows (checked where a Module is built, before any call)."""
+        """The backend name that `backend` means for this op (checked where a Module is built, before any call)."""
+        if backend in self.aliases:
+            warnings.warn(f"{self.name}: backend={backend!r} is deprecated, use {self.aliases[backend]!r}",
+                          DeprecationWarning, stacklevel=3)
+            return self.aliases[backend]
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend != "auto" and backend not in self.backends:
@@ -173,14 +186,23 @@ class Op:
                              + ", ".join(repr(k) for k in self.backends) + ")")
         return backend
 
-    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes) -> str:
-        """The backend that runs this call: the requested one (or auto's pick) unless it refuses the dtype or
-        sizes, then `exact`. Decided once per (op, backend, device type, dtype) outside torch.compile's graph,
-        so a compiled step neither imports nor breaks the graph; size limits are plain comparisons."""
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> str:
+        """The backend that runs this call: the requested one (or auto's pick) unless it does not support the
+        dtype or sizes, then `exact`. Decided once per (op, backend, device type, dtype) outside
+        torch.compile's graph, so a compiled step neither imports nor breaks the graph; size limits are plain
+        comparisons."""
         chosen, limits = _choose(self.name, backend, device.type, dtype)
-        if any(sizes[k] > v for k, v in limits if k in sizes):
-            return self.exact
+        for k, v in limits:
+            if sizes.get(k, 0) > v:
+                return self.exact
         return chosen
+
+    def explain(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> tuple[str, list[str]]:
+        """(the backend resolve() picks, why the one asked for, or each of auto's candidates, was passed over)."""
+        name = self.check_name(backend)
+        asked = [n for n in AUTO.get(device.type, ()) if n in self.backends] if name == "auto" else [name]
+        why = [f"{n}: {r}" for n in asked for r in self.backends[n].not_supported_reasons(device, dtype, **sizes)]
+        return self.resolve(backend, device, dtype, **sizes), why
 
     def available(self, device: torch.device) -> list[str]:
         return [k for k, v in self.backends.items() if v.unavailable(device) is None]
@@ -191,6 +213,11 @@ def op(name: str) -> Op:
     return _OPS[name]
 
 
+def ops() -> dict[str, Op]:
+    """Every registered op, by name (importing gdrd_fast.functional registers them all)."""
+    return dict(_OPS)
+
+
 @torch.compiler.assume_constant_result
 def _choose(op_name: str, backend: str, device_type: str, dtype: torch.dtype) -> tuple:
     return _choose_cached(op_name, backend, device_type, dtype)
@@ -198,13 +225,14 @@ def _choose(op_name: str, backend: str, device_type: str, dtype: torch.dtype) ->
 
 @lru_cache(None)
 def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dtype) -> tuple:
-    """(backend to run, its size limits as ((dimension, largest), ...)): the exact backend when it refuses dtype."""
+    """(backend to run, its size limits as ((dimension, largest), ...)): the exact backend when it does not
+    compute dtype."""
     op = _OPS[op_name]
-    op.check_name(backend)
+    backend = op.check_name(backend)
     device = torch.device(device_type)
     if backend == "auto":
         usable = [n for n in AUTO.get(device_type, ()) if n in op.backends and op[n].unavailable(device) is None]
-        backend = usable[0] if usable else "torch"
+        backend = usable[0] if usable else op.exact
     else:
         reason = op[backend].unavailable(device)
         if reason is not None:
@@ -212,7 +240,7 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
     chosen = op[backend]
     if dtype not in chosen.dtypes:
         return op.exact, ()
-    return backend, tuple((chosen.max_sizes(dtype) if chosen.max_sizes is not None else {}).items())
+    return backend, tuple(chosen.limits(dtype).items())
 
 
 def with_compiled_op(op: str, extension_check: Callable[[torch.device], str | None]):

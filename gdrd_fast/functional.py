@@ -11,11 +11,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends
 from . import validation as check
 from .ops import crd_nce, feature_regression, infonce, infonce_pairs, relational
 from .ops import memory as memory_ops
-from .numerics import compute_dtype, reduce_pairs, reduce_rows
+from .numerics import reduce_pairs, reduce_rows
 from .params import RelationalParams, relational_param_shapes
 
 __all__ = ["crd_nce_loss", "crd_nce_pair_loss", "crd_log_z", "bank_update_", "bank_update_pair_", "queue_push_",
@@ -75,8 +75,9 @@ def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: fl
     check.reduction(reduction)
     device, n_data = check_crd(anchor, memory, idx, temperature, n_data, eps)
     log_z = check.log_z_value("log_z", log_z, anchor)
-    rows = crd_nce.IMPLS[crd_nce.IMPLS.resolve(backend, device, anchor.dtype)].load()(
-        anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data, eps=eps)
+    name = crd_nce.IMPLS.resolve(backend, device, anchor.dtype, d=anchor.shape[1])
+    rows = crd_nce.IMPLS[name].load()(anchor, memory, idx, temperature=temperature, log_z=log_z, n_data=n_data,
+                                      eps=eps)
     return reduce_rows(rows, reduction, anchor.dtype)
 
 
@@ -95,25 +96,28 @@ def crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a, anchor_b: Ten
                          f"{tuple(memory_a.shape)} and {names_b['memory']} {tuple(memory_b.shape)}")
     log_z_a = check.log_z_value(names_a["log_z"], log_z_a, anchor_a)
     log_z_b = check.log_z_value(names_b["log_z"], log_z_b, anchor_b)
-    name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b))
+    return run_crd_nce_pair_loss(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature=temperature,
+                                 n_data=n_data, eps=eps, reduction=reduction, backend=backend, device=device)
+
+
+def run_crd_nce_pair_loss(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
+                          log_z_b: Tensor, idx: Tensor, *, temperature: float, n_data: int, eps: float,
+                          reduction: str, backend: str, device: torch.device) -> Tensor:
+    """crd_nce_pair_loss after its checks (log Z as 0-dim float64 tensors on `device`), for a caller that made
+    them itself (CRDLoss): checks run once, at the outermost layer."""
+    name = crd_nce.PAIR_IMPLS.resolve(backend, device, backends.dispatch_dtype(anchor_a, anchor_b),
+                                      d=anchor_a.shape[1])
     rows_a, rows_b = crd_nce.PAIR_IMPLS[name].load()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx,
                                                      temperature=temperature, n_data=n_data, eps=eps)
     return reduce_rows(rows_a, reduction, anchor_a.dtype) + reduce_rows(rows_b, reduction, anchor_b.dtype)
 
 
 def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07,
-              n_data: int | None = None, names=CRD_NAMES) -> Tensor:
+              n_data: int | None = None, names=CRD_NAMES, backend: str = "auto") -> Tensor:
     """log(n_data * mean(exp(s / T))) over the batch's B(K+1) scores: CRD's first-batch normaliser."""
-    _, n_data = check_crd(anchor, memory, idx, temperature, n_data, names=names)
-    with torch.no_grad():
-        dt = compute_dtype(anchor)
-        # chunks of rows keep the gather small; the estimate is a log-sum-exp over all scores
-        chunk = max(1, 2 ** 22 // (idx.shape[1] * anchor.shape[1]))
-        lse = torch.stack([
-            torch.logsumexp(reference.crd_scores(anchor[i:i + chunk], memory, idx[i:i + chunk]).flatten()
-                            / temperature, 0)
-            for i in range(0, anchor.shape[0], chunk)]).to(dt)
-        return torch.logsumexp(lse, 0) - math.log(idx.numel()) + math.log(n_data)
+    device, n_data = check_crd(anchor, memory, idx, temperature, n_data, names=names)
+    name = crd_nce.LOG_Z_IMPLS.resolve(backend, device, anchor.dtype)
+    return crd_nce.LOG_Z_IMPLS[name].load()(anchor, memory, idx, temperature=temperature, n_data=n_data)
 
 
 def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
@@ -217,6 +221,11 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     return device
 
 
+def _relational_dtype(e_s: Tensor, params: RelationalParams) -> torch.dtype:
+    """What dispatch reads: the embeddings' dtype, or float64 where the parameters are (the keys are then)."""
+    return torch.float64 if params.ft_w1.dtype == torch.float64 else e_s.dtype
+
+
 def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                                 neg_idx: Tensor, params: RelationalParams, *, temperature: float = 0.1,
                                 log_z_t, log_z_s, n_data: int, reduction: str = "mean",
@@ -230,9 +239,9 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
     log_z_t = check.log_z_value("log_z_t", log_z_t, e_s)
     log_z_s = check.log_z_value("log_z_s", log_z_s, e_s)
-    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
-    rows = relational.IMPLS[name].load().rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
-                                              log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
+    name = relational.IMPLS.resolve(backend, device, _relational_dtype(e_s, params), relation_dim=params.ft_w1.shape[0])
+    rows = relational.IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+                                         log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
     return reduce_rows(rows, reduction, e_s.dtype)
 
 
@@ -241,8 +250,9 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                      backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): each side's log(n_data * mean(exp(s / tau))) over its R(K+1) scores."""
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
-    name = relational.IMPLS.resolve(backend, device, e_s.dtype)
-    return relational.IMPLS[name].load().log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
+    name = relational.LOG_Z_IMPLS.resolve(backend, device, _relational_dtype(e_s, params),
+                                          relation_dim=params.ft_w1.shape[0])
+    return relational.LOG_Z_IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                                n_data=n_data)
 
 
@@ -312,6 +322,12 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
     check_bank_update(memory_b, idx, values_b, idx_checked=True)
     check.same_device(memory_a=memory_a, memory_b=memory_b)
     check.in_unit_interval("momentum", momentum)
+    run_bank_update_pair_(memory_a, values_a, memory_b, values_b, idx, momentum, backend, device)
+
+
+def run_bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
+                          momentum: float, backend: str, device: torch.device) -> None:
+    """bank_update_pair_ after its checks, for a caller that made them itself (CRDLoss)."""
     name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
     with torch.no_grad():
         memory_ops.PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
@@ -332,6 +348,13 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, label
     device = check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
                                queue_labels=queue_labels)
     check.finite("values", values)
+    run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
+
+
+def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None,
+                    queue_labels: Tensor | None, backend: str, device: torch.device) -> None:
+    """queue_push_ after its checks, for a caller that made them itself (MemoryQueue.push_): checks run once,
+    at the outermost layer."""
     name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
     with torch.no_grad():
         memory_ops.PUSH_IMPLS[name].load()(queue, ptr, count, values.detach(), labels, queue_labels)
@@ -351,5 +374,11 @@ def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_lab
         if filled > queue_labels.shape[0]:
             raise ValueError(f"filled = {filled} exceeds the queue's {queue_labels.shape[0]} rows")
     device = check.same_device(queue_labels=queue_labels, partner_labels=partner_labels, seed=seed)
+    return run_queue_sample_negatives(queue_labels, filled, partner_labels, seed, k, backend, device)
+
+
+def run_queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
+                               backend: str, device: torch.device) -> Tensor:
+    """queue_sample_negatives after its checks, for a caller that made them itself (MemoryQueue)."""
     name = memory_ops.SAMPLE_IMPLS.resolve(backend, device, torch.float32)
     return memory_ops.SAMPLE_IMPLS[name].load()(queue_labels, filled, partner_labels, seed, k)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import functional
 from . import validation as check
-from .integrations import repdistiller
+from . import repdistiller_state as repdistiller
 from .memory import MemoryBank, MemoryQueue, default_generator
 from .params import RelationalParams
 
@@ -62,12 +62,11 @@ def _undoing_draws_on_error(generator: torch.Generator | None, device: torch.dev
         raise
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(iter(module.buffers())).device
-
-
-def _module_finite(module: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """NaN policy for a Module's own weights (validation.py): checked like any input."""
+def _module_finite(module: nn.Module, probe: Tensor, skip: tuple[str, ...] = ()) -> None:
+    """NaN policy for a Module's own weights (validation.py): checked like any input. Where value checks are
+    off for `probe`'s device (GPU by default, compiled code) nothing is walked."""
+    if not check.value_checks(probe):
+        return
     for name, p in module.named_parameters():
         check.finite(name, p)
     for name, b in module.named_buffers():
@@ -106,7 +105,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
     so state_dict round-trips. Without contrast_idx, K negatives per sample are drawn uniformly from
     all N rows with `self.generator` (None = the global RNG of the device).
     RepDistiller's `CRDLoss(opt)` works too (opt.s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m),
-    and load_state_dict accepts a RepDistiller criterion's state (gdrd_fast.integrations.repdistiller).
+    and load_state_dict accepts a RepDistiller criterion's state (gdrd_fast/repdistiller_state.py).
 
     forward validates everything first, then draws, computes, and writes the banks and log Z last, so a
     failed call changes nothing. Its steps are hooks that gdrd_fast.distributed.DistributedCRDLoss
@@ -179,16 +178,17 @@ class CRDLoss(FrozenLogZ, nn.Module):
         return 1.0 / sizes[0]
 
     def update_banks(self, idx: Tensor, v_s: Tensor, v_t: Tensor, sizes: list[int]) -> None:
-        """Both banks' momentum update from this batch, in one launch."""
-        functional.bank_update_pair_(self.memory_s.rows, v_s, self.memory_t.rows, v_t, idx, self.memory_s.momentum,
-                                     self.backend)
+        """Both banks' momentum update from this batch, in one launch (idx and the embeddings' inputs were
+        checked by check_inputs)."""
+        functional.run_bank_update_pair_(self.memory_s.rows, v_s, self.memory_t.rows, v_t, idx,
+                                         self.memory_s.momentum, self.backend, idx.device)
 
     # ---------------------------------------------------------------------------------------------------
     _names_s = dict(anchor="embed_s(f_s)", memory="memory_t.rows", idx="contrast_idx", log_z="log_z_s")
     _names_t = dict(anchor="embed_t(f_t)", memory="memory_s.rows", idx="contrast_idx", log_z="log_z_t")
 
     def check_inputs(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None) -> None:
-        device = _device_of(self)
+        device = self.log_z_s.device
         check.tensor("idx", idx, 1, check.INDEX_DTYPES)
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device}, the module on {device}: move one of them")
@@ -205,7 +205,7 @@ class CRDLoss(FrozenLogZ, nn.Module):
             check.index_in_range("contrast_idx", contrast_idx, self.n_data)
         check.finite("f_s", f_s)
         check.finite("f_t", f_t)
-        _module_finite(self, skip=("memory_",))  # the banks are checked where they are read
+        _module_finite(self, f_s, skip=("memory_",))  # the banks are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("crd_nce_pair_loss", self.backend, device, f_s.dtype)
         functional.check_backend("bank_update_pair_", self.backend, device, self.memory_s.rows.dtype)
@@ -226,11 +226,17 @@ class CRDLoss(FrozenLogZ, nn.Module):
         log_z = (self.log_z_s, self.log_z_t)
         if self.log_z_needed():
             log_z = self.frozen_log_z(self.estimate_log_z(v_s, v_t, bank_s, bank_t, bank_idx, sizes))
+        # what crd_nce_pair_loss would check and check_inputs did not: the banks and indices as read here
+        check.finite(self._names_s["memory"], bank_t)
+        check.finite(self._names_t["memory"], bank_s)
+        check.index_in_range("contrast_idx", bank_idx, bank_s.shape[0])
+        for name, value in zip(self.log_z_names, log_z):
+            check.finite(name, value)
         # both sides in one pass over contrast_idx
-        loss = functional.crd_nce_pair_loss(
+        loss = functional.run_crd_nce_pair_loss(
             v_s, bank_t.detach(), log_z[0], v_t, bank_s.detach(), log_z[1], bank_idx, temperature=self.nce_t,
-            n_data=self.n_data, eps=self.eps, reduction="sum", backend=self.backend, names_a=self._names_s,
-            names_b=self._names_t) * self.loss_scale(sizes)
+            n_data=self.n_data, eps=self.eps, reduction="sum", backend=self.backend,
+            device=bank_idx.device) * self.loss_scale(sizes)
         if not self._z_set:
             self.keep_log_z(log_z)
         self.update_banks(idx, v_s.detach(), v_t.detach(), sizes)
@@ -368,7 +374,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
 
     def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool = True) -> None:
         """Every check of forward's arguments; pairs=False for one rank's part of a batch."""
-        device = _device_of(self)
+        device = self.log_z_t.device
         check.tensor("e_t", e_t, 2)
         check.tensor("e_s", e_s, 2)
         check.tensor("labels", labels, 1, check.INDEX_DTYPES)
@@ -381,7 +387,7 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
             raise ValueError(f"the batch needs at least 2 samples to form pairs (i != j), got {labels.shape[0]}")
         check.finite("e_t", e_t)
         check.finite("e_s", e_s)
-        _module_finite(self, skip=("queue_",))  # the queues are checked where they are read
+        _module_finite(self, e_s, skip=("queue_",))  # the queues are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("relational_contrastive_loss", self.backend, device, e_s.dtype)
         functional.check_backend("queue_push_", self.queue_t.backend, device, self.queue_t.values.dtype)

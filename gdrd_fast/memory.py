@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import collectives as comm
 from . import functional
 from . import validation as check
 
@@ -93,17 +94,16 @@ class MemoryQueue(nn.Module):
             check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
         elif labels is not None:
             raise ValueError("labels given, but this queue has none: build it with with_labels=True")
-        check.same_device(queue=self.values, values=values, labels=labels)
+        device = check.same_device(queue=self.values, values=values, labels=labels)
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
-        functional.queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend)
+        # every check of functional.queue_push_ is made above (the buffers are the queue's own)
+        functional.run_queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend,
+                                   device)
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""
-        # imported here, not at the top: gdrd_fast.distributed imports this module
-        from .distributed import comm
-
         if not comm.is_active(self.group):
             return values, labels
         sizes = comm.batch_sizes(values.shape[0], values.device, self.group)
@@ -153,13 +153,14 @@ class MemoryQueue(nn.Module):
         if filled == 0:
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
-        check.same_device(queue=self.values, partner_labels=partner_labels)
+        device = check.same_device(queue=self.values, partner_labels=partner_labels)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
         generator_used = generator if generator is not None else default_generator(self.values.device)
         state = generator_used.get_state()
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
         seed = seed.to(self.values.device, non_blocking=True)
-        idx = functional.queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend)
+        # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
+        idx = functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend, device)
         if self.labels is not None:
             missing = idx[:, 0] < 0
             if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later

@@ -168,6 +168,11 @@ def log_z_value(name: str, log_z, like: Tensor) -> Tensor:
         if log_z.dtype in (torch.bool, torch.complex64, torch.complex128):
             raise TypeError(f"{name} must be a real number, got dtype {log_z.dtype}")
         no_grad_input(name, log_z, "log Z is a frozen normaliser (estimate it with crd_log_z / relational_log_z)")
+        # a host (CPU) number may go to any device; a tensor on another accelerator, or one without data
+        # (meta), is a mistake to name rather than copy
+        if log_z.device != like.device and log_z.device.type != "cpu":
+            raise ValueError(f"{name} is on {log_z.device}, the other tensors on {like.device}: "
+                             f"pass a float or a tensor on {like.device}")
         t = log_z.reshape(()).to(like.device, torch.float64)
     elif _is_number(log_z):
         t = torch.tensor(float(log_z), dtype=torch.float64, device=like.device)

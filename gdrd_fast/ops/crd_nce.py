@@ -22,10 +22,9 @@ from ..backends import Backend, Op
 from ..numerics import compute_dtype
 
 
-# the compiled kernels, by backend (loaded on first use; the custom ops below call them)
-KERNELS = {"cpu": lambda: torch.ops.gdrd_fast_C.crd_nce_forward, "cuda": lambda: torch.ops.gdrd_fast_C.crd_nce_forward}
-PAIR_KERNELS = {"cpu": lambda: torch.ops.gdrd_fast_C.crd_nce_pair_forward,
-                "cuda": lambda: torch.ops.gdrd_fast_C.crd_nce_pair_forward}
+# the CUDA kernels keep a row in registers, 16 values per lane of a warp: kMaxPerLane * 32 in
+# csrc/cuda/crd_nce.cu (tests/lib/test_dispatch.py reads it there)
+CUDA_MAX_D = 512
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -36,7 +35,7 @@ def crd_nce_rows(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: fl
                  eps: float, kernel: str) -> Tensor:
     """Per-row losses [B] in the accumulation dtype from a compiled kernel, with autograd to anchor."""
     c = (idx.shape[1] - 1) / n_data
-    return crd_nce_op(anchor, memory, idx, log_z, temperature, c, eps, kernel, _needs_grad(anchor))[0]
+    return crd_nce(anchor, memory, idx, log_z, temperature, c, eps, kernel, _needs_grad(anchor))[0]
 
 
 def crd_nce_pair_rows(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
@@ -44,8 +43,8 @@ def crd_nce_pair_rows(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, ancho
                       kernel: str) -> tuple[Tensor, Tensor]:
     """Both sides' per-row losses from one read of idx, with autograd to both anchors."""
     c = (idx.shape[1] - 1) / n_data
-    rows_a, _, rows_b, _ = crd_nce_pair_op(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature,
-                                           c, eps, kernel, _needs_grad(anchor_a, anchor_b))
+    rows_a, _, rows_b, _ = crd_nce_pair(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature,
+                                        c, eps, kernel, _needs_grad(anchor_a, anchor_b))
     return rows_a, rows_b
 
 
@@ -57,22 +56,47 @@ def _reference_pair_rows(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_
 
 
 def _backend(function, kernel: str, op: str) -> Backend:
-    """A compiled backend: `function` bound to the kernel of that name (every float dtype, any size)."""
+    """A compiled backend: `function` bound to the compiled op of that name (every float dtype; on CUDA,
+    D <= CUDA_MAX_D)."""
     check = backends.with_cpu_extension if kernel == "cpu" else backends.with_cuda_extension
-    return Backend(lambda: functools.partial(function, kernel=kernel), backends.with_compiled_op(op, check))
+    max_sizes = (lambda dtype: {"d": CUDA_MAX_D}) if kernel == "cuda" else None
+    return Backend(lambda: functools.partial(function, kernel=kernel), backends.with_compiled_op(op, check),
+                   max_sizes=max_sizes, kernel=lambda: getattr(torch.ops.gdrd_fast_C, op))
 
 
 # backend -> (anchor, memory, idx, *, temperature, log_z, n_data, eps) -> rows [B]
 IMPLS = Op("crd_nce_loss", {
     "torch": Backend(lambda: reference.crd_nce_rows, backends.anywhere),
-    **{k: _backend(crd_nce_rows, k, "crd_nce_forward") for k in KERNELS},
+    **{k: _backend(crd_nce_rows, k, "crd_nce_forward") for k in ("cpu", "cuda")},
 })
 # backend -> (anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, *, temperature, n_data, eps)
 #            -> (rows_a, rows_b)
 PAIR_IMPLS = Op("crd_nce_pair_loss", {
     "torch": Backend(lambda: _reference_pair_rows, backends.anywhere),
-    **{k: _backend(crd_nce_pair_rows, k, "crd_nce_pair_forward") for k in PAIR_KERNELS},
+    **{k: _backend(crd_nce_pair_rows, k, "crd_nce_pair_forward") for k in ("cpu", "cuda")},
 })
+
+# the pair kernels by backend name, read from the table (benchmarks/test_bench_crd.py times them alone)
+PAIR_KERNELS = {k: PAIR_IMPLS[k].kernel for k in ("cpu", "cuda")}
+
+
+def crd_log_z_chunked(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float, n_data: int) -> Tensor:
+    """reference.crd_log_z over chunks of rows: the gather stays small; the estimate is one log-sum-exp."""
+    with torch.no_grad():
+        dt = compute_dtype(anchor)
+        chunk = max(1, 2 ** 22 // (idx.shape[1] * anchor.shape[1]))
+        lse = torch.stack([
+            torch.logsumexp(reference.crd_scores(anchor[i:i + chunk], memory, idx[i:i + chunk]).flatten()
+                            / temperature, 0)
+            for i in range(0, anchor.shape[0], chunk)]).to(dt)
+        return torch.logsumexp(lse, 0) - math.log(idx.numel()) + math.log(n_data)
+
+
+# backend -> (anchor, memory, idx, *, temperature, n_data) -> log Z (a 0-dim tensor, accumulation dtype)
+LOG_Z_IMPLS = Op("crd_log_z", {
+    "torch": Backend(lambda: reference.crd_log_z, backends.anywhere),
+    "chunked": Backend(lambda: crd_log_z_chunked, backends.anywhere),
+}, exact="chunked")
 
 
 def dense_wins(idx: Tensor, memory: Tensor) -> bool:
@@ -103,13 +127,18 @@ def dense_forward(anchor: Tensor, memory: Tensor, idx: Tensor, inv_t: float, log
     return rows, grad
 
 
+def _crd_nce_forward(anchor: Tensor, memory: Tensor, idx: Tensor, log_z: Tensor, temperature: float, c: float,
+                     eps: float, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    forward = dense_forward if dense_wins(idx, memory) else IMPLS[backend].kernel()
+    rows, grad = forward(anchor, memory, idx, 1.0 / temperature, log_z, c, eps, need_grad)
+    return rows, grad
+
+
 @torch.library.custom_op("gdrd_fast::crd_nce", mutates_args=())
 def crd_nce_op(anchor: Tensor, memory: Tensor, idx: Tensor, log_z: Tensor, temperature: float, c: float,
                eps: float, backend: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(row losses [B], d row_b / d anchor_b) in the accumulation dtype."""
-    forward = dense_forward if dense_wins(idx, memory) else KERNELS[backend]()
-    rows, grad = forward(anchor, memory, idx, 1.0 / temperature, log_z, c, eps, need_grad)
-    return rows, grad
+    return _crd_nce_forward(anchor, memory, idx, log_z, temperature, c, eps, backend, need_grad)
 
 
 def _fake_side(anchor: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
@@ -142,16 +171,39 @@ def _backward(ctx, grad_rows, _grad):
 crd_nce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _CrdNce(torch.autograd.Function):
+    """crd_nce_op's eager twin: the same kernels and backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _crd_nce_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def crd_nce(*inputs) -> tuple[Tensor, Tensor]:
+    """crd_nce_op under torch.compile (which traces the custom op), its autograd.Function twin in eager."""
+    return crd_nce_op(*inputs) if torch.compiler.is_compiling() else _CrdNce.apply(*inputs)
+
+
 @torch.library.custom_op("gdrd_fast::crd_nce_pair", mutates_args=())
 def crd_nce_pair_op(anchor_a: Tensor, memory_a: Tensor, log_z_a: Tensor, anchor_b: Tensor, memory_b: Tensor,
                     log_z_b: Tensor, idx: Tensor, temperature: float, c: float, eps: float, backend: str,
                     need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both sides' (row losses, d row / d anchor): anchor_a against memory_a, anchor_b against memory_b."""
+    return _crd_nce_pair_forward(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature, c, eps,
+                                 backend, need_grad)
+
+
+def _crd_nce_pair_forward(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, temperature, c, eps,
+                          backend, need_grad):
     inv_t = 1.0 / temperature
     if dense_wins(idx, memory_a):
         return (*dense_forward(anchor_a, memory_a, idx, inv_t, log_z_a, c, eps, need_grad),
                 *dense_forward(anchor_b, memory_b, idx, inv_t, log_z_b, c, eps, need_grad))
-    return tuple(PAIR_KERNELS[backend]()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t,
+    return tuple(PAIR_IMPLS[backend].kernel()(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t,
                                             c, eps, need_grad))
 
 
@@ -172,3 +224,20 @@ def _pair_backward(ctx, grad_rows_a, _grad_a, grad_rows_b, _grad_b):
 
 
 crd_nce_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup_context)
+
+
+class _CrdNcePair(torch.autograd.Function):
+    """crd_nce_pair_op's eager twin: the same kernels and backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _crd_nce_pair_forward(*inputs)
+        _pair_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_pair_backward)
+
+
+def crd_nce_pair(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """crd_nce_pair_op under torch.compile, its autograd.Function twin in eager."""
+    return crd_nce_pair_op(*inputs) if torch.compiler.is_compiling() else _CrdNcePair.apply(*inputs)

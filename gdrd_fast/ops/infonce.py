@@ -1,4 +1,4 @@
-"""infonce_bank_loss: custom op, autograd and the chunked CPU backend (docs/ops/infonce.md)."""
+"""infonce_bank_loss: custom op, autograd and the chunked backend (docs/ops/infonce.md)."""
 from __future__ import annotations
 
 import functools
@@ -24,6 +24,8 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     q, p = query.to(dt), positive.to(dt)
     inv_t = 1.0 / temperature
     pos = (q * p).sum(1) * inv_t
+    if bank.shape[0] <= chunk:
+        return _one_block(q, p, bank.to(dt), pos, inv_t, need_grad)
     row_max = pos.clone()
     row_sum = torch.ones_like(pos)
     weighted = torch.zeros_like(q) if need_grad else None
@@ -47,6 +49,20 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     return rows, grad_query, grad_positive
 
 
+def _one_block(q: Tensor, p: Tensor, keys: Tensor, pos: Tensor, inv_t: float, need_grad: bool):
+    """infonce_bank_chunked for a bank of one chunk: one softmax instead of the running rescale (half the
+    torch calls, which is what a small call costs)."""
+    logits = torch.cat([pos[:, None], torch.mm(q, keys.t()).mul_(inv_t)], 1)
+    lse = torch.logsumexp(logits, 1)
+    rows = lse - pos
+    if not need_grad:
+        return rows, q.new_empty(0), q.new_empty(0)
+    weight = logits.sub_(lse[:, None]).exp_()
+    pos_weight_minus_one = weight[:, :1] - 1
+    grad_query = torch.addmm(pos_weight_minus_one * p, weight[:, 1:], keys).mul_(inv_t)
+    return rows, grad_query, pos_weight_minus_one * q * inv_t
+
+
 def _triton():
     return backends.kernels().infonce.infonce_bank_forward
 
@@ -56,31 +72,29 @@ def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
     return {"d": backends.kernels().infonce.max_d(dtype)}
 
 
-# the kernels, by backend (loaded on first use; the custom op below calls them)
-KERNELS = {"cpu": lambda: infonce_bank_chunked, "triton": _triton}
-
-
 def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str) -> Tensor:
     """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive."""
     need_grad = torch.is_grad_enabled() and (query.requires_grad or positive.requires_grad)
-    return infonce_bank_op(query, positive, bank, temperature, kernel, need_grad)[0]
+    return infonce_bank(query, positive, bank, temperature, kernel, need_grad)[0]
 
 
-# backend -> (query, positive, bank, *, temperature) -> rows [B]. float64, and fp32 wider than any
-# spill-free tile, run the exact chunked stream (on any device)
+# backend -> (query, positive, bank, *, temperature) -> rows [B]; `kernel` is what infonce_bank_op runs.
+# float64, and fp32 wider than any spill-free tile, run the exact chunked stream (on any device)
 IMPLS = Op("infonce_bank_loss", {
     "torch": Backend(lambda: reference.infonce_bank_rows, backends.anywhere),
-    "cpu": Backend(lambda: functools.partial(infonce_bank_rows, kernel="cpu"), backends.on_cpu),
+    "chunked": Backend(lambda: functools.partial(infonce_bank_rows, kernel="chunked"), backends.anywhere,
+                       kernel=lambda: infonce_bank_chunked),
     "triton": Backend(lambda: functools.partial(infonce_bank_rows, kernel="triton"), backends.with_triton,
-                      dtypes=(torch.float16, torch.bfloat16, torch.float32), max_sizes=_triton_max_sizes),
-}, exact="cpu")
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32), max_sizes=_triton_max_sizes,
+                      kernel=_triton),
+}, exact="chunked", aliases={"cpu": "chunked"})
 
 
 @torch.library.custom_op("gdrd_fast::infonce_bank", mutates_args=())
 def infonce_bank_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
                     need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(row losses [B], d row_b / d query_b, d row_b / d positive_b), in the accumulation dtype."""
-    rows, gq, gp = KERNELS[backend]()(query, positive, bank, temperature, need_grad)
+    rows, gq, gp = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad)
     return rows, gq, gp
 
 
@@ -112,3 +126,23 @@ def _backward(ctx, grad_rows, _gq, _gp):
 
 
 infonce_bank_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InfonceBank(torch.autograd.Function):
+    """infonce_bank_op's eager twin: the same kernel and backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, query, positive, bank, temperature, backend, need_grad):
+        output = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad)
+        _setup_context(ctx, (query, positive), output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def infonce_bank(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
+                 need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """infonce_bank_op under torch.compile (which traces the custom op), its autograd.Function twin in eager."""
+    if torch.compiler.is_compiling():
+        return infonce_bank_op(query, positive, bank, temperature, backend, need_grad)
+    return _InfonceBank.apply(query, positive, bank, temperature, backend, need_grad)

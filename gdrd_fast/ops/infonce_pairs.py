@@ -115,17 +115,24 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
     inv_t = 1.0 / temperature
     if labels is None:
         # one positive per row: the bank stays in the fused kernel, the B x B block is merged after it
-        q = F.normalize(query, dim=1) if normalize else query
-        p = F.normalize(positive, dim=1) if normalize else positive
-        dt = compute_dtype(q)
+        dt = compute_dtype(query)
+
+        def prep(x: Tensor) -> Tensor:
+            """Cosine inputs are normalised in the accumulation dtype; the Triton kernel then takes them in
+            their own storage dtype (its operand precision), the chunked path keeps them in dt."""
+            if not normalize:
+                return x
+            unit = F.normalize(x.to(dt), dim=1)
+            return unit.to(x.dtype) if kernel == "triton" else unit
+
+        q, p = prep(query), prep(positive)
         s_pos = (q.to(dt) * p.to(dt)).sum(1) * inv_t
         lse = s_pos
         if bank.shape[0]:
-            keys = F.normalize(bank.detach(), dim=1) if normalize else bank.detach()
-            rows, _, _ = infonce.infonce_bank_op(q, p, keys, temperature, kernel, need_grad)
+            rows, _, _ = infonce.infonce_bank(q, p, prep(bank.detach()), temperature, kernel, need_grad)
             lse = rows + s_pos
         if batch_negatives is not None and b > 1:
-            n = F.normalize(batch_negatives, dim=1) if normalize else batch_negatives
+            n = prep(batch_negatives)
             s = (q.to(dt) @ n.to(dt).t()).mul(inv_t)
             lse = torch.logaddexp(lse, torch.logsumexp(s.masked_fill(torch.eye(b, dtype=torch.bool,
                                                                             device=s.device), -math.inf), 1))
@@ -174,5 +181,5 @@ def _pair_rows(query, positive, bank, *, temperature, batch_negatives, labels, b
 IMPLS = Op("infonce_bank_pairs_loss", {
     "torch": Backend(lambda: reference.infonce_bank_pairs_rows, backends.anywhere),
     **{name: dataclasses.replace(infonce.IMPLS[name], load=lambda name=name: functools.partial(_pair_rows, kernel=name))
-       for name in ("cpu", "triton")},
-}, exact="cpu")
+       for name in ("chunked", "triton")},
+}, exact="chunked", aliases={"cpu": "chunked"})

@@ -1,8 +1,8 @@
 """relational_contrastive_loss (CRRCD): the backends, the custom op and its autograd.
 
-IMPLS: backend -> Entry(rows, log_z), with the signatures of reference.relational_rows and
-reference.relational_log_z; the 'cpu' and 'triton' entries run relational_rows / relational_log_z below
-over the kernel of that name (KERNELS).
+IMPLS: backend -> per-row losses, with the signature of reference.relational_rows; LOG_Z_IMPLS: backend ->
+the (log_z_t, log_z_s) estimate, reference.relational_log_z's. The 'chunked' and 'triton' entries run
+relational_rows / relational_log_z below over their `kernel`.
 
 Decomposition. Keys are stop-grad, so every gradient flows through the per-row queries (small, [R, d])
 and the positive scores; plain torch autograd computes those. What is of size R x K, the negative keys
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_con
 def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Tensor, fold_weight: Tensor,
                                  fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float,
                                  need_grad: bool, log_sum_exp: bool, max_elements: int = 1 << 19):
-    """The 'cpu' backend: the kernel's computation in torch, over chunks of rows (never R x K x d at once)."""
+    """The 'chunked' backend: the kernel's computation in torch, over chunks of rows (never R x K x d at once)."""
     batch, dim = anchors.shape
     rows_n, num_neg = queries.shape[0], neg_idx.shape[1]
     i_all, j_all = pair_indices(batch, anchors.device)
@@ -58,36 +58,46 @@ def relational_negatives_chunked(anchors: Tensor, projected: Tensor, neg_idx: Te
 
 
 def _triton():
+    return backends.kernels().relational.relational_negatives
+
+
+def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
+    """The widest relation dim with a spill-free tile for the GEMM operands `dtype` runs (_gemm_dtype)."""
     kernel = backends.kernels().relational
-
-    def negatives(anchors, projected, neg_idx, fold_weight, *args):
-        if kernel.supports(anchors.shape[1], anchors.dtype, fold_weight.dtype):
-            return kernel.relational_negatives(anchors, projected, neg_idx, fold_weight, *args)
-        # float64 (the kernel computes in fp32) and relation dims past the kernel's tiles
-        return relational_negatives_chunked(anchors, projected, neg_idx, fold_weight, *args)
-    return negatives
+    operand = kernel.operand_dtype(_gemm_dtype(dtype))
+    widths = [d for d in (1 << n for n in range(4, 12)) if kernel.supports(d, dtype, operand)]
+    return {"relation_dim": max(widths, default=0)}
 
 
-# the Triton kernel computes in float32: float64 runs the exact chunked path (any device)
-KERNELS = {"cpu": lambda: relational_negatives_chunked, "triton": _triton}
+def _backend(rows, log_z, unavailable, **declared) -> tuple[Backend, Backend]:
+    """One backend of the loss and of its log Z estimate: the same declarations, two signatures."""
+    return Backend(rows, unavailable, **declared), Backend(log_z, unavailable, **declared)
 
 
-class Entry(NamedTuple):
-    """What a backend provides: per-row losses [R] (accumulation dtype, autograd to e_s and params) and
-    the (log_z_t, log_z_s) estimate, with the signatures of reference.relational_rows / relational_log_z."""
-    rows: Callable[..., Tensor]
-    log_z: Callable[..., tuple[Tensor, Tensor]]
+_TRITON = dict(dtypes=(torch.float16, torch.bfloat16, torch.float32), max_sizes=_triton_max_sizes, kernel=_triton)
+_BACKENDS = {
+    "torch": _backend(lambda: reference.relational_rows, lambda: reference.relational_log_z, backends.anywhere),
+    **{name: _backend(lambda name=name: functools.partial(relational_rows, kernel=name),
+                      lambda name=name: functools.partial(relational_log_z, kernel=name), unavailable, **declared)
+       for name, unavailable, declared in (
+           ("chunked", backends.anywhere, dict(kernel=lambda: relational_negatives_chunked)),
+           ("triton", backends.with_triton, _TRITON))},
+}
+# backend -> (e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, log_z_t, log_z_s, n_data) -> rows [R];
+# `kernel` is what relational_negatives_op runs. The Triton kernel computes in float32 and has tiles up to
+# a relation dim: float64 and wider relations run the exact chunked path (any device)
+IMPLS = Op("relational_contrastive_loss", {k: v[0] for k, v in _BACKENDS.items()}, exact="chunked",
+           aliases={"cpu": "chunked"})
+# backend -> (e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, n_data) -> (log_z_t, log_z_s)
+LOG_Z_IMPLS = Op("relational_log_z", {k: v[1] for k, v in _BACKENDS.items()}, exact="chunked",
+                 aliases={"cpu": "chunked"})
 
 
-def _kernel_entry(kernel: str) -> Entry:
-    return Entry(functools.partial(relational_rows, kernel=kernel), functools.partial(relational_log_z, kernel=kernel))
-
-
-IMPLS = Op("relational_contrastive_loss", {
-    "torch": Backend(lambda: Entry(reference.relational_rows, reference.relational_log_z), backends.anywhere),
-    "cpu": Backend(lambda: _kernel_entry("cpu"), backends.on_cpu),
-    "triton": Backend(lambda: _kernel_entry("triton"), backends.with_triton, dtypes=(torch.float16, torch.bfloat16, torch.float32)),
-}, exact="cpu")
+def _negatives_forward(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature, backend,
+                       need_grad, log_sum_exp) -> tuple[Tensor, Tensor]:
+    rows, grad = IMPLS[backend].kernel()(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset,
+                                         temperature, need_grad, log_sum_exp)
+    return rows.to(queries.dtype), grad.to(queries.dtype)
 
 
 @torch.library.custom_op("gdrd_fast::relational_negatives", mutates_args=())
@@ -95,9 +105,8 @@ def relational_negatives_op(anchors: Tensor, projected: Tensor, neg_idx: Tensor,
                             fold_bias: Tensor, queries: Tensor, offset: Tensor, temperature: float, backend: str,
                             need_grad: bool, log_sum_exp: bool) -> tuple[Tensor, Tensor]:
     """(per-row negative loss or log-sum-exp [R], d rows_r / d queries_r [R, d] or empty), in queries' dtype."""
-    rows, grad = KERNELS[backend]()(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset,
-                                       temperature, need_grad, log_sum_exp)
-    return rows.to(queries.dtype), grad.to(queries.dtype)
+    return _negatives_forward(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature,
+                              backend, need_grad, log_sum_exp)
 
 
 @relational_negatives_op.register_fake
@@ -119,6 +128,25 @@ def _backward(ctx, grad_rows, _grad):
 
 
 relational_negatives_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RelationalNegatives(torch.autograd.Function):
+    """relational_negatives_op's eager twin: the same kernels and backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _negatives_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def relational_negatives(*inputs) -> tuple[Tensor, Tensor]:
+    """relational_negatives_op under torch.compile, its autograd.Function twin in eager."""
+    if torch.compiler.is_compiling():
+        return relational_negatives_op(*inputs)
+    return _RelationalNegatives.apply(*inputs)
 
 
 class _Side(NamedTuple):
@@ -159,16 +187,16 @@ def _negatives(side: _Side, neg_idx: Tensor, offset: Tensor, temperature: float,
                log_sum_exp: bool, gemm_dtype: torch.dtype) -> Tensor:
     need_grad = not log_sum_exp and torch.is_grad_enabled() and side.queries.requires_grad
     fold_weight = side.fold_weight if backend != "triton" else side.fold_weight.to(gemm_dtype)
-    rows, _ = relational_negatives_op(side.anchors, side.projected, neg_idx, fold_weight, side.fold_bias,
-                                      side.queries, offset, temperature, backend, need_grad, log_sum_exp)
+    rows, _ = relational_negatives(side.anchors, side.projected, neg_idx, fold_weight, side.fold_bias,
+                                   side.queries, offset, temperature, backend, need_grad, log_sum_exp)
     return rows
 
 
-def _gemm_dtype(e_s: Tensor) -> torch.dtype:
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The Triton GEMM's operand dtype: fp16 inputs run fp16 tensor cores; bf16 and float32 inputs keep
     float32 accuracy (see kernels/relational.py): fp16 operands overflow past 65504, and one bf16
     product misses the bf16 tolerance (G and relu(A - P) rounded to 8 bits, amplified by 1/temperature)."""
-    return torch.float16 if e_s.dtype == torch.float16 else torch.float32
+    return torch.float16 if dtype == torch.float16 else torch.float32
 
 
 def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, log_z_t, log_z_s, n_data,
@@ -180,7 +208,7 @@ def relational_rows(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature,
     def side_rows(side: _Side, log_z: Tensor) -> Tensor:
         offset = (log_z.to(side.queries.dtype) + shift).detach()
         positive = reference.softplus(offset - side.positive / temperature)
-        return positive + _negatives(side, neg_idx, offset, temperature, kernel, False, _gemm_dtype(e_s))
+        return positive + _negatives(side, neg_idx, offset, temperature, kernel, False, _gemm_dtype(e_s.dtype))
 
     return side_rows(student, log_z_s) + side_rows(teacher, log_z_t)
 
@@ -192,7 +220,7 @@ def relational_log_z(e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature
 
         def estimate(side: _Side) -> Tensor:
             unused = side.queries.new_zeros(())
-            negatives = _negatives(side, neg_idx, unused, temperature, kernel, True, _gemm_dtype(e_s))
+            negatives = _negatives(side, neg_idx, unused, temperature, kernel, True, _gemm_dtype(e_s.dtype))
             lse = torch.logsumexp(torch.cat([side.positive / temperature, negatives]), 0)
             return lse - math.log(count) + math.log(n_data)
 

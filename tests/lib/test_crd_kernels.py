@@ -33,8 +33,8 @@ def test_pair_kernel_equals_two_single_kernels(device, size):
     anchor_a, memory_a, idx, log_z_a = crd_inputs(*size, torch.float32, torch.float32, torch.int64, device)
     anchor_b, memory_b, _, log_z_b = crd_inputs(*size, torch.float32, torch.float32, torch.int64, device)
     if not crd_nce.dense_wins(idx, memory_a):
-        backend = crd_nce.PAIR_KERNELS[device]()
-        single = crd_nce.KERNELS[device]()
+        backend = crd_nce.PAIR_IMPLS[device].kernel()
+        single = crd_nce.IMPLS[device].kernel()
         c, inv_t = size[1] / size[3], 1 / 0.1
         pair = backend(anchor_a, memory_a, log_z_a, anchor_b, memory_b, log_z_b, idx, inv_t, c, 1e-7, True)
         expected = (*single(anchor_a, memory_a, idx, inv_t, log_z_a, c, 1e-7, True),
@@ -56,7 +56,7 @@ def test_dense_path_equals_gathered_kernel_in_float64(size):
     assert crd_nce.dense_wins(idx, memory)
     c, inv_t = size[1] / size[3], 1 / 0.07
     dense = crd_nce.dense_forward(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
-    gathered = crd_nce.KERNELS["cpu"]()(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
+    gathered = crd_nce.IMPLS["cpu"].kernel()(anchor, memory, idx, inv_t, log_z, c, 1e-7, True)
     for got, want in zip(dense, gathered):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 

@@ -185,3 +185,18 @@ def test_module_form_passes_the_options_through():
 def test_gpu_paths_match_float64(b, k, d, labelled):
     """On CUDA: the bank through the Triton kernel (unlabelled) or the chunked masked path (labelled)."""
     check_infonce_pairs("auto", b, k, d, labelled, "cuda", temperature=0.07, classes=5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_normalize_runs_in_the_accumulation_dtype(backend):
+    """A lower-precision bank is normalised after its cast to the accumulation dtype, on every backend: an fp32
+    query against a bf16 bank equals the same bank cast to fp32 first, and float64 against fp32 is float64-exact."""
+    q, p = torch.randn(6, 16), torch.randn(6, 16)
+    bank = torch.randn(40, 16).to(torch.bfloat16)
+    got = gdrd_fast.infonce_bank_loss(q, p, bank, normalize=True, backend=backend)
+    want = gdrd_fast.infonce_bank_loss(q, p, bank.float(), normalize=True, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    q64, p64, bank32 = q.double(), p.double(), torch.randn(40, 16)
+    got = gdrd_fast.infonce_bank_loss(q64, p64, bank32, normalize=True, backend=backend)
+    want = gdrd_fast.infonce_bank_loss(q64, p64, bank32.double(), normalize=True, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from gdrd_fast import backends  # noqa: E402
+from op_registry import OPS, TRITON_LAUNCHES  # noqa: E402
 
 kernels = backends.kernels()
 _aot = importlib.import_module("gdrd_fast.kernels._aot")
@@ -138,28 +139,19 @@ def test_launchers_pick_only_static_configs(launches, monkeypatch, arch):
     for module in MODULES:
         if hasattr(module, "device_arch"):
             monkeypatch.setattr(module, "device_arch", lambda device: arch)
-    feature_regression, infonce, relational = kernels.feature_regression, kernels.infonce, kernels.relational
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for teacher_dtype in {dtype, torch.float32}:
-            for bias in (torch.randn(7), None):
-                x, teacher, weight = torch.randn(3, 5, 4).to(dtype), torch.randn(3, 7, 4).to(teacher_dtype), \
-                    torch.randn(7, 5)
-                feature_regression.feature_regression_forward(x, teacher, weight, bias)
-                feature_regression.feature_regression_backward(torch.rand(3), x, teacher, weight, bias)
-        for d in (20, 33, 64, 100, 256, 500):
-            q, bank = torch.randn(5, d).to(dtype), torch.randn(50, d).to(dtype)
-            if infonce.supports(d, dtype, dtype):
-                for need_grad in (True, False):
-                    infonce.infonce_bank_forward(q, q, bank, 0.1, need_grad)
-        for dim in (9, 17, 31, 64, 128):
-            if not relational.supports(dim, torch.float32, dtype):
-                continue
-            b, k = 4, 300
-            args = (torch.randn(b, dim), torch.randn(20, dim), torch.randint(20, (b, k)), torch.randn(dim, dim).to(dtype),
-                    torch.randn(dim), torch.randn(b * (b - 1), dim), torch.tensor(0.5), 0.1)
-            for need_grad, log_sum_exp in ((True, False), (False, False), (False, True)):
-                relational.relational_negatives(*args, need_grad, log_sum_exp)
+        for name, launch in TRITON_LAUNCHES.items():
+            launch(getattr(kernels, name), dtype)
     _assert_statically_checked(launches, arch)
+
+
+def test_the_registry_launches_every_kernel_module():
+    """tests/lib/op_registry.py is the one list: every kernel module with configurations has its launches
+    there, and every op with a Triton backend names its module."""
+    assert sorted(TRITON_LAUNCHES) == sorted(m.__name__.rsplit(".", 1)[1] for m in MODULES
+                                             if getattr(m, "STATIC_CONFIGS", None))
+    for entry in OPS:
+        assert ("triton" in entry.table.backends) == (entry.triton_kernel in TRITON_LAUNCHES), entry.name
 
 
 def test_bf16_relational_inputs_never_reach_the_kernel_as_fp16(launches, monkeypatch):

@@ -435,3 +435,12 @@ def test_constructors_validate_every_argument_at_once():
         gdrd_fast.InfoNCEBankLoss(reduction="avg")
     with pytest.raises(ValueError, match="temperature"):
         gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, temperature=0.0, n_data=10)
+
+
+def test_log_z_on_a_meta_device_is_named():
+    anchor, memory, idx = torch.randn(3, 4), torch.randn(9, 4), torch.randint(9, (3, 5))
+    with pytest.raises(ValueError, match=r"^log_z is on meta, the other tensors on cpu"):
+        Fn.crd_nce_loss(anchor, memory, idx, log_z=torch.tensor(1.0, device="meta"))
+    with pytest.raises(ValueError, match=r"^log_z_b is on meta"):
+        Fn.crd_nce_pair_loss(anchor, memory, 1.0, anchor, memory, torch.tensor(1.0, device="meta"), idx,
+                             names_b=dict(anchor="anchor", memory="memory", idx="idx", log_z="log_z_b"))
