@@ -12,8 +12,9 @@ from ..numerics import compute_dtype
 
 
 def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
-                         need_grad: bool, chunk: int | None = None):
-    """Online log-sum-exp over bank chunks; dQuery accumulated in the same pass. Never holds B x K.
+                         need_grad: bool, chunk: int | None = None, *, need_rank: bool = False):
+    """Online log-sum-exp over bank chunks; dQuery (and, with need_rank, each row's rank: the bank rows
+    scoring strictly above its positive) accumulated in the same pass. Never holds B x K.
 
     The default chunk keeps each score block near 2M elements (8 MB in fp32): few enough ops that
     per-op threading overhead stays small on a busy CPU, small enough to stay far below B x K.
@@ -27,9 +28,12 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     row_max = pos.clone()
     row_sum = torch.ones_like(pos)
     weighted = torch.zeros_like(q) if need_grad else None
+    rank = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for start in range(0, bank.shape[0], chunk):
         keys = bank[start:start + chunk].to(dt)
         s = torch.mm(q, keys.t()).mul_(inv_t)
+        if need_rank:
+            rank += (s > pos[:, None]).sum(1)
         new_max = torch.maximum(row_max, s.amax(1))
         rescale = torch.exp(row_max - new_max)
         s.sub_(new_max[:, None]).exp_()
@@ -39,12 +43,13 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
         row_max = new_max
     lse = row_max + torch.log(row_sum)
     rows = lse - pos
+    rank = rank if need_rank else rank.new_empty(0)
     if not need_grad:
-        return rows, q.new_empty(0), q.new_empty(0)
+        return rows, q.new_empty(0), q.new_empty(0), rank
     pos_weight_minus_one = (torch.exp(pos - lse) - 1)[:, None]
     grad_query = (weighted / row_sum[:, None] + pos_weight_minus_one * p) * inv_t
     grad_positive = pos_weight_minus_one * q * inv_t
-    return rows, grad_query, grad_positive
+    return rows, grad_query, grad_positive, rank
 
 
 def _triton():
@@ -60,10 +65,13 @@ def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
 KERNELS = {"cpu": lambda: infonce_bank_chunked, "triton": _triton}
 
 
-def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str) -> Tensor:
-    """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive."""
+def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str,
+                      return_rank: bool = False):
+    """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive;
+    return_rank: (rows, rank [B] int64), rank counted in the same pass (reference.infonce_bank_rows)."""
     need_grad = torch.is_grad_enabled() and (query.requires_grad or positive.requires_grad)
-    return infonce_bank_op(query, positive, bank, temperature, kernel, need_grad)[0]
+    rows, _, _, rank = infonce_bank_op(query, positive, bank, temperature, kernel, need_grad, return_rank)
+    return (rows, rank) if return_rank else rows
 
 
 # backend -> (query, positive, bank, *, temperature) -> rows [B]. float64, and fp32 wider than any
@@ -78,18 +86,20 @@ IMPLS = Op("infonce_bank_loss", {
 
 @torch.library.custom_op("gdrd_fast::infonce_bank", mutates_args=())
 def infonce_bank_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
-                    need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(row losses [B], d row_b / d query_b, d row_b / d positive_b), in the accumulation dtype."""
-    rows, gq, gp = KERNELS[backend]()(query, positive, bank, temperature, need_grad)
-    return rows, gq, gp
+                    need_grad: bool, need_rank: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row losses [B], d row_b / d query_b, d row_b / d positive_b) in the accumulation dtype, and
+    rank [B] int64 (empty unless need_rank)."""
+    rows, gq, gp, rank = KERNELS[backend]()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
+    return rows, gq, gp, rank
 
 
 @infonce_bank_op.register_fake
-def _(query, positive, bank, temperature, backend, need_grad):
+def _(query, positive, bank, temperature, backend, need_grad, need_rank=False):
     dt = compute_dtype(query)
     grad_shape = tuple(query.shape) if need_grad else (0,)
     return (query.new_empty(query.shape[0], dtype=dt), query.new_empty(grad_shape, dtype=dt),
-            query.new_empty(grad_shape, dtype=dt))
+            query.new_empty(grad_shape, dtype=dt),
+            query.new_empty(query.shape[0] if need_rank else 0, dtype=torch.int64))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,7 +108,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
-def _backward(ctx, grad_rows, _gq, _gp):
+def _backward(ctx, grad_rows, _gq, _gp, _rank):
     grad_query, grad_positive = ctx.saved_tensors
     if grad_query.numel() == 0:
         raise RuntimeError("infonce_bank: backward through a forward run with need_grad=False")
@@ -108,7 +118,7 @@ def _backward(ctx, grad_rows, _gq, _gp):
         gq = (grad_query * scale).to(ctx.dtypes[0])
     if ctx.needs_input_grad[1]:
         gp = (grad_positive * scale).to(ctx.dtypes[1])
-    return gq, gp, None, None, None, None
+    return gq, gp, None, None, None, None, None
 
 
 infonce_bank_op.register_autograd(_backward, setup_context=_setup_context)

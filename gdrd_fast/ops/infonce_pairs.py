@@ -122,7 +122,7 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
         lse = s_pos
         if bank.shape[0]:
             keys = F.normalize(bank.detach(), dim=1) if normalize else bank.detach()
-            rows, _, _ = infonce.infonce_bank_op(q, p, keys, temperature, kernel, need_grad)
+            rows = infonce.infonce_bank_op(q, p, keys, temperature, kernel, need_grad)[0]
             lse = rows + s_pos
         if batch_negatives is not None and b > 1:
             n = F.normalize(batch_negatives, dim=1) if normalize else batch_negatives

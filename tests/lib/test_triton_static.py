@@ -149,8 +149,8 @@ def test_launchers_pick_only_static_configs(launches, monkeypatch, arch):
         for d in (20, 33, 64, 100, 256, 500):
             q, bank = torch.randn(5, d).to(dtype), torch.randn(50, d).to(dtype)
             if infonce.supports(d, dtype, dtype):
-                for need_grad in (True, False):
-                    infonce.infonce_bank_forward(q, q, bank, 0.1, need_grad)
+                for need_grad, need_rank in ((True, False), (False, False), (True, True)):
+                    infonce.infonce_bank_forward(q, q, bank, 0.1, need_grad, need_rank)
         for dim in (9, 17, 31, 64, 128):
             if not relational.supports(dim, torch.float32, dtype):
                 continue
