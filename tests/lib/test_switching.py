@@ -35,9 +35,12 @@ def run_snippet(page: str, **names) -> dict:
 # MoCo
 # ---------------------------------------------------------------------------------------------------
 def moco_formula(q, k, queue, temperature=0.07):
-    """MoCo's loss: cross-entropy of [q.k, q.queue] / T with target 0 (queue: the keys enqueued so far)."""
+    """MoCo's loss and meters: cross-entropy of [q.k, q.queue] / T with target 0, and the percentage of
+    rows whose column 0 is among the logits' top 1 and top 5."""
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    best = logits.topk(5, 1).indices
+    hits = [(best[:, :n] == 0).any(1).float().mean() * 100 for n in (1, 5)]
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)), *hits
 
 
 def _moco_batches(steps, world, batch, dim, seed):
@@ -48,30 +51,35 @@ def _moco_batches(steps, world, batch, dim, seed):
 
 
 def _moco_run(rank, world, batches, size, dim):
-    """(per-step |ours - MoCo|, |dq ours - dq MoCo|, the final queue) on this rank."""
+    """(per-step |ours - MoCo|, |dq ours - dq MoCo|, meters equal, MoCo's initial queue, the final queue)."""
+    torch.manual_seed(5)  # every rank draws the same initial queue, as DDP's broadcast gives MoCo's
     ns = run_snippet("moco.md", K=size, dim=dim)
-    moco_queue = torch.zeros(0, dim, dtype=torch.float64)
-    loss_err, grad_err = [], []
+    torch.manual_seed(5)
+    moco_queue = F.normalize(torch.randn(dim, size), dim=0).t().double()  # MoCo's own initial queue
+    initial = ns["queue"].filled().clone()
+    loss_err, grad_err, meters_equal = [], [], []
     for step in batches:
         q, k = step[rank][0].clone().requires_grad_(), step[rank][1]
-        ours = ns["moco_loss"](q, k)
-        want = moco_formula(q, k, moco_queue)
+        ours, acc1, acc5 = ns["moco_loss"](q, k)
+        want, want1, want5 = moco_formula(q, k, moco_queue)
         (g_ours,) = torch.autograd.grad(ours, q)
         (g_want,) = torch.autograd.grad(want, q)
         loss_err.append(abs(float(ours.detach()) - float(want.detach())))
         grad_err.append(float((g_ours - g_want).abs().max()))
+        meters_equal.append(float(acc1) == float(want1) and float(acc5) == float(want5))
         # MoCo enqueues all ranks' keys (concat_all_gather, rank order) into a float32 buffer
         keys = torch.cat([s[1] for s in step]).float().double()
         moco_queue = torch.cat([moco_queue, keys])[-size:]
-    return loss_err, grad_err, ns["queue"].filled().clone()
+    return loss_err, grad_err, meters_equal, initial, ns["queue"].filled().clone()
 
 
-def test_moco_snippet_gives_mocos_loss_from_an_empty_queue():
+def test_moco_snippet_gives_mocos_loss_and_meters_from_mocos_initial_queue():
     size, dim = 12, 5
     batches = _moco_batches(6, 1, 4, dim, int(torch.randint(2 ** 31, (1,))))
-    loss_err, grad_err, queue = _moco_run(0, 1, batches, size, dim)
-    assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12
-    assert loss_err[0] == 0.0  # the first step has no negatives at all: MoCo's loss is 0 too
+    loss_err, grad_err, meters_equal, initial, queue = _moco_run(0, 1, batches, size, dim)
+    assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12 and all(meters_equal)
+    torch.manual_seed(5)
+    assert torch.equal(initial, F.normalize(torch.randn(dim, size), dim=0).t())
     assert torch.equal(queue.double().sort(0).values,
                        torch.cat([s[0][1] for s in batches]).float().double()[-size:].sort(0).values)
 
@@ -81,11 +89,11 @@ def test_moco_snippet_under_two_gloo_processes_gathers_keys_in_rank_order(tmp_pa
     size, dim, world = 16, 5, 2
     batches = _moco_batches(5, world, 4, dim, int(torch.randint(2 ** 31, (1,))))
     results = run_ranks(_moco_run, (world, batches, size, dim), world, tmp_path)
-    for loss_err, grad_err, _ in results:
-        assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12
-    assert torch.equal(results[0][2], results[1][2])  # every rank holds the same queue
+    for loss_err, grad_err, meters_equal, _, _ in results:
+        assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12 and all(meters_equal)
+    assert torch.equal(results[0][4], results[1][4])  # every rank holds the same queue
     keys = torch.cat([k for step in batches for _, k in step]).float()
-    assert torch.equal(results[0][2], torch.roll(keys[-size:], len(keys) % size, 0))  # ring slot order
+    assert torch.equal(results[0][4], torch.roll(keys[-size:], len(keys) % size, 0))  # ring slot order
 
 
 def test_memory_queue_labels_are_opt_in_and_filled_grows():
