@@ -252,6 +252,51 @@ def test_repdistiller_state_conversion_checks_opt_and_keeps_unset_z():
         gdrd_fast.CRDLoss(types_namespace(s_dim=3, t_dim=4, n_data=5, feat_dim=2, nce_t=0.1, nce_m=0.5))
 
 
+def _commented_block(page: str, first_line: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (PAGES / page).read_text(), flags=re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith(first_line)]
+    return block
+
+
+def test_repdistiller_page_diff_is_its_claimed_one_line_and_gives_gdrd_fasts_crd():
+    """The diff's removed line is train_student.py's import of RepDistiller's CRDLoss; applied to that
+    import and the unchanged `criterion_kd = CRDLoss(opt)` it builds gdrd_fast's CRDLoss."""
+    import gdrd_fast
+
+    page = (PAGES / "repdistiller.md").read_text()
+    (diff,) = re.findall(r"```diff\n(.*?)```", page, flags=re.DOTALL)
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+")]
+    claimed = int(re.search(r"\*\*(\d+) changed lines?\*\*", page).group(1))
+    assert claimed == max(len(removed), len(added)) == 1 and removed == ["from crd.criterion import CRDLoss"]
+    ns = {"opt": _crd_opt()}
+    exec("\n".join(added + ["criterion_kd = CRDLoss(opt)"]), ns)  # noqa: S102 (our own docs)
+    assert isinstance(ns["criterion_kd"], gdrd_fast.CRDLoss)
+
+
+def test_repdistiller_page_saves_and_restores_the_criterion_with_the_student(tmp_path):
+    """Saved as the page says after two steps, restored into a fresh student and criterion as it says:
+    the next step is the same, banks, log Z and embeddings included."""
+    import gdrd_fast
+
+    opt = _crd_opt()
+    torch.manual_seed(0)
+    model_s, criterion_kd = torch.nn.Linear(3, 3), gdrd_fast.CRDLoss(opt, bank_dtype=torch.float64).double()
+    for _ in range(2):
+        criterion_kd(*_crd_step(opt))
+    save_file = tmp_path / "ckpt.pth"
+    exec(_commented_block("repdistiller.md", "# saving"),  # noqa: S102 (our own docs)
+         {"torch": torch, "epoch": 3, "model_s": model_s, "criterion_kd": criterion_kd, "save_file": save_file})
+    fresh_s, fresh_kd = torch.nn.Linear(3, 3), gdrd_fast.CRDLoss(opt, bank_dtype=torch.float64).double()
+    exec(_commented_block("repdistiller.md", "# resuming"),  # noqa: S102 (our own docs)
+         {"torch": torch, "model_s": fresh_s, "criterion_kd": fresh_kd, "save_file": save_file})
+    assert torch.equal(fresh_s.weight, model_s.weight)
+    step = _crd_step(opt)
+    want, got = criterion_kd(*step), fresh_kd(*step)
+    assert float(got.detach()) == float(want.detach())
+    assert torch.equal(fresh_kd.memory_s.rows, criterion_kd.memory_s.rows)
+
+
 def types_namespace(**kw):
     import types
 
