@@ -8,8 +8,8 @@ costs -log(p + tiny), p its softmax probability against the anchor's negatives a
 normal number of the embeddings' dtype (PML's floor); the loss is the mean over pairs, in that dtype.
 
 Two paths, the same loss:
-- fused: all pairs, float32/float64 (tiny is then below any reachable p: the floor never acts), one
-  infonce_bank_loss call that never builds the pair lists;
+- fused: all pairs in float32/float64, one infonce_bank_loss call that never builds the pair lists (the
+  floor acts only past a pair loss of 87 in float32, beyond 2/T + log(memory_size) at any usual T);
 - exact: a miner, an indices_tuple, or float16/bfloat16 (whose floor, 6.1e-5 in float16, caps a pair's
   loss at 9.7 and so changes the loss) score the listed pairs from one B x memory_size matrix in float32,
   as PML does, and apply the floor.
