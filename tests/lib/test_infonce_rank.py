@@ -45,3 +45,21 @@ def test_rank_is_strict_and_counts_every_row():
         for rows_fn in (functools.partial(reference.infonce_bank_rows, return_rank=True),
                         functools.partial(infonce.infonce_bank_rows, kernel="cpu", return_rank=True)):
             assert rows_fn(q, p, bank, temperature=0.1)[1].tolist() == [expected]
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,k,d", SIZES + [(256, 65536, 128), (7, 5000, 256)])
+def test_triton_rank_on_gpu_matches_float64(b, k, d, dtype, tied):
+    """The compiled NEED_RANK pass (MoCo's size included), through the public call, with gradients."""
+    import gdrd_fast
+
+    def rows_fn(query, positive, bank, temperature):
+        q = query.clone().requires_grad_(True)
+        rows, rank = gdrd_fast.infonce_bank_loss(q, positive, bank, temperature=temperature, reduction="none",
+                                                 backend="triton", return_rank=True)
+        rows.sum().backward()
+        return rows, rank
+    check_infonce_rank(rows_fn, b, k, d, dtype, "cuda", tied)
