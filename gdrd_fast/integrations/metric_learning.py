@@ -77,11 +77,14 @@ class CrossBatchNTXentLoss(nn.Module):
         if values.device != embeddings.device or values.dtype != embeddings.dtype:
             self.memory.to(device=embeddings.device, dtype=embeddings.dtype)
         start = self.queue_idx
-        self.memory.push_(keys.detach(), key_labels)  # enqueued first, as CrossBatchMemory does
+        if keys.shape[0]:  # enqueued first, as CrossBatchMemory does
+            self.memory.push_(keys.detach(), key_labels)
         self.curr_batch_idx = torch.arange(start, start + keys.shape[0], device=labels.device) % self.memory_size
         self_slots = self.curr_batch_idx if enqueue_mask is None else None
         exact = self.miner is not None or indices_tuple is not None or embeddings.dtype not in _FUSED_DTYPES
-        if exact:
+        if anchors.shape[0] == 0 or self.memory.num_filled() == 0:  # nothing scored: PML's zero loss
+            loss = embeddings.sum() * 0
+        elif exact:
             loss = self._exact(anchors, anchor_labels, self_slots, indices_tuple)
         elif self_slots is None:  # scored against the memory only: the anchors are not in it
             loss = infonce_bank_loss(anchors, None, self.memory.filled(), normalize=True, labels=anchor_labels,

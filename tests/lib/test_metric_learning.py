@@ -111,6 +111,19 @@ def test_state_is_views_and_reset_queue_empties_it():
         _same_step(theirs, ours, torch.float64, x, labels)
 
 
+@pytest.mark.parametrize("enqueue", [False, True])
+def test_enqueue_mask_with_nothing_to_enqueue_or_nothing_to_score(enqueue):
+    """All rows masked: only enqueued, loss 0; none masked: scored against the memory alone. (Before the
+    memory has wrapped, PML takes an empty enqueue for a wrap and scores its unwritten zero rows too, as
+    label 0; we score the written rows only, so the comparison starts from a full memory.)"""
+    theirs, ours = _pair()
+    steps = _steps(7, 9)
+    for x, labels in steps[:5]:  # 50 rows: the memory of 40 has wrapped
+        _same_step(theirs, ours, torch.float64, x, labels)
+    for x, labels in steps[5:]:
+        _same_step(theirs, ours, torch.float64, x, labels, enqueue_mask=torch.full((BATCH,), enqueue))
+
+
 def test_refused_calls_change_nothing():
     ours = CrossBatchNTXentLoss(EMBED, MEMORY, TEMPERATURE)
     x, labels = _steps(1, 6)[0]
