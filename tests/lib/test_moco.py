@@ -149,3 +149,35 @@ def test_misuse_is_refused_and_changes_nothing():
         output.topk(2, 0)
     assert output.topk(5, 1, True, True)[1].tolist() == [[0, -1, -1, -1, -1], [-1, -1, -1, 0, -1]]
     assert [float(a) for a in fused_moco.topk_accuracy(output.rank, (1, 5))] == [50.0, 100.0]
+
+
+def _fused_under_ddp(rank, steps):
+    """MoCo built alike on every rank, wrapped in DistributedDataParallel, then fused (main_moco.py's
+    order); each rank feeds its own images. Returns (the queue, its pointer, this rank's keys per step)."""
+    import gdrd_fast.integrations.moco as fused_moco
+
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(MoCoStyle(TinyEncoder, dim=8, K=32, m=0.9, T=0.07))
+    criterion = fused_moco.fuse(model)
+    keys = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        im_q, noise = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+        output, target = model(im_q=im_q, im_k=im_q + 0.5 * noise)
+        criterion(output, target).backward()
+        with torch.no_grad():  # the key encoder as this step's forward left it: the keys it pushed
+            keys.append(F.normalize(model.module.encoder_k(im_q + 0.5 * noise), dim=1))
+    return model.module.moco_queue.filled().clone(), int(model.module.moco_queue.ptr), torch.stack(keys)
+
+
+@pytest.mark.distributed
+def test_fused_model_inside_ddp_gathers_every_ranks_keys_in_rank_order(tmp_path):
+    from gloo_ranks import run_ranks
+
+    (queue_0, ptr_0, keys_0), (queue_1, ptr_1, keys_1) = run_ranks(_fused_under_ddp, (3,), 2, tmp_path)
+    assert torch.equal(queue_0, queue_1) and ptr_0 == ptr_1 == 3 * 2 * 4  # 3 steps of 2 ranks x 4 keys
+    for step in range(3):  # each step's 8 rows: rank 0's keys, then rank 1's
+        torch.testing.assert_close(queue_0[8 * step:8 * step + 8], torch.cat([keys_0[step], keys_1[step]]))
+    torch.manual_seed(0)
+    initial = MoCoStyle(TinyEncoder, dim=8, K=32, m=0.9, T=0.07).queue.t()
+    assert torch.equal(queue_0[24:], initial[24:])  # rows not yet overwritten: MoCo's initial queue
