@@ -63,3 +63,17 @@ def test_triton_rank_on_gpu_matches_float64(b, k, d, dtype, tied):
         rows.sum().backward()
         return rows, rank
     check_infonce_rank(rows_fn, b, k, d, dtype, "cuda", tied)
+
+
+def test_public_call_refuses_rank_with_pair_options_and_ranks_an_empty_bank_zero():
+    import gdrd_fast
+
+    q, p = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="return_rank needs a plain bank"):
+        gdrd_fast.infonce_bank_loss(q, p, torch.randn(5, 6), normalize=True, return_rank=True)
+    loss, rank = gdrd_fast.infonce_bank_loss(q, p, torch.zeros(0, 6), return_rank=True)
+    assert float(loss) == 0.0 and rank.tolist() == [0, 0, 0, 0]
+    bank = torch.randn(9, 6)
+    for backend in ("torch", "cpu"):  # the rank rides along: the loss is the one without it
+        loss, rank = gdrd_fast.infonce_bank_loss(q, p, bank, backend=backend, return_rank=True)
+        assert torch.equal(loss, gdrd_fast.infonce_bank_loss(q, p, bank, backend=backend)) and rank.dtype == torch.int64
