@@ -1,16 +1,19 @@
-"""Agreement of gdrd_fast's drop-ins with the peer projects' own code, on CPU (docs/switching/).
+"""Agreement of gdrd_fast's drop-ins with the peer projects' own code at their defaults, on CPU (docs/switching/).
 
     python -m benchmarks.peers_agreement --repdistiller CHECKOUT --moco CHECKOUT [--out benchmarks/results]
 
 CHECKOUT: a checkout of HobbitLong/RepDistiller (its crd/ package) or facebookresearch/moco (its moco/
 package); their code is imported from there and never copied here. torchdistill and
 pytorch-metric-learning are the installed packages. Both sides get the same inputs, banks and
-negatives; results go to peers_agreement_<machine>.{json,md}.
+negatives. Each float32 result is measured against the peer's own code run in float64, next to the
+peer's own float32 result, so a gap that is float32's shows as such; results go to
+peers_agreement_<machine>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gdrd_fast
+from gdrd_fast.integrations import moco as moco_integration
 from gdrd_fast.integrations import torchdistill as td_integration
 from gdrd_fast.integrations.metric_learning import CrossBatchNTXentLoss
 
@@ -49,34 +53,47 @@ def _import_from(checkout: Path, module: str):
 
 
 def _max_abs(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b))
 
 
-def repdistiller(checkout: Path, dtype: torch.dtype, steps: int = 20) -> dict:
-    """RepDistiller's CRDLoss(opt) and gdrd_fast.CRDLoss(opt) from the same state, same contrast_idx."""
+def _rel(got, want) -> float:
+    return abs(float(got.detach()) - float(want.detach())) / abs(float(want.detach()))
+
+
+def _worst(rows: list[dict]) -> dict:
+    return {key: max(row[key] for row in rows) for key in rows[0]}
+
+
+def repdistiller(checkout: Path, steps: int = 5) -> dict:
+    """RepDistiller's CRDLoss(opt) at train_student.py's defaults (nce_k 16384, nce_t 0.07, nce_m 0.5,
+    feat_dim 128, batch 64; CIFAR-100's 50,000 rows; resnet32x4 -> resnet8x4's 256-wide features).
+    gdrd_fast float32 and RepDistiller float32 from one state, both against RepDistiller in float64."""
     memory = _import_from(checkout, "crd.memory")
     criterion = _import_from(checkout, "crd.criterion")
     memory.AliasMethod.cuda = lambda self: None  # its constructor moves the sampler to a GPU; this is CPU
     # RepDistiller keeps T in a float32 buffer: give gdrd_fast the same float32-rounded T
     t = float(torch.tensor(0.07, dtype=torch.float32))
-    opt = types.SimpleNamespace(s_dim=64, t_dim=96, feat_dim=128, nce_k=4096, nce_t=t, nce_m=0.5, n_data=20000)
-    theirs = criterion.CRDLoss(opt).to(dtype)
-    ours = gdrd_fast.CRDLoss(opt, bank_dtype=dtype).to(dtype)
+    opt = types.SimpleNamespace(s_dim=256, t_dim=256, feat_dim=128, nce_k=16384, nce_t=t, nce_m=0.5, n_data=50000)
+    theirs = criterion.CRDLoss(opt)
+    theirs64 = copy.deepcopy(theirs).double()
+    ours = gdrd_fast.CRDLoss(opt)
     ours.load_state_dict(theirs.state_dict())  # converted: contrast.memory_v1/v2, Z from params
-    loss_err, grad_err, bank_err = [], [], []
-    for _ in tqdm(range(steps), desc=f"RepDistiller {dtype}", leave=False):
+    rows = []
+    for _ in tqdm(range(steps), desc="RepDistiller", leave=False):
         idx = torch.randperm(opt.n_data)[:64]
         contrast_idx = torch.cat([idx[:, None], torch.randint(opt.n_data, (64, opt.nce_k))], 1)
-        f_s = torch.randn(64, opt.s_dim, dtype=dtype, requires_grad=True)
-        f_t = torch.randn(64, opt.t_dim, dtype=dtype, requires_grad=True)
-        want, got = theirs(f_s, f_t, idx, contrast_idx), ours(f_s, f_t, idx, contrast_idx)
-        loss_err.append(abs(float(got.detach()) - float(want.detach())) / abs(float(want.detach())))
-        grad_err.append(_max_abs(torch.autograd.grad(got, [f_s, f_t, *ours.parameters()]),
-                                 torch.autograd.grad(want, [f_s, f_t, *theirs.parameters()])))
-        bank_err.append(_max_abs([ours.memory_s.rows, ours.memory_t.rows],
-                                 [theirs.contrast.memory_v1, theirs.contrast.memory_v2]))
-    return {"steps": steps, "max_rel_loss_diff": max(loss_err), "max_abs_grad_diff": max(grad_err),
-            "max_abs_bank_diff": max(bank_err)}
+        f_s, f_t = torch.randn(64, opt.s_dim, dtype=torch.float64), torch.randn(64, opt.t_dim, dtype=torch.float64)
+        out = {}
+        for name, model, dtype in (("ref", theirs64, torch.float64), ("theirs", theirs, torch.float32),
+                                   ("ours", ours, torch.float32)):
+            x_s, x_t = f_s.to(dtype).requires_grad_(True), f_t.to(dtype).requires_grad_(True)
+            loss = model(x_s, x_t, idx, contrast_idx)
+            out[name] = (loss, torch.autograd.grad(loss, [x_s, x_t]))
+        rows.append({"gdrd_fast_fp32_rel_loss_vs_fp64": _rel(out["ours"][0], out["ref"][0]),
+                     "repdistiller_fp32_rel_loss_vs_fp64": _rel(out["theirs"][0], out["ref"][0]),
+                     "gdrd_fast_fp32_abs_grad_vs_fp64": _max_abs(out["ours"][1], out["ref"][1]),
+                     "repdistiller_fp32_abs_grad_vs_fp64": _max_abs(out["theirs"][1], out["ref"][1])})
+    return {"config": "K=16384 T=0.07 m=0.5 feat_dim=128 B=64 N=50000 dims=256", "steps": steps, **_worst(rows)}
 
 
 @contextlib.contextmanager
@@ -90,74 +107,111 @@ def _cuda_calls_stay_on_cpu():
         torch.Tensor.cuda = cuda
 
 
-def moco(checkout: Path, steps: int = 20) -> dict:
-    """MoCo's builder (one gloo process for its all_gather) against MemoryQueue + infonce_bank_loss."""
+def _moco_accuracy(output, target):
+    """main_moco.py's accuracy(output, target, topk=(1, 5)), as it reads the logits' topk."""
+    _, best = output.topk(5, 1, True, True)
+    hit = best.t() == target.view(1, -1)
+    return [float(hit[:k].reshape(-1).float().sum()) * 100.0 / target.size(0) for k in (1, 5)]
+
+
+def moco(checkout: Path, steps: int = 5) -> dict:
+    """MoCo's builder at main_moco.py's defaults (K 65536, dim 128, T 0.07, m 0.999; B 256), one gloo
+    process for its all_gather: its float32 logits path and the fused switch (integrations.moco.fuse)
+    against its logits path in float64; Acc@1/Acc@5 compared as main_moco.py computes them."""
     builder = _import_from(checkout, "moco.builder")
     with tempfile.TemporaryDirectory() as tmp, _cuda_calls_stay_on_cpu():
         dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
         try:
-            dim, size, batch = 128, 4096, 256
-            model = builder.MoCo(lambda num_classes: torch.nn.Linear(48, num_classes), dim=dim, K=size, T=0.07)
-            # its batch shuffle only serves BatchNorm (none here) and calls .cuda(): identity on CPU
-            model._batch_shuffle_ddp = lambda x: (x, None)
-            model._batch_unshuffle_ddp = lambda x, idx: x
-            queue = gdrd_fast.MemoryQueue(size, dim, gather=True)
-            queue.push_(model.queue.t())  # MoCo starts from random unit vectors: the same ones
-            loss_err, grad_err = [], []
+            theirs = builder.MoCo(lambda num_classes: torch.nn.Linear(48, num_classes), dim=128, K=65536,
+                                  m=0.999, T=0.07)
+            # its batch shuffle only serves BatchNorm (none here): identity, so all three see one order
+            theirs._batch_shuffle_ddp = lambda x: (x, None)
+            theirs._batch_unshuffle_ddp = lambda x, idx: x
+            theirs64, ours = copy.deepcopy(theirs).double(), copy.deepcopy(theirs)
+            criterion = moco_integration.fuse(ours)
+            rows, meters_equal = [], True
             for _ in tqdm(range(steps), desc="MoCo", leave=False):
-                im_q, im_k = torch.randn(batch, 48), torch.randn(batch, 48)
-                logits, labels = model(im_q, im_k)
-                want = F.cross_entropy(logits, labels)
-                q = F.normalize(model.encoder_q(im_q), dim=1)
-                with torch.no_grad():
-                    k = F.normalize(model.encoder_k(im_k), dim=1)  # the key encoder after its momentum step
-                got = gdrd_fast.infonce_bank_loss(q, k, queue.filled(), temperature=0.07)
-                queue.push_(k)
-                loss_err.append(abs(float(got.detach()) - float(want.detach())))
-                grad_err.append(_max_abs(torch.autograd.grad(got, list(model.encoder_q.parameters())),
-                                         torch.autograd.grad(want, list(model.encoder_q.parameters()))))
-            identical = bool(torch.equal(queue.filled(), model.queue.t()))
+                im_q, im_k = torch.randn(256, 48, dtype=torch.float64), torch.randn(256, 48, dtype=torch.float64)
+                out = {}
+                for name, model, dtype in (("ref", theirs64, torch.float64), ("theirs", theirs, torch.float32),
+                                           ("ours", ours, torch.float32)):
+                    output, target = model(im_q.to(dtype), im_k.to(dtype))
+                    loss = criterion(output, target) if name == "ours" else F.cross_entropy(output, target)
+                    grads = torch.autograd.grad(loss, list(model.encoder_q.parameters()))
+                    out[name] = (loss, grads, _moco_accuracy(output, target))
+                meters_equal &= out["ours"][2] == out["theirs"][2]
+                rows.append({"gdrd_fast_fp32_abs_loss_vs_fp64": _max_abs([out["ours"][0]], [out["ref"][0]]),
+                             "moco_fp32_abs_loss_vs_fp64": _max_abs([out["theirs"][0]], [out["ref"][0]]),
+                             "gdrd_fast_fp32_abs_grad_vs_fp64": _max_abs(out["ours"][1], out["ref"][1]),
+                             "moco_fp32_abs_grad_vs_fp64": _max_abs(out["theirs"][1], out["ref"][1])})
+            identical = bool(torch.equal(ours.moco_queue.filled(), theirs.queue.t()))
         finally:
             dist.destroy_process_group()
-    return {"steps": steps, "max_abs_loss_diff": max(loss_err), "max_abs_grad_diff": max(grad_err),
-            "queue_bit_identical": identical}
+    return {"config": "K=65536 dim=128 T=0.07 m=0.999 B=256", "steps": steps, **_worst(rows),
+            "acc1_acc5_equal_to_mocos_fp32": meters_equal, "queue_bit_identical_to_mocos_fp32": identical}
 
 
-def torchdistill_crd(steps: int = 20) -> dict:
+def torchdistill_crd(steps: int = 5) -> dict:
+    """torchdistill's CRDLoss at its defaults (T 0.07, momentum 0.5, eps 1e-7) and its CRD config's
+    K = 16384, B = 64, N = 50,000 (ImageNet's 1.28M rows take its constructor minutes): gdrd_fast's key
+    and torchdistill in float32, against torchdistill in float64, from the same seed (same banks)."""
     from torchdistill.losses.mid_level import CRDLoss
 
-    n, k, dim, batch = 20000, 4096, 128, 64
+    n, k, dim, batch = 50000, 16384, 128, 64
     kwargs = {"student_norm_module_path": "normalizer", "student_empty_module_path": "empty",
               "teacher_norm_module_path": "normalizer", "input_size": dim, "output_size": n,
               "num_negative_samples": k, "num_samples": n, "temperature": 0.07, "momentum": 0.5, "eps": 1e-7}
-    theirs, ours = CRDLoss(**kwargs), td_integration.TorchdistillCRDLoss(**kwargs)
-    ours.crd.memory_s.rows.copy_(theirs.memory_v1)
-    ours.crd.memory_t.rows.copy_(theirs.memory_v2)
-    loss_err = []
+    torch.manual_seed(1)
+    theirs = CRDLoss(**kwargs)
+    torch.manual_seed(1)
+    ours = td_integration.TorchdistillCRDLoss(**kwargs)
+    same_banks = bool(torch.equal(ours.crd.memory_s.rows, theirs.memory_v1)
+                      and torch.equal(ours.crd.memory_t.rows, theirs.memory_v2))
+    theirs64 = copy.deepcopy(theirs).double()
+    rows = []
     for _ in tqdm(range(steps), desc="torchdistill", leave=False):
-        v_s, v_t = (F.normalize(torch.randn(batch, dim), dim=1) for _ in range(2))
+        v_s, v_t = (F.normalize(torch.randn(batch, dim, dtype=torch.float64), dim=1) for _ in range(2))
         idx = torch.randperm(n)[:batch]
         supp = {"pos_idx": idx, "contrast_idx": torch.cat([idx[:, None], torch.randint(n, (batch, k))], 1)}
-        io = ({"normalizer": {"output": v_s}, "empty": {"input": supp}}, {"normalizer": {"output": v_t}})
-        want, got = theirs(*io), ours(*io)
-        loss_err.append(abs(float(got) - float(want)) / abs(float(want)))
-    return {"steps": steps, "max_rel_loss_diff_fp32": max(loss_err)}
+        out = {}
+        for name, model, dtype in (("ref", theirs64, torch.float64), ("theirs", theirs, torch.float32),
+                                   ("ours", ours, torch.float32)):
+            io = ({"normalizer": {"output": v_s.to(dtype)}, "empty": {"input": supp}},
+                  {"normalizer": {"output": v_t.to(dtype)}})
+            out[name] = model(*io)
+        rows.append({"gdrd_fast_fp32_rel_loss_vs_fp64": _rel(out["ours"], out["ref"]),
+                     "torchdistill_fp32_rel_loss_vs_fp64": _rel(out["theirs"], out["ref"])})
+    return {"config": "K=16384 T=0.07 m=0.5 eps=1e-7 B=64 N=50000 dim=128", "steps": steps,
+            "same_seed_same_banks": same_banks, **_worst(rows)}
 
 
 def metric_learning(steps: int = 20) -> dict:
+    """CrossBatchMemory(NTXentLoss()) at PML's defaults (memory_size 1024, T 0.07), dim 128, B 96 (48
+    two-view labels restarting every batch): float64 and float32 against PML in float64, float16 against
+    PML in float16 (PML's per-pair floor depends on the dtype)."""
     from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 
     dim, size, batch = 128, 1024, 96
-    theirs = CrossBatchMemory(NTXentLoss(temperature=0.07), embedding_size=dim, memory_size=size)
-    ours = CrossBatchNTXentLoss(embedding_size=dim, memory_size=size, temperature=0.07)
-    loss_err, grad_err = [], []
+    sides = {(who, dtype): (CrossBatchMemory(NTXentLoss(temperature=0.07), embedding_size=dim, memory_size=size)
+                            if who == "pml" else CrossBatchNTXentLoss(embedding_size=dim, memory_size=size))
+             for who in ("pml", "ours") for dtype in (torch.float64, torch.float32, torch.float16)}
+    rows = []
     for _ in tqdm(range(steps), desc="pytorch-metric-learning", leave=False):
-        emb = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
-        labels = torch.arange(batch) % (batch // 2)  # two views per label, labels restarting every batch
-        want, got = theirs(emb, labels), ours(emb, labels)
-        loss_err.append(abs(float(got.detach()) - float(want.detach())))
-        grad_err.append(_max_abs(torch.autograd.grad(got, [emb]), torch.autograd.grad(want, [emb])))
-    return {"steps": steps, "max_abs_loss_diff_fp64": max(loss_err), "max_abs_grad_diff_fp64": max(grad_err)}
+        emb = torch.randn(batch, dim, dtype=torch.float64)
+        labels = torch.arange(batch) % (batch // 2)
+        out = {}
+        for (who, dtype), loss_fn in sides.items():
+            x = emb.to(dtype).requires_grad_(True)
+            loss = loss_fn(x, labels)
+            out[who, dtype] = (loss, torch.autograd.grad(loss, [x]))
+        ref = out["pml", torch.float64]
+        rows.append({"gdrd_fast_fp64_abs_loss": _max_abs([out["ours", torch.float64][0]], [ref[0]]),
+                     "gdrd_fast_fp64_abs_grad": _max_abs(out["ours", torch.float64][1], ref[1]),
+                     "gdrd_fast_fp32_abs_loss_vs_pml_fp64": _max_abs([out["ours", torch.float32][0]], [ref[0]]),
+                     "pml_fp32_abs_loss_vs_pml_fp64": _max_abs([out["pml", torch.float32][0]], [ref[0]]),
+                     "gdrd_fast_fp16_rel_loss_vs_pml_fp16": _rel(out["ours", torch.float16][0],
+                                                                 out["pml", torch.float16][0])})
+    return {"config": "memory_size=1024 T=0.07 dim=128 B=96", "steps": steps, **_worst(rows)}
 
 
 def main(argv=None) -> None:
@@ -170,9 +224,7 @@ def main(argv=None) -> None:
     machine = f"{platform.machine()}-{os.cpu_count()}-cores"
     results = {
         "machine": machine, "torch": torch.__version__,
-        "repdistiller": {"commit": _commit(args.repdistiller),
-                         "float32": repdistiller(args.repdistiller, torch.float32),
-                         "float64": repdistiller(args.repdistiller, torch.float64)},
+        "repdistiller": {"commit": _commit(args.repdistiller), **repdistiller(args.repdistiller)},
         "moco": {"commit": _commit(args.moco), **moco(args.moco)},
         "torchdistill": {"version": metadata.version("torchdistill"), **torchdistill_crd()},
         "pytorch-metric-learning": {"version": metadata.version("pytorch-metric-learning"), **metric_learning()},

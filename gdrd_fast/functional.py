@@ -123,7 +123,7 @@ def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float
 def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
                       reduction: str = "mean", backend: str = "auto", batch_negatives: Tensor | None = None,
                       normalize: bool = False, labels: Tensor | None = None,
-                      bank_labels: Tensor | None = None) -> Tensor:
+                      bank_labels: Tensor | None = None, return_rank: bool = False):
     """InfoNCE of each query against its positive and a shared negative bank (MoCo queue).
 
     loss[b] = logsumexp([<q_b,p_b>, <q_b,bank_k>...] / T) - <q_b,p_b> / T. The bank may be empty.
@@ -136,6 +136,8 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
       'mean' divides by the number of pairs ('none' gives per-query sums). See
       gdrd_fast.reference.infonce_bank_pairs_loss for the formula.
     Without labels the bank still takes the fused single pass; labels mask it in a chunked torch path.
+    return_rank (plain bank only): (loss, rank [B] int64), rank[b] = bank rows whose logit is strictly
+    above the positive's, counted in the same pass; MoCo's acc@k is (rank < k).float().mean().
     """
     check.reduction(reduction)
     check.tensor("query", query, 2)
@@ -173,6 +175,11 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
         check.finite("batch_negatives", batch_negatives)
     check.finite("bank", bank)
     dtype = backends.dispatch_dtype(query, bank)
+    if return_rank and (batch_negatives is not None or normalize or labels is not None):
+        raise ValueError("return_rank needs a plain bank: no batch_negatives, normalize or labels")
+    if return_rank and bank.shape[0] == 0:  # nothing can score above the positive
+        return (infonce_bank_loss(query, positive, bank, temperature=temperature, reduction=reduction,
+                                  backend=backend), torch.zeros(query.shape[0], dtype=torch.long, device=device))
     if extended:  # in-batch keys, labels or cosine scores: each (query, positive) pair is a row
         name = infonce_pairs.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
         rows, pairs = infonce_pairs.IMPLS[name].load()(
@@ -180,6 +187,9 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
             bank_labels=bank_labels, normalize=normalize)
         return reduce_pairs(rows, pairs, reduction, query.dtype)
     name = infonce.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
+    if return_rank:
+        rows, rank = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature, return_rank=True)
+        return reduce_rows(rows, reduction, query.dtype), rank
     rows = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature)
     return reduce_rows(rows, reduction, query.dtype)
 

@@ -73,12 +73,20 @@ def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float
 # ----------------------------------------------------------------------------------------------------
 # 2. infonce_bank_loss: InfoNCE of each query against its positive and a shared bank (MoCo queue).
 # ----------------------------------------------------------------------------------------------------
-def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07) -> Tensor:
-    """Per-row losses [B] in the accumulation dtype: logsumexp([<q,p>, <q,bank_k>...] / T) - <q,p> / T."""
+def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,
+                      return_rank: bool = False):
+    """Per-row losses [B] in the accumulation dtype: logsumexp([<q,p>, <q,bank_k>...] / T) - <q,p> / T.
+
+    return_rank: also rank [B] int64, the bank rows whose logit is strictly above the positive's (a tie
+    counts for the positive), so that MoCo's acc@k is (rank < k).
+    """
     dt = compute_dtype(query)
     q, p, k = query.to(dt), positive.to(dt), bank.detach().to(dt)
     logits = torch.cat([(q * p).sum(1, keepdim=True), q @ k.t()], 1) / temperature
-    return torch.logsumexp(logits, 1) - logits[:, 0]
+    rows = torch.logsumexp(logits, 1) - logits[:, 0]
+    if not return_rank:
+        return rows
+    return rows, (logits[:, 1:] > logits[:, :1]).sum(1)
 
 
 def infonce_bank_loss(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float = 0.07,

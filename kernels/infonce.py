@@ -6,6 +6,8 @@ wanted, the exp-weighted sum of bank rows (dQuery's bank term: the bank plays bo
 Pass 2 (_infonce_merge_kernel), grid (query tiles): merges the splits' partials by log-sum-exp, adds
 the positive logit, and writes the row losses and the per-row gradients w.r.t. query and positive.
 Splitting the bank keeps ~one wave of programs busy even at B=256; nothing of size B x K is stored.
+With NEED_RANK, pass 1 also counts, per query row, the bank rows whose logit is strictly above the
+positive's (MoCo's acc@k is rank < k); the splits' counts are summed on the host ([splits, B] int32).
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ _EMPTY_MAX = tl.constexpr(-1.0e30)  # finite "minus infinity": an empty split me
 
 
 @triton.jit
-def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D, tiles_per_split,
-                            scale_log2,
+def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, pos_ptr, rank_ptr, B, K, D,
+                            tiles_per_split, scale_log2,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            NUM_CHUNKS: tl.constexpr, NEED_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                            NUM_CHUNKS: tl.constexpr, NEED_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                            NEED_RANK: tl.constexpr):
     """Program (query tile, bank split, feature chunk): scores use all NUM_CHUNKS chunks of BLOCK_D
     features; the dQuery accumulator holds only this program's chunk (a full row at D=512 would spill)."""
     pid_m = tl.program_id(0)
@@ -45,6 +48,9 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
     row_max = tl.full([BLOCK_M], _EMPTY_MAX, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if NEED_RANK:  # the positive's logit, log2 domain, as the scores below
+        pos_logit2 = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
+        rank = tl.zeros([BLOCK_M], tl.int32)
     first = split * tiles_per_split * BLOCK_N
     last = tl.minimum(first + tiles_per_split * BLOCK_N, K)
     for start in range(first, last, BLOCK_N):
@@ -65,6 +71,8 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
             if NEED_GRAD:
                 k = tl.load(k_rows + acc_cols[None, :], mask=key_ok[:, None] & acc_col_ok[None, :], other=0.0)
         s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+        if NEED_RANK:  # strictly above: a tie counts for the positive; padded keys (-inf) never count
+            rank += tl.sum((s > pos_logit2[:, None]).to(tl.int32), 1)
         new_max = tl.maximum(row_max, tl.max(s, 1))
         rescale = tl.exp2(row_max - new_max)
         p = tl.exp2(s - new_max[:, None])
@@ -77,6 +85,8 @@ def _infonce_partial_kernel(q_ptr, bank_ptr, max_ptr, sum_ptr, acc_ptr, B, K, D,
     if chunk == 0:  # every chunk computed the same max and sum
         tl.store(max_ptr + part, row_max, mask=row_ok)
         tl.store(sum_ptr + part, row_sum, mask=row_ok)
+        if NEED_RANK:
+            tl.store(rank_ptr + part, rank, mask=row_ok)
     if NEED_GRAD:
         tl.store(acc_ptr + part[:, None].to(tl.int64) * D + acc_cols[None, :], acc,
                  mask=row_ok[:, None] & acc_col_ok[None, :])
@@ -201,8 +211,11 @@ def split_plan(b: int, k: int, block_m: int, block_n: int, programs: int) -> tup
 
 
 def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, temperature: float,
-                         need_grad: bool, *, programs: int | None = None, tiles: Tiles | None = None):
-    """(row losses [B] fp32, d row_b / d query_b [B, D] fp32, d row_b / d positive_b), unscaled.
+                         need_grad: bool, need_rank: bool = False, *, programs: int | None = None,
+                         tiles: Tiles | None = None):
+    """(row losses [B] fp32, d row_b / d query_b [B, D] fp32, d row_b / d positive_b, rank [B] int64), unscaled.
+
+    rank[b] (empty unless need_rank) = bank rows whose logit is strictly above the positive's.
 
     For inputs that `supports` accepts. `programs` (pass-1 programs to aim for) and `tiles` default to the
     device's plan; tests set them to force several splits and ragged tiles on small inputs.
@@ -226,10 +239,16 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
     part_sum = torch.empty(n_split, b, **f32)
     part_acc = torch.empty(n_split, b, d, **f32) if need_grad else part_sum
     scale_log2 = LOG2E / temperature
+    if need_rank:  # the positive logit as the merge computes it: fp32 products of the stored inputs
+        pos_logit2 = (query.float() * positive.float()).sum(1) * scale_log2
+        part_rank = torch.empty(n_split, b, device=query.device, dtype=torch.int32)
+    else:  # never read
+        pos_logit2, part_rank = part_sum, torch.empty(0, device=query.device, dtype=torch.int32)
     _infonce_partial_kernel[(triton.cdiv(b, tiles.block_m), n_split, num_chunks if need_grad else 1)](
-        query, bank, part_max, part_sum, part_acc, b, k, d, tiles_per_split, scale_log2,
+        query, bank, part_max, part_sum, part_acc, pos_logit2, part_rank, b, k, d, tiles_per_split, scale_log2,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, NUM_CHUNKS=num_chunks,
-        NEED_GRAD=need_grad, DOT_IN_FP32=in_fp32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        NEED_GRAD=need_grad, DOT_IN_FP32=in_fp32, NEED_RANK=need_rank, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
 
     rows = torch.empty(b, **f32)
     grad_q = torch.empty(b, d, **f32) if need_grad else rows.new_empty(0)
@@ -239,7 +258,8 @@ def infonce_bank_forward(query: torch.Tensor, positive: torch.Tensor, bank: torc
         query, positive, part_max, part_sum, part_acc, rows, grad_q, grad_p, b, d, n_split, scale_log2,
         1.0 / temperature, BLOCK_B=merge["BLOCK_B"], BLOCK_D=d_block, NEED_GRAD=need_grad,
         num_warps=merge["num_warps"])
-    return rows, grad_q, grad_p
+    rank = part_rank.sum(0, dtype=torch.int64) if need_rank else rows.new_empty(0, dtype=torch.int64)
+    return rows, grad_q, grad_p, rank
 
 
 # --- every configuration infonce_bank_forward can launch on the installed Triton, for the static checks --
@@ -247,16 +267,18 @@ def static_configs(tiles_by_key: dict) -> list[StaticConfig]:
     configs = []
     for (arch, in_fp32, d_block), tiles in tiles_by_key.items():
         for dtype in (("fp32",) if in_fp32 else ("bf16", "fp16")):
-            for need_grad in (True, False):
+            # the rank counter rides on the training launch (MoCo's meters); its registers are one int per row
+            for need_grad, need_rank in ((True, False), (False, False), (True, True)):
                 configs.append(StaticConfig(
-                    name=f"infonce_partial_sm{arch}_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}",
+                    name=f"infonce_partial_sm{arch}_{dtype}_D{d_block}_{'grad' if need_grad else 'nograd'}"
+                         f"{'_rank' if need_rank else ''}",
                     fn=_infonce_partial_kernel,
                     signature={"q_ptr": f"*{dtype}", "bank_ptr": f"*{dtype}", "max_ptr": "*fp32",
-                               "sum_ptr": "*fp32", "acc_ptr": "*fp32", "B": "i32", "K": "i32", "D": "i32",
-                               "tiles_per_split": "i32", "scale_log2": "fp32"},
+                               "sum_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*fp32", "rank_ptr": "*i32",
+                               "B": "i32", "K": "i32", "D": "i32", "tiles_per_split": "i32", "scale_log2": "fp32"},
                     constexprs={"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": tiles.block_d,
                                 "NUM_CHUNKS": d_block // tiles.block_d, "NEED_GRAD": need_grad,
-                                "DOT_IN_FP32": in_fp32},
+                                "DOT_IN_FP32": in_fp32, "NEED_RANK": need_rank},
                     num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                     mma="tf32" if in_fp32 else dtype.replace("fp", "f"), expect_wgmma=True,
                     archs=(arch,)))

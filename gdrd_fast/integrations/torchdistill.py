@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..losses import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
-from ..memory import MemoryQueue
+from ..memory import MemoryBank, MemoryQueue
 
 __all__ = [
     "TorchdistillCRDLoss",
@@ -67,7 +67,8 @@ def _follow(module: nn.Module, device: torch.device) -> None:
 
 @register_mid_level_loss(key="gdrd_fast.CRDLoss")
 class TorchdistillCRDLoss(nn.Module):
-    """torchdistill's CRDLoss arguments, gdrd_fast's fused CRD. State: crd.memory_s/t.rows, crd.log_z_s/t."""
+    """torchdistill's CRDLoss arguments, gdrd_fast's fused CRD. State: crd.memory_s/t.rows, crd.log_z_s/t.
+    Draws from the global generator exactly what torchdistill's CRDLoss draws, in its order."""
 
     def __init__(self, student_norm_module_path: str, student_empty_module_path: str, teacher_norm_module_path: str,
                  input_size: int, output_size: int, num_negative_samples: int, num_samples: int,
@@ -79,10 +80,16 @@ class TorchdistillCRDLoss(nn.Module):
         self.student_norm_module_path = student_norm_module_path
         self.student_empty_module_path = student_empty_module_path
         self.teacher_norm_module_path = teacher_norm_module_path
-        self.crd = CRDLoss(input_size, input_size, num_samples, feat_dim=input_size, nce_k=num_negative_samples,
-                           nce_t=temperature, nce_m=momentum, backend=backend)
+        with torch.random.fork_rng(devices=[]):  # its embeddings are dropped below: their draws must not count
+            self.crd = CRDLoss(input_size, input_size, num_samples, feat_dim=input_size,
+                               nce_k=num_negative_samples, nce_t=temperature, nce_m=momentum, backend=backend)
         # Linear4CRD's normalizers embed (and torchdistill trains them): the banks take their outputs as they are
         self.crd.embed_s, self.crd.embed_t = nn.Identity(), nn.Identity()
+        # the banks drawn as torchdistill's CRDLoss draws them, from the global generator: memory_v1 (the
+        # student's) first, then memory_v2, each uniform(-a, a), so that a run with the same seed starts from
+        # the same banks and leaves the generator where torchdistill's does (same data order after it)
+        self.crd.memory_s = MemoryBank(num_samples, input_size, momentum, backend=backend)
+        self.crd.memory_t = MemoryBank(num_samples, input_size, momentum, backend=backend)
         self.crd.eps = eps
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args, **kwargs) -> Tensor:

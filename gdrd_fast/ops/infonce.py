@@ -12,8 +12,9 @@ from ..numerics import compute_dtype
 
 
 def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
-                         need_grad: bool, chunk: int | None = None):
-    """Online log-sum-exp over bank chunks; dQuery accumulated in the same pass. Never holds B x K.
+                         need_grad: bool, chunk: int | None = None, *, need_rank: bool = False):
+    """Online log-sum-exp over bank chunks; dQuery (and, with need_rank, each row's rank: the bank rows
+    scoring strictly above its positive) accumulated in the same pass. Never holds B x K.
 
     The default chunk keeps each score block near 2M elements (8 MB in fp32): few enough ops that
     per-op threading overhead stays small on a busy CPU, small enough to stay far below B x K.
@@ -25,13 +26,16 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
     inv_t = 1.0 / temperature
     pos = (q * p).sum(1) * inv_t
     if bank.shape[0] <= chunk:
-        return _one_block(q, p, bank.to(dt), pos, inv_t, need_grad)
+        return _one_block(q, p, bank.to(dt), pos, inv_t, need_grad, need_rank)
     row_max = pos.clone()
     row_sum = torch.ones_like(pos)
     weighted = torch.zeros_like(q) if need_grad else None
+    rank = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for start in range(0, bank.shape[0], chunk):
         keys = bank[start:start + chunk].to(dt)
         s = torch.mm(q, keys.t()).mul_(inv_t)
+        if need_rank:
+            rank += (s > pos[:, None]).sum(1)
         new_max = torch.maximum(row_max, s.amax(1))
         rescale = torch.exp(row_max - new_max)
         s.sub_(new_max[:, None]).exp_()
@@ -41,26 +45,30 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
         row_max = new_max
     lse = row_max + torch.log(row_sum)
     rows = lse - pos
+    rank = rank if need_rank else rank.new_empty(0)
     if not need_grad:
-        return rows, q.new_empty(0), q.new_empty(0)
+        return rows, q.new_empty(0), q.new_empty(0), rank
     pos_weight_minus_one = (torch.exp(pos - lse) - 1)[:, None]
     grad_query = (weighted / row_sum[:, None] + pos_weight_minus_one * p) * inv_t
     grad_positive = pos_weight_minus_one * q * inv_t
-    return rows, grad_query, grad_positive
+    return rows, grad_query, grad_positive, rank
 
 
-def _one_block(q: Tensor, p: Tensor, keys: Tensor, pos: Tensor, inv_t: float, need_grad: bool):
+def _one_block(q: Tensor, p: Tensor, keys: Tensor, pos: Tensor, inv_t: float, need_grad: bool,
+               need_rank: bool):
     """infonce_bank_chunked for a bank of one chunk: one softmax instead of the running rescale (half the
     torch calls, which is what a small call costs)."""
     logits = torch.cat([pos[:, None], torch.mm(q, keys.t()).mul_(inv_t)], 1)
+    rank = ((logits[:, 1:] > pos[:, None]).sum(1) if need_rank
+            else torch.empty(0, dtype=torch.int64, device=q.device))
     lse = torch.logsumexp(logits, 1)
     rows = lse - pos
     if not need_grad:
-        return rows, q.new_empty(0), q.new_empty(0)
+        return rows, q.new_empty(0), q.new_empty(0), rank
     weight = logits.sub_(lse[:, None]).exp_()
     pos_weight_minus_one = weight[:, :1] - 1
     grad_query = torch.addmm(pos_weight_minus_one * p, weight[:, 1:], keys).mul_(inv_t)
-    return rows, grad_query, pos_weight_minus_one * q * inv_t
+    return rows, grad_query, pos_weight_minus_one * q * inv_t, rank
 
 
 def _triton():
@@ -72,10 +80,13 @@ def _triton_max_sizes(dtype: torch.dtype) -> dict[str, int]:
     return {"d": backends.kernels().infonce.max_d(dtype)}
 
 
-def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str) -> Tensor:
-    """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive."""
+def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperature: float, kernel: str,
+                      return_rank: bool = False):
+    """Per-row losses [B] in the accumulation dtype from a kernel, with autograd to query and positive;
+    return_rank: (rows, rank [B] int64), rank counted in the same pass (reference.infonce_bank_rows)."""
     need_grad = torch.is_grad_enabled() and (query.requires_grad or positive.requires_grad)
-    return infonce_bank(query, positive, bank, temperature, kernel, need_grad)[0]
+    rows, _, _, rank = infonce_bank(query, positive, bank, temperature, kernel, need_grad, return_rank)
+    return (rows, rank) if return_rank else rows
 
 
 # backend -> (query, positive, bank, *, temperature) -> rows [B]; `kernel` is what infonce_bank_op runs.
@@ -92,18 +103,20 @@ IMPLS = Op("infonce_bank_loss", {
 
 @torch.library.custom_op("gdrd_fast::infonce_bank", mutates_args=())
 def infonce_bank_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
-                    need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(row losses [B], d row_b / d query_b, d row_b / d positive_b), in the accumulation dtype."""
-    rows, gq, gp = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad)
-    return rows, gq, gp
+                    need_grad: bool, need_rank: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row losses [B], d row_b / d query_b, d row_b / d positive_b) in the accumulation dtype, and
+    rank [B] int64 (empty unless need_rank)."""
+    rows, gq, gp, rank = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
+    return rows, gq, gp, rank
 
 
 @infonce_bank_op.register_fake
-def _(query, positive, bank, temperature, backend, need_grad):
+def _(query, positive, bank, temperature, backend, need_grad, need_rank=False):
     dt = compute_dtype(query)
     grad_shape = tuple(query.shape) if need_grad else (0,)
     return (query.new_empty(query.shape[0], dtype=dt), query.new_empty(grad_shape, dtype=dt),
-            query.new_empty(grad_shape, dtype=dt))
+            query.new_empty(grad_shape, dtype=dt),
+            query.new_empty(query.shape[0] if need_rank else 0, dtype=torch.int64))
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,7 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
-def _backward(ctx, grad_rows, _gq, _gp):
+def _backward(ctx, grad_rows, _gq, _gp, _rank):
     grad_query, grad_positive = ctx.saved_tensors
     if grad_query.numel() == 0:
         raise RuntimeError("infonce_bank: backward through a forward run with need_grad=False")
@@ -122,7 +135,7 @@ def _backward(ctx, grad_rows, _gq, _gp):
         gq = (grad_query * scale).to(ctx.dtypes[0])
     if ctx.needs_input_grad[1]:
         gp = (grad_positive * scale).to(ctx.dtypes[1])
-    return gq, gp, None, None, None, None
+    return gq, gp, None, None, None, None, None
 
 
 infonce_bank_op.register_autograd(_backward, setup_context=_setup_context)
@@ -132,17 +145,18 @@ class _InfonceBank(torch.autograd.Function):
     """infonce_bank_op's eager twin: the same kernel and backward without torch.library's dispatch."""
 
     @staticmethod
-    def forward(ctx, query, positive, bank, temperature, backend, need_grad):
-        output = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad)
+    def forward(ctx, query, positive, bank, temperature, backend, need_grad, need_rank):
+        output = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
         _setup_context(ctx, (query, positive), output)
+        ctx.mark_non_differentiable(output[3])
         return output
 
     backward = staticmethod(_backward)
 
 
 def infonce_bank(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
-                 need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 need_grad: bool, need_rank: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """infonce_bank_op under torch.compile (which traces the custom op), its autograd.Function twin in eager."""
     if torch.compiler.is_compiling():
-        return infonce_bank_op(query, positive, bank, temperature, backend, need_grad)
-    return _InfonceBank.apply(query, positive, bank, temperature, backend, need_grad)
+        return infonce_bank_op(query, positive, bank, temperature, backend, need_grad, need_rank)
+    return _InfonceBank.apply(query, positive, bank, temperature, backend, need_grad, need_rank)

@@ -129,7 +129,7 @@ def pair_rows(query: Tensor, positive: Tensor | None, bank: Tensor, batch_negati
         s_pos = (q.to(dt) * p.to(dt)).sum(1) * inv_t
         lse = s_pos
         if bank.shape[0]:
-            rows, _, _ = infonce.infonce_bank(q, p, prep(bank.detach()), temperature, kernel, need_grad)
+            rows = infonce.infonce_bank(q, p, prep(bank.detach()), temperature, kernel, need_grad)[0]
             lse = rows + s_pos
         if batch_negatives is not None and b > 1:
             n = prep(batch_negatives)

@@ -47,3 +47,37 @@ def check_infonce_pairs(backend: str, b: int, k: int, d: int, labelled: bool, de
     assert_close("rows", got, ref, None, torch.float32)
     for name, g, r in zip(("query", "positive", "batch_negatives"), gots, refs):
         assert_close(f"grad {name}", torch.zeros_like(r) if g is None else g, r, None, torch.float32)
+
+
+def _rank_inputs(b: int, k: int, d: int, dtype: torch.dtype, device: str, tied: bool):
+    """Unit rows, or (tied) rows of -1/0/1 whose scores are small integers, exact in every dtype and
+    accumulation order, so that many bank rows tie with the positive exactly."""
+    def rows(n):
+        if tied:
+            return torch.randint(-1, 2, (n, d), device=device).to(dtype)
+        return torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=1).to(dtype)
+    query, positive, bank = rows(b), rows(b), rows(k)
+    if tied:  # some bank rows are copies of a positive: a tie that must not count
+        bank[:min(b, k)] = positive[:min(b, k)]
+    return query, positive, bank
+
+
+def check_infonce_rank(rows_fn, b: int, k: int, d: int, dtype: torch.dtype, device: str, tied: bool) -> None:
+    """rows_fn(query, positive, bank, temperature) -> (rows, rank) against the float64 reference's rank.
+
+    Tied inputs must give the reference's count exactly (ties excluded). Random unit inputs may round a
+    near-tie either way: every bank row further than 1e-4 / T from the positive's logit must be counted
+    as the reference counts it, and the rank may differ only by the rows within that margin."""
+    temperature = float(torch.empty(()).uniform_(0.05, 0.5))
+    query, positive, bank = _rank_inputs(b, k, d, dtype, device, tied)
+    rows, rank = rows_fn(query, positive, bank, temperature)
+    ref_rows, ref_rank = reference.infonce_bank_rows(query.double(), positive.double(), bank.double(),
+                                                     temperature=temperature, return_rank=True)
+    assert rank.dtype == torch.int64 and rank.shape == (b,)
+    if tied:
+        assert torch.equal(rank.cpu(), ref_rank.cpu()), (rank, ref_rank)
+        return
+    margin = (query.double() @ bank.double().t() - (query.double() * positive.double()).sum(1, keepdim=True))
+    near = (margin.abs() < 1e-4).sum(1)
+    assert ((rank - ref_rank).abs() <= near).all(), (rank, ref_rank, near)
+    assert_close("rows", rows, ref_rows, None, dtype)

@@ -119,8 +119,8 @@ def _launch_infonce(module, dtype):
     for d in (20, 33, 64, 100, 256, 500):
         q, bank = torch.randn(5, d).to(dtype), torch.randn(50, d).to(dtype)
         if module.supports(d, dtype, dtype):
-            for need_grad in (True, False):
-                module.infonce_bank_forward(q, q, bank, 0.1, need_grad)
+            for need_grad, need_rank in ((True, False), (False, False), (True, True)):
+                module.infonce_bank_forward(q, q, bank, 0.1, need_grad, need_rank)
 
 
 def _launch_relational(module, dtype):

@@ -27,7 +27,7 @@ def test_cpu_backend_online_rescale_across_many_chunks(chunk):
     from gdrd_fast.ops.infonce import infonce_bank_chunked
     q, p = torch.randn(5, 9, dtype=torch.float64) * 3, torch.randn(5, 9, dtype=torch.float64)
     bank = torch.randn(123, 9, dtype=torch.float64) * 3
-    rows, grad_q, grad_p = infonce_bank_chunked(q, p, bank, 0.1, True, chunk)
+    rows, grad_q, grad_p, _ = infonce_bank_chunked(q, p, bank, 0.1, True, chunk)
     qr, pr = q.clone().requires_grad_(), p.clone().requires_grad_()
     expected = reference.infonce_bank_loss(qr, pr, bank, temperature=0.1, reduction="none")
     torch.testing.assert_close(rows, expected.detach(), rtol=1e-12, atol=1e-12)

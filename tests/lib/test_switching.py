@@ -35,9 +35,12 @@ def run_snippet(page: str, **names) -> dict:
 # MoCo
 # ---------------------------------------------------------------------------------------------------
 def moco_formula(q, k, queue, temperature=0.07):
-    """MoCo's loss: cross-entropy of [q.k, q.queue] / T with target 0 (queue: the keys enqueued so far)."""
+    """MoCo's loss and meters: cross-entropy of [q.k, q.queue] / T with target 0, and the percentage of
+    rows whose column 0 is among the logits' top 1 and top 5."""
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    best = logits.topk(5, 1).indices
+    hits = [(best[:, :n] == 0).any(1).float().mean() * 100 for n in (1, 5)]
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long)), *hits
 
 
 def _moco_batches(steps, world, batch, dim, seed):
@@ -48,30 +51,35 @@ def _moco_batches(steps, world, batch, dim, seed):
 
 
 def _moco_run(rank, world, batches, size, dim):
-    """(per-step |ours - MoCo|, |dq ours - dq MoCo|, the final queue) on this rank."""
+    """(per-step |ours - MoCo|, |dq ours - dq MoCo|, meters equal, MoCo's initial queue, the final queue)."""
+    torch.manual_seed(5)  # every rank draws the same initial queue, as DDP's broadcast gives MoCo's
     ns = run_snippet("moco.md", K=size, dim=dim)
-    moco_queue = torch.zeros(0, dim, dtype=torch.float64)
-    loss_err, grad_err = [], []
+    torch.manual_seed(5)
+    moco_queue = F.normalize(torch.randn(dim, size), dim=0).t().double()  # MoCo's own initial queue
+    initial = ns["queue"].filled().clone()
+    loss_err, grad_err, meters_equal = [], [], []
     for step in batches:
         q, k = step[rank][0].clone().requires_grad_(), step[rank][1]
-        ours = ns["moco_loss"](q, k)
-        want = moco_formula(q, k, moco_queue)
+        ours, acc1, acc5 = ns["moco_loss"](q, k)
+        want, want1, want5 = moco_formula(q, k, moco_queue)
         (g_ours,) = torch.autograd.grad(ours, q)
         (g_want,) = torch.autograd.grad(want, q)
         loss_err.append(abs(float(ours.detach()) - float(want.detach())))
         grad_err.append(float((g_ours - g_want).abs().max()))
+        meters_equal.append(float(acc1) == float(want1) and float(acc5) == float(want5))
         # MoCo enqueues all ranks' keys (concat_all_gather, rank order) into a float32 buffer
         keys = torch.cat([s[1] for s in step]).float().double()
         moco_queue = torch.cat([moco_queue, keys])[-size:]
-    return loss_err, grad_err, ns["queue"].filled().clone()
+    return loss_err, grad_err, meters_equal, initial, ns["queue"].filled().clone()
 
 
-def test_moco_snippet_gives_mocos_loss_from_an_empty_queue():
+def test_moco_snippet_gives_mocos_loss_and_meters_from_mocos_initial_queue():
     size, dim = 12, 5
     batches = _moco_batches(6, 1, 4, dim, int(torch.randint(2 ** 31, (1,))))
-    loss_err, grad_err, queue = _moco_run(0, 1, batches, size, dim)
-    assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12
-    assert loss_err[0] == 0.0  # the first step has no negatives at all: MoCo's loss is 0 too
+    loss_err, grad_err, meters_equal, initial, queue = _moco_run(0, 1, batches, size, dim)
+    assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12 and all(meters_equal)
+    torch.manual_seed(5)
+    assert torch.equal(initial, F.normalize(torch.randn(dim, size), dim=0).t())
     assert torch.equal(queue.double().sort(0).values,
                        torch.cat([s[0][1] for s in batches]).float().double()[-size:].sort(0).values)
 
@@ -81,11 +89,11 @@ def test_moco_snippet_under_two_gloo_processes_gathers_keys_in_rank_order(tmp_pa
     size, dim, world = 16, 5, 2
     batches = _moco_batches(5, world, 4, dim, int(torch.randint(2 ** 31, (1,))))
     results = run_ranks(_moco_run, (world, batches, size, dim), world, tmp_path)
-    for loss_err, grad_err, _ in results:
-        assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12
-    assert torch.equal(results[0][2], results[1][2])  # every rank holds the same queue
+    for loss_err, grad_err, meters_equal, _, _ in results:
+        assert max(loss_err) < 1e-12 and max(grad_err) < 1e-12 and all(meters_equal)
+    assert torch.equal(results[0][4], results[1][4])  # every rank holds the same queue
     keys = torch.cat([k for step in batches for _, k in step]).float()
-    assert torch.equal(results[0][2], torch.roll(keys[-size:], len(keys) % size, 0))  # ring slot order
+    assert torch.equal(results[0][4], torch.roll(keys[-size:], len(keys) % size, 0))  # ring slot order
 
 
 def test_memory_queue_labels_are_opt_in_and_filled_grows():
@@ -242,6 +250,51 @@ def test_repdistiller_state_conversion_checks_opt_and_keeps_unset_z():
         ours.load_state_dict(state)
     with pytest.raises(TypeError, match="opt has no nce_k"):
         gdrd_fast.CRDLoss(types_namespace(s_dim=3, t_dim=4, n_data=5, feat_dim=2, nce_t=0.1, nce_m=0.5))
+
+
+def _commented_block(page: str, first_line: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (PAGES / page).read_text(), flags=re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith(first_line)]
+    return block
+
+
+def test_repdistiller_page_diff_is_its_claimed_one_line_and_gives_gdrd_fasts_crd():
+    """The diff's removed line is train_student.py's import of RepDistiller's CRDLoss; applied to that
+    import and the unchanged `criterion_kd = CRDLoss(opt)` it builds gdrd_fast's CRDLoss."""
+    import gdrd_fast
+
+    page = (PAGES / "repdistiller.md").read_text()
+    (diff,) = re.findall(r"```diff\n(.*?)```", page, flags=re.DOTALL)
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+")]
+    claimed = int(re.search(r"\*\*(\d+) changed lines?\*\*", page).group(1))
+    assert claimed == max(len(removed), len(added)) == 1 and removed == ["from crd.criterion import CRDLoss"]
+    ns = {"opt": _crd_opt()}
+    exec("\n".join(added + ["criterion_kd = CRDLoss(opt)"]), ns)  # noqa: S102 (our own docs)
+    assert isinstance(ns["criterion_kd"], gdrd_fast.CRDLoss)
+
+
+def test_repdistiller_page_saves_and_restores_the_criterion_with_the_student(tmp_path):
+    """Saved as the page says after two steps, restored into a fresh student and criterion as it says:
+    the next step is the same, banks, log Z and embeddings included."""
+    import gdrd_fast
+
+    opt = _crd_opt()
+    torch.manual_seed(0)
+    model_s, criterion_kd = torch.nn.Linear(3, 3), gdrd_fast.CRDLoss(opt, bank_dtype=torch.float64).double()
+    for _ in range(2):
+        criterion_kd(*_crd_step(opt))
+    save_file = tmp_path / "ckpt.pth"
+    exec(_commented_block("repdistiller.md", "# saving"),  # noqa: S102 (our own docs)
+         {"torch": torch, "epoch": 3, "model_s": model_s, "criterion_kd": criterion_kd, "save_file": save_file})
+    fresh_s, fresh_kd = torch.nn.Linear(3, 3), gdrd_fast.CRDLoss(opt, bank_dtype=torch.float64).double()
+    exec(_commented_block("repdistiller.md", "# resuming"),  # noqa: S102 (our own docs)
+         {"torch": torch, "model_s": fresh_s, "criterion_kd": fresh_kd, "save_file": save_file})
+    assert torch.equal(fresh_s.weight, model_s.weight)
+    step = _crd_step(opt)
+    want, got = criterion_kd(*step), fresh_kd(*step)
+    assert float(got.detach()) == float(want.detach())
+    assert torch.equal(fresh_kd.memory_s.rows, criterion_kd.memory_s.rows)
 
 
 def types_namespace(**kw):

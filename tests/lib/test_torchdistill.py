@@ -188,3 +188,51 @@ def test_switching_page_snippet_runs_in_a_distillation_box():
     loss = box.forward_process(sample, targets, supp)
     box.post_forward_process(loss=loss)
     assert bool(torch.isfinite(loss)) and float(loss.detach()) > 0
+
+
+def _seeded_first_step(key, seed):
+    """A whole run's start under one seed (models, data, box, criterion, shuffled sampler): the banks as
+    built, the first batch's sample ids and the first step's loss."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # CRDDatasetWrapper draws its negatives with numpy
+    config = yaml.safe_load(CONFIG)
+    config["train_data_loader"]["sampler"] = {"class_or_func": torch.utils.data.RandomSampler, "kwargs": None}
+    config["criterion"]["kwargs"]["sub_terms"]["term"]["criterion"] = {"key": key,
+                                                                      "kwargs": CRITERIA["gdrd_fast.CRDLoss"]}
+    teacher, student = TinyNet(8), TinyNet(4)
+    box = DistillationBox(teacher, student, {"tiny": TinyImages()}, config, torch.device("cpu"), None, False, 1)
+    term = box.criterion.term_dict["term"][0]
+    banks = ((term.memory_v1, term.memory_v2) if key == "CRDLoss"
+             else (term.crd.memory_s.rows, term.crd.memory_t.rows))
+    banks = tuple(b.detach().clone() for b in banks)
+    sample, targets, supp = next(iter(box.train_data_loader))
+    return banks, supp["pos_idx"], box.forward_process(sample, targets, supp)
+
+
+def test_same_seed_same_banks_same_data_order_and_first_loss_as_torchdistills_crd():
+    theirs = _seeded_first_step("CRDLoss", 17)
+    ours = _seeded_first_step("gdrd_fast.CRDLoss", 17)
+    assert all(torch.equal(a, b) for a, b in zip(theirs[0], ours[0])), "the banks differ"
+    assert torch.equal(theirs[1], ours[1]), "the data order differs"
+    want, got = float(theirs[2].detach()), float(ours[2].detach())
+    assert abs(got - want) <= 1e-5 * abs(want)  # both float32
+
+
+def test_switching_page_dependencies_entry_registers_the_keys_in_a_fresh_process():
+    """The page's YAML `dependencies:` goes through torchdistill's own import_dependencies, no import of ours."""
+    import subprocess
+    import sys
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "switching" / "torchdistill.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", page, flags=re.DOTALL)
+    dependencies = yaml.safe_load(block)["dependencies"]
+    code = ("import sys\nfrom torchdistill.common.main_util import import_dependencies\n"
+            "from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT\n"
+            "assert 'gdrd_fast' not in sys.modules\n"
+            f"import_dependencies({dependencies!r})\n"
+            "print(sorted(k for k in MIDDLE_LEVEL_LOSS_DICT if k.startswith('gdrd_fast.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'gdrd_fast.CRDLoss'" in out.stdout and "'gdrd_fast.InfoNCEBankLoss'" in out.stdout
