@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(config, items):
 # keeps what ran; benchmarks/gpu/verdict.py reads them into the correctness verdict of the run.
 # GDRD_GPU_RESUME=1: the GPU tests that already started in an earlier run into the same file are deselected,
 # so that a run restarted after a crash goes on past the test that crashed.
-# GDRD_GPU_INJECT=crash@N or hang@N: the N-th GPU test crashes (SIGSEGV) or hangs at setup, to rehearse
-# those cases without a GPU (benchmarks/gpu/rehearse.sh).
+# GDRD_GPU_INJECT=crash@N,hang@M: the N-th GPU test crashes (SIGSEGV) and the M-th hangs at setup, counted
+# over the resumed runs too, to rehearse those cases without a GPU (benchmarks/gpu/rehearse.sh).
 _OUTCOMES_PATH = os.environ.get("GDRD_GPU_OUTCOMES")
 _gpu_tests: set[str] = set()
 _earlier_starts: list[int] = []  # GPU tests started by the runs before this one (GDRD_GPU_RESUME)
@@ -103,9 +103,9 @@ def pytest_runtest_setup(item):
     if item.nodeid not in _gpu_tests:
         return
     _record(event="start", nodeid=item.nodeid)
-    if _INJECT:
-        action, _, at = _INJECT.partition("@")
-        if sum(_earlier_starts) + len(_gpu_tests_started) + 1 == int(at):
+    position = sum(_earlier_starts) + len(_gpu_tests_started) + 1
+    for action, _, at in (injection.partition("@") for injection in _INJECT.split(",") if injection):
+        if int(at) == position:
             if action == "crash":
                 os.kill(os.getpid(), signal.SIGSEGV)
             time.sleep(3600)
