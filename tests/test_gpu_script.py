@@ -1,8 +1,9 @@
 """benchmarks/gpu/run.sh runs only on the GPU machine, whose minutes are few: what can be checked here is.
 Its syntax; that its phases' predicted times fit the 8-minute run; the wheel folder it reads being ignored by
 git and filled by make; the correctness verdict it writes before any benchmark (benchmarks/gpu/verdict.py)
-and the test outcomes it is made from (tests/conftest.py, GDRD_GPU_OUTCOMES). The whole script was dry-run
-on CPU with a stub nvidia-smi (README, "Tests and the GPU script")."""
+from the test outcomes written as each test reports (tests/conftest.py, GDRD_GPU_OUTCOMES), after a crash too;
+that on a GPU no GPU test would skip; the Triton warm-up's cache being hit by a later process
+(benchmarks/gpu/warmup.py). The whole script is rehearsed offline by `make gpu-rehearsal`."""
 import json
 import os
 import re
@@ -221,3 +222,26 @@ def test_on_a_gpu_no_gpu_test_would_skip(tmp_path):
     assert len(found) >= 187, len(found)
     skipping = {nodeid: reasons for nodeid, reasons in found.items() if reasons}
     assert not skipping, skipping
+
+
+_WARM_ONE = """
+import json, os, sys
+from benchmarks.gpu import warmup
+name, variant, seconds, error = warmup._compile((90, 0, "multiple of 16"))
+assert not error, error
+print(json.dumps(sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))))
+"""
+
+
+def test_the_warm_up_compiles_for_sm90_into_a_cache_the_next_process_hits(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    runs = [subprocess.run([sys.executable, "-c", _WARM_ONE], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    first, second = (json.loads(r.stdout.splitlines()[-1]) for r in runs)
+    assert first and second == first  # the second process compiled nothing new: every entry was hit
+    compiled = [name for d in first for name in os.listdir(tmp_path / "cache" / d)]
+    assert any(name.endswith(".cubin") for name in compiled), compiled  # sm_90 machine code, not just IR

@@ -19,8 +19,8 @@ ROOT=$PWD
 # what the device call carries beside the tracked tree (docs/performance/measuring.md)
 SOABI=$("$GPU_PYTHON" -c "import sysconfig; print(sysconfig.get_config_var('SOABI'))")
 CARRY=(.whl "gdrd_fast/_C.$SOABI.so" "gdrd_fast/_C_cuda.$SOABI.so" "gdrd_fast/_build.$SOABI.json")
-# the benchmarks on CPU: one file, few rounds (the GPU run takes them all)
-BENCH_FILE=benchmarks/test_bench_queue.py
+# the benchmarks on CPU: two cases of one file (the GPU run takes them all)
+BENCH_FILE=benchmarks/test_bench_queue.py BENCH_CASES="push and (eager or cpu)"
 
 step() { echo "== rehearsal: $* ($SECONDS s)"; }
 
@@ -79,7 +79,7 @@ rehearse() {
         HOME="$WORK/$name/home" OUT="$out" PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null LANG=C.UTF-8 \
         GDRD_GPU_BENCH="$BENCH_FILE" GDRD_GPU_BUDGET_S="${REHEARSAL_BUDGET_S:-1500}" MAX_JOBS=2 \
         TRITON_CACHE_DIR="$WORK/triton-cache" "$@" \
-        benchmarks/gpu/run.sh) || rc=$?
+        benchmarks/gpu/run.sh -k "$BENCH_CASES") || rc=$?
     step "$name: run.sh exit $rc (non-zero expected: no GPU test can pass here)"
     "$GPU_PYTHON" - "$out" "$name" <<'EOF'
 import glob, json, os, sys
@@ -104,7 +104,8 @@ log = open(one("gpu_run_*.log")).read()
 for phase in ("Triton warm-up", "correctness (GPU tests)", "benchmarks (core)", "seconds: build"):
     assert phase in log, f"{name}: the log lacks {phase!r}"
 if name == "injected":
-    assert log.count("the GPU tests stopped in") == 2, "the crash and the hang must each end a session"
+    assert log.count("the GPU tests stopped in") == 2, "the crash and the hang must each end one session"
+    assert "session 3" in log and "session 4" not in log
     assert "Timeout" in log, "pytest-timeout must name the hung test"
     assert verdict["counts"].get("did not finish") == 2, verdict["counts"]
 print(f"{name}: {out} holds {len(os.listdir(out))} files; verdict {verdict['status']} {verdict['counts']}; "

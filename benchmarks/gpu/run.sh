@@ -28,6 +28,7 @@ mkdir -p "$RESULTS" "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 BUDGET=${GDRD_GPU_BUDGET_S:-420}
 TEST_TIMEOUT=${GDRD_GPU_TEST_TIMEOUT_S:-90}
+BENCH_TIMEOUT=${GDRD_GPU_BENCH_TIMEOUT_S:-180}  # a benchmark compiles its providers (torch.compile) first
 BENCH=${GDRD_GPU_BENCH:-benchmarks}  # the benchmark files or folders: all of them (a dry run narrows this)
 JOBS=${MAX_JOBS:-$(nproc)}
 # one Triton cache for the warm-up's processes and the tests (the HOME default too, but HOME may be bare)
@@ -134,9 +135,10 @@ echo "predicted: build $PREDICT_BUILD s if not carried, Triton warm-up $PREDICT_
 
 # pytest-timeout bounds each test (thread method: a kernel hung inside CUDA never returns to Python, so the
 # process is ended, with the hung test and every thread's stack in the log; the tests then resume)
-per_test=()
+per_test=() per_bench=()
 if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
     per_test=(--timeout="$TEST_TIMEOUT" --timeout-method=thread)
+    per_bench=(--timeout="$BENCH_TIMEOUT" --timeout-method=thread)
 else
     echo "pytest-timeout is not installed: a hung test stops only at its phase's deadline"
 fi
@@ -154,15 +156,16 @@ warm_entries=$(cache_entries)
 # checks need none and run in CI. A module whose imports are missing here must not stop the others. After a
 # session that did not finish (a crash, or a hang that pytest-timeout ended), the next one resumes past every
 # test already started (tests/conftest.py, GDRD_GPU_RESUME), at most 4 sessions, within the deadline.
+finished_sessions() { local n; n=$(grep -c '"event": "finished"' "$outcomes" 2> /dev/null); echo "${n:-0}"; }
 gpu_tests() {
-    local attempt resume=0 sessions
+    local attempt resume=0 before
     for attempt in 1 2 3 4; do
+        before=$(finished_sessions)
         GDRD_GPU_RESUME=$resume phase "correctness (GPU tests), session $attempt" \
             "$PREDICT_TESTS" "$(left $((PREDICT_BENCH + PREDICT_COMPILE)))" \
             "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider -ra --continue-on-collection-errors \
             --durations=15 "${per_test[@]}"
-        sessions=$(grep -c '"event": "finished"' "$outcomes" 2> /dev/null)
-        [ "${sessions:-0}" -ge "$attempt" ] && return
+        [ "$(finished_sessions)" -gt "$before" ] && return
         echo "== the GPU tests stopped in: $(grep '"event": "start"' "$outcomes" 2> /dev/null | tail -n 1)"
         status=1
         resume=1
@@ -192,7 +195,7 @@ bench_pass() {
         phase "benchmarks ($kind): $file" "$((predicted / ${#files[@]}))" \
             "$(($(left "$reserve") / (${#files[@]} - i + 1)))" \
             "$PYTHON" -m pytest "$file" --benchmark-only --benchmark-json="$json" -q -p no:cacheprovider \
-            --durations=5 -k "$selection" "${per_test[@]}" "$@"
+            --durations=5 -k "$selection" "${per_bench[@]}" "$@"
         [ -s "$json" ] && written+=("$json")
     done
 }
