@@ -78,8 +78,16 @@ def _started_before() -> set[str]:
     if not (os.environ.get("GDRD_GPU_RESUME") == "1" and os.path.exists(_OUTCOMES_PATH)):
         return set()
     with open(_OUTCOMES_PATH) as f:
-        events = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line: not written
-    return {e["nodeid"] for e in events if e["event"] == "start"}
+        lines = f.read().split("\n")
+    return {e["nodeid"] for e in map(_event, lines) if e.get("event") == "start"}
+
+
+def _event(line: str) -> dict:
+    """One line of the outcomes file; {} for a line a crash tore while it was written."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
 
 
 def _record_gpu_tests(config, items):

@@ -128,6 +128,12 @@ def test_verdict_is_incomplete_after_a_skip_a_crash_or_a_cut_and_lists_what_ran(
         f.write('{"event": "outcome", "nodeid": "tests/lib/te')
     outcomes, notes = verdict.read_outcomes(str(path))
     assert verdict.verdict(outcomes, notes)["ran"] == sorted(ids[:2]) and any("cut" in n for n in notes)
+    # a resumed session appends after the torn line: that one line is lost, the rest is read
+    with open(path, "a") as f:
+        f.writelines(json.dumps(e) + "\n" for e in [{"event": "start", "nodeid": ids[3]}, *_ran(ids[4])])
+    outcomes, notes = verdict.read_outcomes(str(path))
+    assert verdict.verdict(outcomes, notes)["ran"] == sorted([*ids[:2], ids[4]])
+    assert any("unreadable" in n for n in notes)
 
 
 def test_verdict_is_incomplete_for_a_missing_or_empty_file(tmp_path):

@@ -38,7 +38,11 @@ def read_outcomes(path: str) -> tuple[dict[str, dict], list[str]]:
     if lines[-1]:
         notes.append("the last line was cut while being written")
     for line in lines[:-1]:
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # torn by a crash, then a resumed session wrote on after it
+            notes.append(f"an unreadable line: {line[:80]}")
+            continue
         kind, nodeid = event.pop("event"), event.pop("nodeid", None)
         if kind == "collected":
             tests[nodeid] = {**event, "outcome": "not run", "message": ""}
