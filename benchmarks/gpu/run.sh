@@ -194,7 +194,7 @@ bench_pass() {
         # each file gets an equal share of what is left
         phase "benchmarks ($kind): $file" "$((predicted / ${#files[@]}))" \
             "$(($(left "$reserve") / (${#files[@]} - i + 1)))" \
-            "$PYTHON" -m pytest "$file" --benchmark-only --benchmark-json="$json" -q -p no:cacheprovider \
+            "$PYTHON" -m pytest "$file" --benchmark-only --benchmark-json="$json" -q -ra -p no:cacheprovider \
             --durations=5 -k "$selection" "${per_bench[@]}" "$@"
         [ -s "$json" ] && written+=("$json")
     done
