@@ -251,3 +251,13 @@ def test_the_warm_up_compiles_for_sm90_into_a_cache_the_next_process_hits(tmp_pa
     assert first and second == first  # the second process compiled nothing new: every entry was hit
     compiled = [name for d in first for name in os.listdir(tmp_path / "cache" / d)]
     assert any(name.endswith(".cubin") for name in compiled), compiled  # sm_90 machine code, not just IR
+
+
+def test_inf_cl_gets_a_head_dim_that_fits_every_benchmarked_gpu_size():
+    from benchmarks import test_bench_infonce as bench
+    for *_, d in bench.SIZES["cuda"].values():
+        head_dim = bench.inf_cl_head_dim(d)
+        assert d % head_dim == 0 and head_dim in (16, 32, 64, 128, 256), (d, head_dim)
+    assert bench.inf_cl_head_dim(128) == 128 and bench.inf_cl_head_dim(512) == 256
+    with pytest.raises(ValueError, match="D=100"):
+        bench.inf_cl_head_dim(100)
