@@ -69,8 +69,13 @@ rehearse() {
     step "$name: copy of the tracked tree and the carried paths"
     rm -rf "${WORK:?}/$name"
     mkdir -p "$tree" "$out" "$WORK/$name/home"
-    git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --ignore-failed-read \
-        2> /dev/null | tar -xf - -C "$tree"
+    if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then  # what the device call copies: no ignored file
+        git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --ignore-failed-read \
+            2> /dev/null | tar -xf - -C "$tree"
+    else  # a tree without git: everything but what .gitignore names
+        tar -cf - --exclude-vcs-ignores --exclude=./.ci/venvs --exclude=./.ci/rehearsal --exclude=./.venv \
+            --exclude=./build --exclude=./.git . | tar -xf - -C "$tree"
+    fi
     tar -cf - "${CARRY[@]}" | tar -xf - -C "$tree"
     rm -rf "$tree/.whl/site"  # installed by the run itself
     step "$name: benchmarks/gpu/run.sh, offline, bare HOME, stub nvidia-smi"
