@@ -26,7 +26,7 @@ STAMP := $(VENV)/.setup-done
 PINS := $(VENV)/.setup-pins
 CSRC := $(shell find csrc -type f)
 
-.PHONY: setup demo test bench docs gpu-wheels gpu-prebuilt FORCE
+.PHONY: setup demo test bench docs gpu-wheels gpu-prebuilt gpu-replica gpu-rehearsal FORCE
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -75,5 +75,21 @@ gpu-wheels: $(BIN)/python
 GPU_PYTHON ?= python3.12
 gpu-prebuilt:
 	GDRD_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(GPU_PYTHON) setup.py build_ext --inplace
+
+# A CPU replica of the GPU machine's stack (Python 3.12, torch 2.11.0, triton 3.6.0, numpy 2.5.2 and the
+# rest of its packages: benchmarks/gpu/replica-requirements.txt), rebuilt when that list changes.
+GPU_REPLICA ?= .ci/venvs/gpu
+PYTHON312 ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.*/bin/python) $(shell command -v python3.12))
+gpu-replica: $(GPU_REPLICA)/.replica-done
+$(GPU_REPLICA)/.replica-done: benchmarks/gpu/replica-requirements.txt
+	rm -rf $(GPU_REPLICA)
+	$(PYTHON312) -m venv $(GPU_REPLICA)
+	$(GPU_REPLICA)/bin/python -m pip install -q -r benchmarks/gpu/replica-requirements.txt
+	@touch $@
+
+# benchmarks/gpu/run.sh rehearsed on that replica as the device call runs it: offline, bare HOME, stub
+# nvidia-smi, once as it is and once with a crash and a hang injected (benchmarks/gpu/rehearse.sh)
+gpu-rehearsal: gpu-replica
+	GPU_PYTHON=$(GPU_REPLICA)/bin/python benchmarks/gpu/rehearse.sh
 
 FORCE:

@@ -1,5 +1,8 @@
 import importlib.util
+import json
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -32,43 +35,113 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "diffusers" in item.keywords and not has_diffusers:
             item.add_marker(no_diffusers)
+    if _OUTCOMES_PATH:
+        _record_gpu_tests(config, items)
 
 
-# benchmarks/gpu/run.sh sets GDRD_GPU_OUTCOMES: every GPU test's kernel, dtype and outcome go there as JSON,
-# from which benchmarks/gpu/verdict.py writes the correctness verdict of the run.
+# benchmarks/gpu/run.sh sets GDRD_GPU_OUTCOMES: every GPU test's kernel, dtype and outcome are appended there as
+# JSON lines the moment pytest reports them (and each test's start before it runs), so that a crash or a cut
+# keeps what ran; benchmarks/gpu/verdict.py reads them into the correctness verdict of the run.
+# GDRD_GPU_RESUME=1: the GPU tests that already started in an earlier run into the same file are deselected,
+# so that a run restarted after a crash goes on past the test that crashed.
+# GDRD_GPU_INJECT=crash@N,hang@M: the N-th GPU test crashes (SIGSEGV) and the M-th hangs at setup, counted
+# over the resumed runs too, to rehearse those cases without a GPU (benchmarks/gpu/rehearse.sh).
 _OUTCOMES_PATH = os.environ.get("GDRD_GPU_OUTCOMES")
-_outcomes: dict[str, dict] = {}
+_gpu_tests: set[str] = set()
+_earlier_starts: list[int] = []  # GPU tests started by the runs before this one (GDRD_GPU_RESUME)
+
+
+def _record(**event):
+    with open(_OUTCOMES_PATH, "a") as f:
+        f.write(json.dumps(event) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dtypes(value):
+    if isinstance(value, torch.dtype):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _dtypes(v)
 
 
 def _gpu_test_info(item) -> dict:
     params = item.callspec.params if hasattr(item, "callspec") else {}
-    dtypes = [str(v).replace("torch.", "") for v in params.values() if isinstance(v, torch.dtype)]
+    floating = [d for v in params.values() for d in _dtypes(v) if d.is_floating_point]
     kernel = "triton" if "triton" in item.keywords else str(params.get("backend", "cuda"))
     return {"op": item.module.__name__.removeprefix("test_"), "kernel": kernel,
-            "dtype": dtypes[0] if dtypes else "", "outcome": "not run", "message": ""}
+            "dtype": str(floating[0]).removeprefix("torch.") if floating else "other"}
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session):
-    if _OUTCOMES_PATH:
-        _outcomes.update({item.nodeid: _gpu_test_info(item) for item in session.items if "cuda" in item.keywords})
+def _started_before() -> set[str]:
+    if not (os.environ.get("GDRD_GPU_RESUME") == "1" and os.path.exists(_OUTCOMES_PATH)):
+        return set()
+    with open(_OUTCOMES_PATH) as f:
+        lines = f.read().split("\n")
+    return {e["nodeid"] for e in map(_event, lines) if e.get("event") == "start"}
+
+
+def _event(line: str) -> dict:
+    """One line of the outcomes file; {} for a line a crash tore while it was written."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _record_gpu_tests(config, items):
+    done = _started_before()
+    _earlier_starts.append(len(done))
+    if done:
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = [item for item in items if item.nodeid not in done]
+    for item in items:
+        if "cuda" in item.keywords:
+            _gpu_tests.add(item.nodeid)
+            _record(event="collected", nodeid=item.nodeid, **_gpu_test_info(item))
+
+
+_INJECT = os.environ.get("GDRD_GPU_INJECT", "")
+_gpu_tests_started: list[str] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.nodeid not in _gpu_tests:
+        return
+    _record(event="start", nodeid=item.nodeid)
+    position = sum(_earlier_starts) + len(_gpu_tests_started) + 1
+    for action, _, at in (injection.partition("@") for injection in _INJECT.split(",") if injection):
+        if int(at) == position:
+            if action == "crash":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(3600)
+    _gpu_tests_started.append(item.nodeid)
+
+
+def _message(report) -> str:
+    """The error's own text (\"RuntimeError: CUDA error: ...\"), not the location line pytest ends with."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return crash.message.strip()[:300]
+    if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
+        return str(report.longrepr[-1])[:300]
+    lines = [line for line in str(report.longrepr or "").strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def pytest_runtest_logreport(report):
-    info = _outcomes.get(report.nodeid)
-    if info is None or (report.when != "call" and report.passed):
+    if report.nodeid not in _gpu_tests or (report.when != "call" and report.passed):
         return
     if report.failed:
-        info["outcome"] = "failed" if report.when == "call" else "error"
-        info["message"] = report.longreprtext.strip().splitlines()[-1][:300] if report.longreprtext else ""
-    elif report.skipped:
-        info["outcome"], info["message"] = "skipped", str(report.longrepr[-1] if report.longrepr else "")[:300]
-    elif info["outcome"] == "not run":
-        info["outcome"] = "passed"
+        outcome = "failed" if report.when == "call" else "error"
+    else:
+        outcome = "skipped" if report.skipped else "passed"
+    _record(event="outcome", nodeid=report.nodeid, when=report.when, outcome=outcome, message=_message(report),
+            seconds=round(report.duration, 3))
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
     if _OUTCOMES_PATH:
-        import json
-        with open(_OUTCOMES_PATH, "w") as f:
-            json.dump(_outcomes, f, indent=1)
+        _record(event="finished", exitstatus=int(exitstatus))

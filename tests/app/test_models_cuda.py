@@ -7,10 +7,20 @@ from gdrd_fast.models import ArcFaceHead, GuidedDiffusionEncoder, UNetConfig, ge
 pytestmark = pytest.mark.cuda
 
 
-def test_guided_diffusion_encoder_matches_cpu(monkeypatch):
+@pytest.fixture
+def no_tf32():
+    """cuDNN convolutions and cuBLAS matmuls in full fp32, restored after the test. By hand: torch's flag
+    modules have no delattr, which monkeypatch's undo may call (pytest 9.2 does)."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_guided_diffusion_encoder_matches_cpu(no_tf32):
     # cuDNN convolutions default to TF32 (10-bit mantissa): through a deep UNet that alone would exceed 1e-3
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     encoder = GuidedDiffusionEncoder(UNetConfig(channel_mult=(1, 1, 1, 1, 2, 2, 2)), tap="middle_block").eval()
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
