@@ -12,7 +12,8 @@
   gdrd-fast env                            what was built and which devices exist
 
 A failure is one line on stderr and a non-zero exit: 2 for bad input (arguments, files, a missing
-optional package), 1 for anything unexpected, 130 for Ctrl-C. GDRD_FAST_DEBUG=1 shows the traceback.
+optional package), 1 for anything unexpected, 130 for Ctrl-C, 143 for SIGTERM (both stop every process the
+command started). GDRD_FAST_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
@@ -20,12 +21,23 @@ import argparse
 import importlib.util
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 # pip names of the optional packages a subcommand may need, where they differ from the import name
 _PIP_NAMES = {"diffusers": "'gdrd_fast[demo]'", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same cleanup runs (workers stopped,
+    files closed); the exit code is then 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class CommandError(Exception):
@@ -88,14 +100,13 @@ def _resolutions(values: list[str]) -> list[int | None]:
 def _eval(args) -> int:
     import torch
 
-    from . import models
     from .eval import markdown_table, verification_rows, write_verification_report
     from .eval.protocols import plot_accuracy_vs_resolution, verify_sets, write_sets_report
     resolutions = _resolutions(args.resolutions)
     for flag, path in [("--weights", args.weights)] + [("--pairs", p) for p in args.pairs]:
         if not Path(path).is_file():
             raise CommandError(f"{flag}: no file at {path!r}")
-    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    net = _load_student(args.weights, args.arch).to(args.device).eval()
     results = verify_sets(net, args.pairs, resolutions, batch_size=args.batch_size, device=torch.device(args.device))
     extra = {"weights": str(args.weights), "arch": args.arch}
     if len(args.pairs) == 1:  # one set: its table, ROC curves and accuracy against resolution
@@ -112,14 +123,32 @@ def _eval(args) -> int:
     return 0
 
 
+def _load_student(path: str, arch: str):
+    """The IResNet in `path`; a trainer checkpoint (stage1.pt, stage2.pt, single.pt) is refused with where the
+    student's own weights are."""
+    from . import models
+    try:
+        return models.load_backbone(path, arch)
+    except ValueError:
+        try:
+            saved = models.checkpoints.read_checkpoint(path, require_digest=False, what="--weights")
+        except Exception:
+            saved = None
+        if isinstance(saved, dict) and {"stage", "modules"} <= saved.keys():
+            folder = Path(path).parent
+            raise CommandError(f"--weights: {path} is a training checkpoint (stage {saved['stage']!r}), not the "
+                               f"student's weights: pass {folder / 'student.pt'} (the trained student) or "
+                               f"{folder / 'best.pt'} (the best validated one)") from None
+        raise
+
+
 def _identify(args) -> int:
     import torch
 
-    from . import models
     from .eval import identification_rows, markdown_table, protocols
     default = ["hr"] if args.benchmark == "tinyface" else ["16"]
     resolutions = _resolutions(args.resolutions or default)
-    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    net = _load_student(args.weights, args.arch).to(args.device).eval()
     kw = dict(resolutions=resolutions, batch_size=args.batch_size, device=torch.device(args.device),
               num_workers=args.num_workers)
     top1 = subsets = None
@@ -344,9 +373,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            parser.exit(143, f"{prog}: terminated\n")
         parser.exit(130, f"{prog}: interrupted\n")
     except Exception as exc:
         if os.environ.get("GDRD_FAST_DEBUG"):
@@ -355,3 +388,6 @@ def main(argv=None) -> int:
             parser.exit(2, f"{prog}: error: {_one_line(exc)}\n")
         parser.exit(1, f"{prog}: unexpected {type(exc).__name__}: {_one_line(exc)} "
                        "(GDRD_FAST_DEBUG=1 shows the traceback)\n")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
