@@ -3,6 +3,7 @@
   gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
                                            (--quick: a smoke run into ./demo_output_quick)
   gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
+                                           (--dry-run: every file checked, a step timed, peak memory)
   gdrd-fast eval --weights student.pt --pairs lfw.bin cfp_fp.bin   LFW-protocol verification at 8/16/32
   gdrd-fast identify tinyface --weights student.pt --root TinyFace/Testing_Set   CMC (also uccs, ar)
   gdrd-fast data pack FOLDER OUT.rec       identity folders -> insightface train.rec + train.idx
@@ -75,6 +76,10 @@ def _train(args) -> int:
         require("the diffusers generative teacher", "diffusers")
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
+        return 0
+    if args.dry_run:
+        from .train.dryrun import dry_run, format_report
+        print(format_report(dry_run(config)))
         return 0
     from .distributed.launch import shutdown
     try:
@@ -267,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", **overrides)
     train.add_argument("--resume", metavar="CHECKPOINT", help="a stage1.pt or stage2.pt to continue from")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check every file, build every stage, read batches and time one step per stage; report "
+                            "the peak memory and time per step, train nothing and write nothing")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="LFW-protocol verification of an IResNet student on pairs .bin files")

@@ -127,3 +127,28 @@ def test_every_path_key_is_checked_before_anything_is_loaded(tmp_path):
     for key in ("data.train_root", "models.generative_teacher_weights", "models.discriminative_teacher_weights",
                 "models.discriminative_teacher_head"):
         assert f"{key}: no file or folder at" in message
+
+
+@pytest.mark.diffusers
+def test_dry_run_builds_every_stage_times_a_step_and_writes_nothing(tmp_path, weights, monkeypatch, capsys):
+    from gdrd_fast.train.dryrun import dry_run, format_report
+    steps = []
+    real = Trainer.train_steps
+    monkeypatch.setattr(Trainer, "train_steps", lambda self, n=None: steps.append((self.name, n)) or real(self, n))
+    config = paper(tmp_path, f"models.discriminative_teacher_weights={weights['backbone']}",
+                   f"models.discriminative_teacher_head={weights['head']}", "stage1.optim.steps=3",
+                   "stage2.optim.steps=3")
+    report = dry_run(config, dataset=Faces())
+    assert steps == [("stage1", 1), ("stage1", 1), ("stage2", 1), ("stage2", 1)]  # a warm-up and a timed step
+    assert set(report["stages"]) == {"stage1", "stage2"}
+    assert all(s["seconds_per_step"] > 0 and s["peak_rss_gib"] > 0.1 for s in report["stages"].values())
+    assert report["estimate_gib"] == report["peak_rss_gib"] and report["batch_size"] == 2
+    assert not (tmp_path / "run").exists()
+    text = format_report(report)
+    assert "stage2:" in text and "s per step" in text and "peak RSS" in text
+
+    # the command checks first: a wrong head fails before anything is built
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dry-run", "--set", f"data.train_root={tmp_path}", "--set", "allow_random_teachers=true",
+                  "--set", f"models.discriminative_teacher_head={tmp_path / 'nope.pt'}"])
+    assert exit_info.value.code == 2 and "models.discriminative_teacher_head: no file" in capsys.readouterr().err
