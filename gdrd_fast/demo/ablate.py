@@ -28,6 +28,7 @@ from ..eval.geometry import probe_accuracy
 from ..train import Runtime, Trainer, log_to_file, seed_everything
 from ..train import checkpoint as ckpt
 from ..train.config import GENERATIVE_VARIANTS, VARIANTS, from_dict, to_dict
+from ..train.checks import file_sha256
 from ..train.pipeline import Parts, variant_plan
 from .config import DemoConfig
 from .data import data_note, load_cell_data
@@ -330,12 +331,17 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                     teachers[key] |= denoiser[key]
         bar.close()
         results = [done[cell] for cell in order]  # grid order, however the processes finished
+        teacher_files = {name: {"weights": str(path), "sha256": file_sha256(path)}
+                         for name, path in teacher_paths(out).items()}
+        for name, entry in teacher_files.items():  # trained by this grid: allow_random_teachers says so
+            log.info("teacher %s: %s sha256 %s", name, entry["weights"], entry["sha256"])
         refs = references(config, out, resolutions, data, runtime.device)
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
         summary |= {"note": note, "dataset": data["name"], "elapsed_s": elapsed, "jobs": jobs, "threads": threads,
                     "machine": machine, "teacher_timings_s": teachers["timings"],
+                    "teachers": teacher_files,
                     "cells": [{k: v for k, v in c.items() if k != "history"} for c in results]}
         title = f"Ablation on {data['name']}"
         footer = ["", f"Teachers trained once from seed {config.seed}; the seeds {seed_list} vary each student's "

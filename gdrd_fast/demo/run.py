@@ -90,6 +90,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
             "dataset": summary["dataset"],
             "protocol": "LFW verification (insightface conventions, docs/method/evaluation.md) + linear probe",
             "ablation": {k: summary[k] for k in ("students", "references", "cells", "jobs", "threads", "machine")},
+            "teachers": summary["teachers"],
             "geometry": None if geometry is None else {k: geometry[k] for k in ("features", "cka")},
             "interpretation": text, "timings_s": {"teachers": summary["teacher_timings_s"], "total": elapsed},
             "config": to_dict(config)})

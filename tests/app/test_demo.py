@@ -9,6 +9,7 @@ from gdrd_fast.data import write_synthetic_dataset
 from gdrd_fast.demo import load_demo_config, run_demo
 from gdrd_fast.demo.ablate import PIXELS_ROW, RANDOM_ROW, TG_ROW, run_grid
 from gdrd_fast.demo.interpret import interpret
+from gdrd_fast.train.checks import file_sha256
 
 QUICK_VARIANTS = ["ablation.variants=[baseline, gdrd]"]  # two students x two seeds keep the test short
 
@@ -32,6 +33,9 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     for name in ("ablation.png", "training.png", "geometry/cosine.png", "geometry/embedding.png"):
         _png(tmp_path / name)
     payload = json.loads((tmp_path / "results.json").read_text())
+    for entry in payload["teachers"].values():  # the teachers' files and hashes, in the log too
+        assert entry["sha256"] == file_sha256(entry["weights"]) and entry["sha256"] in log
+    assert set(payload["teachers"]) == {"hr", "denoiser"}
     students = payload["ablation"]["students"]
     assert set(students) == {"baseline@8", "gdrd@8"}
     for row in students.values():  # mean +- std over the two seeds
@@ -107,6 +111,8 @@ def test_demo_recipe_budget_and_ablation_are_checked():
         load_demo_config(overrides=["stage2.rcd.negatives=3"])
     with pytest.raises(ValueError, match="ablation.variants must be among"):
         load_demo_config(overrides=["ablation.variants=[gdrd, sota]"])
+    with pytest.raises(ValueError, match="allow_random_teachers"):  # the recipe says its teachers are its own
+        load_demo_config(overrides=["allow_random_teachers=false"])
 
 
 @pytest.mark.parametrize("tg_probe, verdict", [(0.05, "no more identity than random ones"),
