@@ -35,10 +35,11 @@ _PIP_NAMES = {"diffusers": "'gdrd_fast[demo]'", "yaml": "pyyaml", "PIL": "pillow
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that the same cleanup runs (workers stopped,
     files closed); the exit code is then 143."""
+    exit_code = 143
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated("SIGTERM")
 
 
 class CommandError(Exception):
@@ -200,11 +201,13 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
+    require("the demo (its generative teacher is a diffusers UNet)", "diffusers")
+    # the first line, before torch loads (seconds; a minute on a busy machine); stderr stays for failures
+    print(f"gdrd-fast demo{' --quick' if args.quick else ''}: loading torch and the demo's models...", flush=True)
     import torch
 
     from .demo import load_demo_config, run_demo
     config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
-    require("the demo (its generative teacher is a diffusers UNet)", "diffusers")
     output = Path(args.output or ("demo_output_quick" if args.quick else "demo_output"))
     if (output / "results.json").exists():
         print(f"gdrd-fast demo: replacing the results of an earlier run in {output}", file=sys.stderr)
@@ -385,10 +388,8 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt as exc:
-        if isinstance(exc, Terminated):
-            parser.exit(143, f"{prog}: terminated\n")
-        parser.exit(130, f"{prog}: interrupted\n")
+    except KeyboardInterrupt as exc:  # Terminated: SIGTERM, with its exit code
+        parser.exit(getattr(exc, "exit_code", 130), f"{prog}: interrupted{f': {exc}' if str(exc) else ''}\n")
     except Exception as exc:
         if os.environ.get("GDRD_FAST_DEBUG"):
             raise
