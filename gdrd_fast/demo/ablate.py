@@ -371,16 +371,17 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
     tasks = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if not w]
     if denoiser_job is not None:
         tasks.insert(0, (None, "gdrd_fast.demo.teachers:train_denoiser_job", denoiser_job))
-    bars = [tqdm(total=1, position=i + 1, leave=False, disable=not progress, dynamic_ncols=True, unit="step")
-            for i in range(jobs)]
+    bars = [tqdm(total=1, position=i + 1, leave=False, disable=not progress, dynamic_ncols=True, unit="step",
+                 desc=f"grid process {i + 1}: starting") for i in range(jobs)]
     report, showing = {}, [None] * jobs
 
     def on_progress(worker: int, key, p: dict) -> None:
         line, name = bars[worker], ("denoiser" if key is None else Path(key).name) + f" {p['stage']}"
         if showing[worker] != (name, p["total"]):  # a new task or stage: its rate and ETA start afresh
             showing[worker] = (name, p["total"])
-            line.reset(total=p["total"])
             line.set_description(name, refresh=False)
+            line.initial = 0  # reset() redraws: no rate from the last task's start
+            line.reset(total=p["total"])
             line.initial = line.n = line.last_print_n = p["step"]  # a resumed cell starts where it was
         line.update(p["step"] - line.n)
 
