@@ -3,6 +3,7 @@
   gdrd-fast demo [--quick]                 the offline CPU demo: table + plots in ./demo_output
                                            (--quick: a smoke run into ./demo_output_quick)
   gdrd-fast train --config paper --set data.train_root=...   two-stage GDRD training
+                                           (--dry-run: every file checked, a step timed, peak memory)
   gdrd-fast eval --weights student.pt --pairs lfw.bin cfp_fp.bin   LFW-protocol verification at 8/16/32
   gdrd-fast identify tinyface --weights student.pt --root TinyFace/Testing_Set   CMC (also uccs, ar)
   gdrd-fast data pack FOLDER OUT.rec       identity folders -> insightface train.rec + train.idx
@@ -12,7 +13,8 @@
   gdrd-fast env                            what was built and which devices exist
 
 A failure is one line on stderr and a non-zero exit: 2 for bad input (arguments, files, a missing
-optional package), 1 for anything unexpected, 130 for Ctrl-C. GDRD_FAST_DEBUG=1 shows the traceback.
+optional package), 1 for anything unexpected, 130 for Ctrl-C, 143 for SIGTERM (both stop every process the
+command started). GDRD_FAST_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
@@ -20,12 +22,24 @@ import argparse
 import importlib.util
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 # pip names of the optional packages a subcommand may need, where they differ from the import name
 _PIP_NAMES = {"diffusers": "'gdrd_fast[demo]'", "yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same cleanup runs (workers stopped,
+    files closed); the exit code is then 143."""
+    exit_code = 143
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
 
 
 class CommandError(Exception):
@@ -64,6 +78,10 @@ def _train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
+    if args.dry_run:
+        from .train.dryrun import dry_run, format_report
+        print(format_report(dry_run(config)))
+        return 0
     from .distributed.launch import shutdown
     try:
         path = train_gdrd(config, resume=args.resume)
@@ -88,14 +106,13 @@ def _resolutions(values: list[str]) -> list[int | None]:
 def _eval(args) -> int:
     import torch
 
-    from . import models
     from .eval import markdown_table, verification_rows, write_verification_report
     from .eval.protocols import plot_accuracy_vs_resolution, verify_sets, write_sets_report
     resolutions = _resolutions(args.resolutions)
     for flag, path in [("--weights", args.weights)] + [("--pairs", p) for p in args.pairs]:
         if not Path(path).is_file():
             raise CommandError(f"{flag}: no file at {path!r}")
-    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    net = _load_student(args.weights, args.arch).to(args.device).eval()
     results = verify_sets(net, args.pairs, resolutions, batch_size=args.batch_size, device=torch.device(args.device))
     extra = {"weights": str(args.weights), "arch": args.arch}
     if len(args.pairs) == 1:  # one set: its table, ROC curves and accuracy against resolution
@@ -112,14 +129,32 @@ def _eval(args) -> int:
     return 0
 
 
+def _load_student(path: str, arch: str):
+    """The IResNet in `path`; a trainer checkpoint (stage1.pt, stage2.pt, single.pt) is refused with where the
+    student's own weights are."""
+    from . import models
+    try:
+        return models.load_backbone(path, arch)
+    except ValueError:
+        try:
+            saved = models.checkpoints.read_checkpoint(path, require_digest=False, what="--weights")
+        except Exception:
+            saved = None
+        if isinstance(saved, dict) and {"stage", "modules"} <= saved.keys():
+            folder = Path(path).parent
+            raise CommandError(f"--weights: {path} is a training checkpoint (stage {saved['stage']!r}), not the "
+                               f"student's weights: pass {folder / 'student.pt'} (the trained student) or "
+                               f"{folder / 'best.pt'} (the best validated one)") from None
+        raise
+
+
 def _identify(args) -> int:
     import torch
 
-    from . import models
     from .eval import identification_rows, markdown_table, protocols
     default = ["hr"] if args.benchmark == "tinyface" else ["16"]
     resolutions = _resolutions(args.resolutions or default)
-    net = models.load_backbone(args.weights, args.arch).to(args.device).eval()
+    net = _load_student(args.weights, args.arch).to(args.device).eval()
     kw = dict(resolutions=resolutions, batch_size=args.batch_size, device=torch.device(args.device),
               num_workers=args.num_workers)
     top1 = subsets = None
@@ -166,11 +201,13 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
+    require("the demo (its generative teacher is a diffusers UNet)", "diffusers")
+    # the first line, before torch loads (seconds; a minute on a busy machine); stderr stays for failures
+    print(f"gdrd-fast demo{' --quick' if args.quick else ''}: loading torch and the demo's models...", flush=True)
     import torch
 
     from .demo import load_demo_config, run_demo
     config = load_demo_config(args.config, quick=args.quick, overrides=args.set)
-    require("the demo (its generative teacher is a diffusers UNet)", "diffusers")
     output = Path(args.output or ("demo_output_quick" if args.quick else "demo_output"))
     if (output / "results.json").exists():
         print(f"gdrd-fast demo: replacing the results of an earlier run in {output}", file=sys.stderr)
@@ -238,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", **overrides)
     train.add_argument("--resume", metavar="CHECKPOINT", help="a stage1.pt or stage2.pt to continue from")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check every file, build every stage, read batches and time one step per stage; report "
+                            "the peak memory and time per step, train nothing and write nothing")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="LFW-protocol verification of an IResNet student on pairs .bin files")
@@ -344,10 +384,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        parser.exit(130, f"{prog}: interrupted\n")
+    except KeyboardInterrupt as exc:  # Terminated: SIGTERM, with its exit code
+        parser.exit(getattr(exc, "exit_code", 130), f"{prog}: interrupted{f': {exc}' if str(exc) else ''}\n")
     except Exception as exc:
         if os.environ.get("GDRD_FAST_DEBUG"):
             raise
@@ -355,3 +397,6 @@ def main(argv=None) -> int:
             parser.exit(2, f"{prog}: error: {_one_line(exc)}\n")
         parser.exit(1, f"{prog}: unexpected {type(exc).__name__}: {_one_line(exc)} "
                        "(GDRD_FAST_DEBUG=1 shows the traceback)\n")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -143,7 +143,8 @@ def load_pairs_bin(path: str | os.PathLike, progress: bool = True,
     if need > max_decoded_bytes:
         raise ValueError(f"{path}: {len(encoded)} images of {tuple(first.shape)} need {need / 2**30:.1f} GiB "
                          f"decoded, more than max_decoded_bytes={max_decoded_bytes}")
-    images = [first] + [decode(b) for b in tqdm(encoded[1:], desc=f"decoding {Path(path).name}", unit="img",
+    images = [first] + [decode(b) for b in tqdm(encoded[1:], initial=1, total=len(encoded),
+                                                 desc=f"decoding {Path(path).name}", unit="img",
                                                  dynamic_ncols=True, disable=not progress, leave=False)]
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:

@@ -9,16 +9,14 @@ Outputs: ablation.md, ablation.json (mean +- std over seeds, ddof=1) and ablatio
 """
 from __future__ import annotations
 
-import concurrent.futures as futures
 import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -30,8 +28,14 @@ from ..eval.geometry import probe_accuracy
 from ..train import Runtime, Trainer, log_to_file, seed_everything
 from ..train import checkpoint as ckpt
 from ..train.config import GENERATIVE_VARIANTS, VARIANTS, from_dict, to_dict
+from ..train.checks import file_sha256
 from ..train.pipeline import Parts, variant_plan
 from .config import DemoConfig
+from .data import data_note, load_cell_data
+from .nets import SmallFaceNet
+from .processes import Pool, step_reporter
+from .teachers import load_generative_teacher, load_hr_teacher, load_teachers, teacher_feature, teacher_paths, \
+    train_teachers
 
 log = logging.getLogger("gdrd_fast.demo")
 TG_ROW = "generative teacher T_g (denoiser encoder, flattened)"
@@ -39,66 +43,6 @@ PIXELS_ROW = "the LR face's own pixels (flattened)"
 RANDOM_ROW = "untrained student (random features)"
 # TAR is measured at the smallest FAR the pairs resolve (gdrd_fast.eval.verify); the table names that FAR
 METRICS = {"accuracy": "verification acc %", "tar": "TAR %", "auc": "AUC %", "probe": "probe acc %"}
-
-
-# --- teachers ----------------------------------------------------------------------------------------
-def teacher_paths(out: Path) -> dict[str, Path]:
-    return {"hr": out / "teachers" / "hr_teacher.pt", "denoiser": out / "teachers" / "denoiser.pt"}
-
-
-def train_teachers(config: DemoConfig, out: Path, train_set, runtime: Runtime, progress: bool = True,
-                   which: Sequence[str] = ("hr", "denoiser")) -> dict:
-    """Train (or reuse, when saved) the named teachers; returns their training histories and timings."""
-    from .run import Demo
-    paths, demo = teacher_paths(out), Demo(config, runtime, train_set, progress)
-    if "hr" in which and not paths["hr"].is_file():
-        net, head = demo.hr_teacher()
-        ckpt.save_checkpoint({"net": net.state_dict(), "head": head.state_dict()}, paths["hr"])
-    if "denoiser" in which and not paths["denoiser"].is_file():
-        unet = demo.generative_teacher()
-        ckpt.save_checkpoint({"unet": unet.state_dict()}, paths["denoiser"])
-    return {"histories": dict(demo.histories), "timings": dict(demo.timings)}
-
-
-def train_denoiser_job(spec: dict) -> dict:
-    """The denoiser, trained in a grid worker while the others run the cells that do not need it."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    config = from_dict(DemoConfig, spec["config"])
-    runtime = Runtime.create(spec.get("device", "cpu"))
-    grid = Path(spec["grid_dir"])
-    handler = log_to_file(grid / "teachers" / "denoiser.log", runtime)
-    try:
-        train_set = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))["train"]
-        return train_teachers(config, grid, train_set, runtime, progress=False, which=("denoiser",))
-    finally:
-        if handler is not None:
-            logging.getLogger("gdrd_fast").removeHandler(handler)
-
-
-def load_hr_teacher(config: DemoConfig, out: Path, num_classes: int):
-    """(HR teacher net, its ArcFace head), in eval mode."""
-    from .nets import SmallFaceNet
-    saved = ckpt.load_checkpoint(teacher_paths(out)["hr"])
-    net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
-    head = models.ArcFaceHead(config.embedding_dim, num_classes, config.stage2.arcface_scale,
-                              config.stage2.arcface_margin)
-    net.load_state_dict(saved["net"])
-    head.load_state_dict(saved["head"])
-    return net.eval(), head.eval()
-
-
-def load_generative_teacher(config: DemoConfig, out: Path) -> models.DiffusionEncoder:
-    """The denoiser's encoder T_g, in eval mode."""
-    d = config.denoiser
-    unet = models.build_unet(dict(d.unet))
-    unet.load_state_dict(ckpt.load_checkpoint(teacher_paths(out)["denoiser"])["unet"])
-    return models.DiffusionEncoder(unet.eval(), d.tap, input_size=d.image_size).eval()
-
-
-def load_teachers(config: DemoConfig, out: Path, num_classes: int):
-    """(HR teacher net, its ArcFace head, the denoiser's encoder T_g), in eval mode."""
-    return (*load_hr_teacher(config, out, num_classes), load_generative_teacher(config, out))
 
 
 # --- one cell ----------------------------------------------------------------------------------------
@@ -120,16 +64,6 @@ def student_features(net, variant: str):
     return net
 
 
-def teacher_feature(encoder, resolution: int):
-    """T_g's feature of a face seen at resolution x resolution, as stage 1 feeds it (flattened)."""
-    def features(x):
-        lr = degrade(x, resolution)
-        lr = torch.nn.functional.interpolate(lr, size=encoder.input_size, mode="bicubic",
-                                             align_corners=False).clamp_(-1, 1)
-        return encoder(lr).flatten(1)
-    return features
-
-
 def evaluate(model, data: dict, transform, device, desc: str) -> dict:
     """Verification on the pairs (LFW protocol) and, where the test set has labels, a linear probe."""
     emb = extract_embeddings(model, data["pair_images"], transform=transform, device=device, progress=False,
@@ -143,22 +77,9 @@ def evaluate(model, data: dict, transform, device, desc: str) -> dict:
     return out
 
 
-def load_cell_data(config: DemoConfig, train_root: str | None, pairs: str | None) -> dict:
-    from ..data import SyntheticFaces
-    from .run import load_data
-    train_set, pair_images, issame, name, synthetic = load_data(config, train_root, pairs)
-    data = {"train": train_set, "pair_images": pair_images, "issame": issame, "name": name,
-            "synthetic": synthetic, "probe_images": None, "probe_labels": None}
-    if synthetic:  # the unseen test identities, every image: the probe's set
-        d = config.data
-        test = SyntheticFaces(d.test_identities, d.test_images_per_identity, config.seed, config.image_size,
-                              first_identity=d.train_identities)
-        data["probe_images"], data["probe_labels"] = test.images(), test.targets
-    return data
-
-
-def run_cell(spec: dict) -> dict:
-    """Train and evaluate one (variant, resolution, seed) cell; the worker of the grid. Returns its result."""
+def run_cell(spec: dict, report: Callable[..., None] | None = None) -> dict:
+    """Train and evaluate one (variant, resolution, seed) cell; the worker of the grid. Returns its result.
+    report(stage=, step=, total=): where the cell's training is, in steps of all its stages."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     out, grid = Path(spec["cell_dir"]), Path(spec["grid_dir"])
@@ -176,7 +97,6 @@ def run_cell(spec: dict) -> dict:
         teacher, teacher_head = load_hr_teacher(config, grid, num_classes)
         # loaded only by the variants that use it (it may still be training while the others run)
         encoder = functools.cache(lambda: load_generative_teacher(config, grid))
-        from .nets import SmallFaceNet
         seed_everything(seed)  # the same seed gives every variant the same initial student
         net = SmallFaceNet(config.width, config.image_size, config.embedding_dim)
         s2 = config.stage2
@@ -187,20 +107,24 @@ def run_cell(spec: dict) -> dict:
         parts = Parts(runtime, net.backbone, net.head, classifier, lambda: (teacher, teacher_head), encoder,
                       len(train_set), config.embedding_dim, config.backend, config.denoiser.image_size,
                       config.denoiser.timestep, config.denoiser.noise)
-        histories, steps = {}, {}
-        for planned in variant_plan(variant, parts, config.stage1, s2, config.student_budget):
+        histories, steps, done_steps = {}, {}, 0
+        plan = variant_plan(variant, parts, config.stage1, s2, config.student_budget)
+        total_steps = sum(planned.optim.steps for planned in plan)
+        for planned in plan:
+            hooks = [step_reporter(report, done_steps, total_steps)] if report is not None else []
             trainer = Trainer(planned.build(), train_set, runtime, planned.optim, batch_size=config.batch_size,
                               seed=seed, resolution=r, log_every=max(1, (planned.optim.steps or 10) // 10),
                               progress=spec.get("progress", False), name=f"{variant} {planned.name}",
                               group_optims=planned.group_optims, output_dir=out,
                               checkpoint_every=config.ablation.checkpoint_every,
-                              meta={"variant": variant, "resolution": r, "seed": seed})
+                              meta={"variant": variant, "resolution": r, "seed": seed}, step_hooks=hooks)
             saved = out / f"{planned.name}.pt"
             if saved.is_file():  # a stopped cell: continue (or skip a finished stage) from its checkpoint
                 trainer.resume(saved)
             trainer.train_steps()
             trainer.save()
             histories[planned.name], steps[planned.name] = trainer.history, trainer.step
+            done_steps += planned.optim.steps
             if planned.name == "stage1":
                 ckpt.save_checkpoint(net.backbone.state_dict(), out / "stage1_backbone.pt")
         ckpt.save_checkpoint(net.state_dict(), out / "student.pt")
@@ -224,7 +148,6 @@ def run_cell(spec: dict) -> dict:
 def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data: dict, device) -> dict:
     """The rows every student is measured against: the HR teacher (at HR and at each resolution), the
     generative teacher's encoder features at each resolution, the LR face's pixels, and an untrained student."""
-    from .nets import SmallFaceNet
     teacher, _, encoder = load_teachers(config, grid, int(data["train"].targets.max()) + 1)
     seed_everything(config.seed)
     untrained = SmallFaceNet(config.width, config.image_size, config.embedding_dim).eval()
@@ -401,19 +324,24 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                 done[spec["cell_dir"]] = run_cell(spec | {"progress": progress})
                 bar.update()
         else:
-            denoiser = _run_in_processes(specs, denoiser_job, jobs, done, bar)
+            denoiser = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress)
             if denoiser is not None:
                 log.info("denoiser (in a grid process): %.1fs", denoiser["timings"]["denoiser"])
                 for key in ("histories", "timings"):
                     teachers[key] |= denoiser[key]
         bar.close()
         results = [done[cell] for cell in order]  # grid order, however the processes finished
+        teacher_files = {name: {"weights": str(path), "sha256": file_sha256(path)}
+                         for name, path in teacher_paths(out).items()}
+        for name, entry in teacher_files.items():  # trained by this grid: allow_random_teachers says so
+            log.info("teacher %s: %s sha256 %s", name, entry["weights"], entry["sha256"])
         refs = references(config, out, resolutions, data, runtime.device)
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
         summary |= {"note": note, "dataset": data["name"], "elapsed_s": elapsed, "jobs": jobs, "threads": threads,
                     "machine": machine, "teacher_timings_s": teachers["timings"],
+                    "teachers": teacher_files,
                     "cells": [{k: v for k, v in c.items() if k != "history"} for c in results]}
         title = f"Ablation on {data['name']}"
         footer = ["", f"Teachers trained once from seed {config.seed}; the seeds {seed_list} vary each student's "
@@ -433,32 +361,45 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
             logging.getLogger("gdrd_fast").removeHandler(handler)
 
 
-def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, done: dict, bar) -> dict | None:
-    """Run the cells in `jobs` spawned processes (results into done[cell_dir]); with denoiser_job, train the
-    denoiser first in one of them and start the cells that need T_g once it is saved. Returns its report."""
+def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, threads: int, done: dict, bar,
+                      progress: bool) -> dict | None:
+    """Run the cells in `jobs` worker processes (results into done[cell_dir]); with denoiser_job, train the
+    denoiser first in one of them and start the cells that need T_g once it is saved. Each running task
+    shows its steps and ETA on a bar of its own. Returns the denoiser's report."""
     waits = [denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS for s in specs]
-    waiting = [s for s, w in zip(specs, waits) if w]
-    ready = [s for s, w in zip(specs, waits) if not w]
-    report = None
-    with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(train_denoiser_job, denoiser_job): None} if denoiser_job is not None else {}
-        pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in ready}
-        while pending:
-            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            for future in finished:
-                cell = pending.pop(future)
-                if cell is None:
-                    report = future.result()
-                    pending |= {pool.submit(run_cell, s): s["cell_dir"] for s in waiting}
-                else:
-                    done[cell] = future.result()
-                    bar.update()
-    return report
+    waiting = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if w]
+    tasks = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if not w]
+    if denoiser_job is not None:
+        tasks.insert(0, (None, "gdrd_fast.demo.teachers:train_denoiser_job", denoiser_job))
+    bars = [tqdm(total=1, position=i + 1, leave=False, disable=not progress, dynamic_ncols=True, unit="step",
+                 desc=f"grid process {i + 1}: starting") for i in range(jobs)]
+    report, showing = {}, [None] * jobs
 
+    def on_progress(worker: int, key, p: dict) -> None:
+        line, name = bars[worker], ("denoiser" if key is None else Path(key).name) + f" {p['stage']}"
+        if showing[worker] != (name, p["total"]):  # a new task or stage: its rate and ETA start afresh
+            showing[worker] = (name, p["total"])
+            line.set_description(name, refresh=False)
+            line.initial = 0  # reset() redraws: no rate from the last task's start
+            line.reset(total=p["total"])
+            line.initial = line.n = line.last_print_n = p["step"]  # a resumed cell starts where it was
+        line.update(p["step"] - line.n)
 
-def data_note(data: dict) -> str:
-    from .run import SYNTHETIC_NOTE
-    return SYNTHETIC_NOTE if data["synthetic"] else "real data supplied by the user"
+    def on_done(key, result) -> list[tuple]:
+        if key is None:
+            report["denoiser"] = result
+            return waiting
+        done[key] = result
+        bar.update()
+        return []
+
+    try:
+        with Pool(jobs, threads) as pool:
+            pool.run(tasks, on_done, on_progress)
+    finally:
+        for line in bars:
+            line.close()
+    return report.get("denoiser")
 
 
 def machine_state() -> str:

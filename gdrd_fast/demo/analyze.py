@@ -16,9 +16,10 @@ from ..data import degrade
 from ..eval.geometry import analyze_features
 from ..train import checkpoint as ckpt
 from ..train.config import from_dict
-from .ablate import data_note, load_cell_data, load_teachers, teacher_feature
 from .config import DemoConfig
+from .data import data_note, load_cell_data
 from .nets import SmallBackbone, SmallFaceNet
+from .teachers import load_teachers, teacher_feature
 
 
 @torch.no_grad()

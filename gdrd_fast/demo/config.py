@@ -70,8 +70,15 @@ class DemoConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     quick: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, applied by --quick
     smoke: bool = False  # set by --quick: every output says its numbers come from a smoke run
+    # the demo's teachers are trained here from scratch for a few hundred steps (--quick: a few), not the
+    # paper's pretrained networks: a recipe must say that it accepts them (train/checks.py refuses otherwise)
+    allow_random_teachers: bool = False
 
     def __post_init__(self):
+        if not self.allow_random_teachers:
+            raise ValueError("allow_random_teachers: the demo trains its own teachers from scratch (teacher.steps, "
+                             "denoiser.optim.steps) instead of loading pretrained ones; set allow_random_teachers: "
+                             "true in the recipe to run it")
         for name in ("teacher", "stage1"):
             if getattr(self, name).steps is None:
                 raise ValueError(f"{name}.steps must be set in the demo recipe")

@@ -157,6 +157,8 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     sync_batchnorm: bool = False  # under torchrun on GPUs: batch statistics over the global batch
+    # a variant that distils a teacher whose weights are not set is refused unless this is true
+    allow_random_teachers: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from .. import models
 from ..losses import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from . import checkpoint as ckpt
+from .checks import check_config, check_parts
 from .config import VARIANTS, OptimConfig, OptimizerConfig, Stage2Config, TrainConfig, to_dict
 from .loop import Trainer, log_to_file
 from .runtime import Runtime, seed_everything
@@ -196,6 +197,7 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
 
     Each stage writes <output_dir>/<stage>.pt (stage1, stage2, or single for one-stage variants)."""
     from ..data import open_dataset
+    check_config(config, need_data=dataset is None)  # every file and key, before anything is loaded (train/checks.py)
     runtime = Runtime.create(config.device, config.amp)
     seed_everything(config.seed)
     out = Path(config.output_dir)
@@ -220,6 +222,8 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
             batch_size=config.eval.batch_size)]
         plan = plan_for(config, paper_parts(config, runtime, student, num_classes, len(dataset)))
         names = [p.name for p in plan]
+        check_parts(config, paper_parts(config, runtime, student, num_classes, len(dataset)), names, state,
+                    out if runtime.is_main else None)  # the teachers and targets, before the first step
         if state is not None and state.get("stage") not in names:
             raise ValueError(f"resume: {resume} is a {state.get('stage')!r} checkpoint; variant {config.variant!r} "
                              f"trains {names}")

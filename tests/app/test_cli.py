@@ -213,3 +213,28 @@ def test_bench_without_benchmarks_is_one_line(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench"])
     assert "ships without them" in _one_error_line(capsys, exit_info)
+
+
+def test_eval_of_a_training_checkpoint_points_to_the_students_weights(capsys, tmp_path):
+    pairs = _write_pairs(tmp_path / "lfw.bin")
+    stage2 = tmp_path / "run" / "stage2.pt"
+    save_checkpoint({"stage": "stage2", "step": 3, "modules": {"x": torch.zeros(1)}, "meta": {}}, stage2)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--weights", str(stage2), "--pairs", str(pairs)])
+    line = _one_error_line(capsys, exit_info)
+    assert "training checkpoint" in line and str(tmp_path / "run" / "student.pt") in line
+    assert str(tmp_path / "run" / "best.pt") in line
+
+
+def test_the_decode_bar_ends_at_every_image(monkeypatch, tmp_path):
+    from gdrd_fast.data import load_pairs_bin, pairs_bin
+    bars = []
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(pairs_bin.tqdm.__wrapped__(*args, **kwargs))
+        return bars[-1]
+
+    recording_tqdm.__wrapped__ = pairs_bin.tqdm
+    monkeypatch.setattr(pairs_bin, "tqdm", recording_tqdm)
+    images, _ = load_pairs_bin(_write_pairs(tmp_path / "lfw.bin"), progress=True)
+    assert len(images) == 4 and [(bar.n, bar.total) for bar in bars] == [(4, 4)]

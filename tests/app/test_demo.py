@@ -9,6 +9,7 @@ from gdrd_fast.data import write_synthetic_dataset
 from gdrd_fast.demo import load_demo_config, run_demo
 from gdrd_fast.demo.ablate import PIXELS_ROW, RANDOM_ROW, TG_ROW, run_grid
 from gdrd_fast.demo.interpret import interpret
+from gdrd_fast.train.checks import file_sha256
 
 QUICK_VARIANTS = ["ablation.variants=[baseline, gdrd]"]  # two students x two seeds keep the test short
 
@@ -27,10 +28,14 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
         assert "SYNTHETIC" in (tmp_path / name).read_text(), f"{name} does not say SYNTHETIC"
     for name in ("results.md", "results.json", "demo.log"):  # --quick's numbers are labelled as what they are
         assert "SMOKE RUN" in (tmp_path / name).read_text(), f"{name} does not say SMOKE RUN"
-    assert "earlier run" not in (tmp_path / "demo.log").read_text()  # one log per run
+    log = (tmp_path / "demo.log").read_text()  # appended: the earlier run's lines come first
+    assert log.startswith("a line of an earlier run\n") and "a new run in" in log
     for name in ("ablation.png", "training.png", "geometry/cosine.png", "geometry/embedding.png"):
         _png(tmp_path / name)
     payload = json.loads((tmp_path / "results.json").read_text())
+    for entry in payload["teachers"].values():  # the teachers' files and hashes, in the log too
+        assert entry["sha256"] == file_sha256(entry["weights"]) and entry["sha256"] in log
+    assert set(payload["teachers"]) == {"hr", "denoiser"}
     students = payload["ablation"]["students"]
     assert set(students) == {"baseline@8", "gdrd@8"}
     for row in students.values():  # mean +- std over the two seeds
@@ -106,6 +111,8 @@ def test_demo_recipe_budget_and_ablation_are_checked():
         load_demo_config(overrides=["stage2.rcd.negatives=3"])
     with pytest.raises(ValueError, match="ablation.variants must be among"):
         load_demo_config(overrides=["ablation.variants=[gdrd, sota]"])
+    with pytest.raises(ValueError, match="allow_random_teachers"):  # the recipe says its teachers are its own
+        load_demo_config(overrides=["allow_random_teachers=false"])
 
 
 @pytest.mark.parametrize("tg_probe, verdict", [(0.05, "no more identity than random ones"),
@@ -115,3 +122,26 @@ def test_the_demo_text_judges_the_generative_teacher_against_random_features_and
     refs = {TG_ROW: {16: {"probe": tg_probe}}, RANDOM_ROW: {16: {"probe": 0.10}}, PIXELS_ROW: {16: {"probe": 0.15}}}
     text = interpret({"students": {}, "references": refs}, None, load_demo_config())
     assert verdict in text and f"{100 * tg_probe:.2f}%" in text and "15.00% for the LR face's own pixels" in text
+
+
+def test_the_demo_modules_import_each_other_one_way():
+    """Every import between the demo's modules, function-level ones included, follows one order: no circle."""
+    import ast
+    from pathlib import Path
+
+    import gdrd_fast.demo
+    folder = Path(gdrd_fast.demo.__file__).parent
+    edges = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        edges[path.stem] = names & {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert edges["ablate"] and edges["run"]  # the scan sees the imports it must order
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in edges.get(start, ()))
+    circles = sorted(m for m in edges if m != "__init__" and reaches(m, m))
+    assert not circles, f"demo modules in an import circle: {circles}"
+

@@ -23,7 +23,8 @@ def test_train_resume_and_eval_on_small_data(tmp_path):
                  "device=cpu", "models.discriminative_teacher=r18", f"models.discriminative_teacher_head={head}",
                  "models.generative_teacher=diffusers", "models.generative_teacher_config=tiny",
                  "models.generative_teacher_input=56", "stage1.optim.steps=2", "stage2.optim.steps=2",
-                 "stage2.rcd.queue_size=4", "stage2.rcd.num_negatives=3", "log_every=1"]
+                 "stage2.rcd.queue_size=4", "stage2.rcd.num_negatives=3", "log_every=1",
+                 "allow_random_teachers=true"]
     first = train_gdrd(load_config("paper", overrides + [f"output_dir={tmp_path / 'a'}"]))
     assert load_checkpoint(tmp_path / "a" / "stage1.pt")["step"] == 2
     stage2 = load_checkpoint(tmp_path / "a" / "stage2.pt")

@@ -36,6 +36,7 @@ def test_two_stage_run_on_a_rec_validates_both_targets(tmp_path):
         "models.generative_teacher=diffusers", "models.generative_teacher_config=tiny",
         "models.generative_teacher_input=56", "stage1.optim.steps=2", "stage2.optim.steps=3",
         "stage2.rcd.queue_size=4", "stage2.rcd.num_negatives=3", "log_every=1", f"output_dir={out}",
+        "allow_random_teachers=true",
         f"eval.val_targets=[{lfw}, {second}]", "eval.val_every=2", "data.resolution=16"])
     train_gdrd(config)
 
