@@ -3,8 +3,6 @@ included, goes to a module of the same layer or a lower one, and no group of mod
 circle. The layers, lowest first; a module belongs to the longest prefix that names it."""
 import os
 
-import pytest
-
 from import_graph import ROOT, cycles, graph
 
 LAYERS = [
@@ -55,7 +53,6 @@ def test_no_import_circle_outside_the_demo():
     assert not found, f"import circles: {found}"
 
 
-@pytest.mark.xfail(strict=True, reason="demo circle: fixed on branch longrun")
 def test_the_demo_has_no_import_circle():
     found = cycles({k: v for k, v in EDGES.items() if k.startswith("gdrd_fast.demo")})
     assert not found, f"import circles in the demo: {found}"
