@@ -255,7 +255,7 @@ class Trainer:
                 saved = bool(self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0)
                 if saved:
                     self.save()
-                if self._stop_requested():
+                if self.stop_requested():
                     self._stop(saved)
         finally:
             # the workers stop now: an exception's traceback holds the iterator (torch's frames) until the
@@ -266,7 +266,7 @@ class Trainer:
             bar.close()
         return terms_out
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         """Whether a signal asked the run to stop (signals.stop_gracefully); under torchrun, on any rank."""
         flag = signals.requested() is not None
         if self.runtime.world_size > 1:

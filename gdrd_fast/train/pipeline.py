@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -254,9 +255,9 @@ def _train_gdrd(config: TrainConfig, resume: str | Path | None, dataset: Dataset
                 trainer.load_state_dict(state)
             trainer.train_steps()
             path = trainer.save()
-            if signals.requested() is not None:  # arrived after the stage's last step
-                raise signals.StopRequested(signals.requested(), f"{planned.name}: stopped at its end; continue "
-                                                                 f"with --resume {path}")
+            if trainer.stop_requested():  # the signal came after the stage's last step
+                raise signals.StopRequested(signals.requested() or signal.SIGTERM,
+                                            f"{planned.name}: stopped at its end; continue with --resume {path}")
             del trainer
         path = out / "student.pt"
         if runtime.is_main:

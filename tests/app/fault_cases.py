@@ -28,7 +28,9 @@ def make_inputs(root: Path) -> dict[str, Path]:
                                    image_size=112)
     rec, _ = pack_folder(data["train"], root / "pack" / "train.rec", progress=False)
     head = root / "teacher_head.pt"
-    torch.save(models.ArcFaceHead(512, 3).state_dict(), head)
+    with torch.random.fork_rng():  # the same head in every session
+        torch.manual_seed(0)
+        torch.save(models.ArcFaceHead(512, 3).state_dict(), head)
     return {"rec": rec, "folder": data["train"], "pairs": data["pairs"], "head": head}
 
 
