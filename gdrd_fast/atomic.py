@@ -115,7 +115,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w+b") -> Iterator[BinaryIO
     remove_stale(path.parent, path.name)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode) as raw:
+        raw = open(tmp, mode)
+    except OSError as exc:  # a read-only folder, say: named by the target, not the temporary name
+        raise WriteError(path, exc) from None
+    try:
+        with raw:
             f = _RecordingFile(raw)
             try:
                 yield f
