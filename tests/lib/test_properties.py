@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from gdrd_fast import backends, functional as fn, reference as ref  # noqa: E402
 from gdrd_fast.params import RelationalParams, relational_param_shapes  # noqa: E402
 
-EXAMPLES = int(os.environ.get("GDRD_PROPERTY_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("GDRD_PROPERTY_EXAMPLES", "150"))
 PROPERTY = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None)
 CPU_BACKENDS = ("torch", "cpu")
 seeds = st.integers(0, 2 ** 31 - 1)
