@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from gdrd_fast import backends, functional as fn, reference as ref  # noqa: E402
 from gdrd_fast.params import RelationalParams, relational_param_shapes  # noqa: E402
 
-EXAMPLES = int(os.environ.get("GDRD_PROPERTY_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("GDRD_PROPERTY_EXAMPLES", "400"))
 PROPERTY = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None)
 CPU_BACKENDS = ("torch", "cpu")
 seeds = st.integers(0, 2 ** 31 - 1)
@@ -44,6 +44,8 @@ def loss_and_grad(f, leaf: torch.Tensor, dtype=torch.float32):
     """(loss, d loss / d leaf) of f applied to a fresh copy of leaf in dtype."""
     x = leaf.detach().to(dtype).requires_grad_()
     loss = f(x)
+    if not loss.requires_grad:  # no term depends on leaf (InfoNCE with labels but no pairs): the gradient is 0
+        return loss, torch.zeros_like(x)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), grad
 
@@ -149,7 +151,7 @@ def test_feature_regression_loss(seed, b, cs, ct, spatial, bias, reduction):
 
 
 @PROPERTY
-@given(seed=seeds, n=st.integers(1, 12), b=st.integers(1, 10), d=st.integers(1, 8), m=st.floats(0.0, 1.0))
+@given(seed=seeds, n=st.integers(1, 12), b=st.integers(1, 10), d=st.integers(1, 8), m=st.floats(0.0, 1.0, exclude_max=True))
 def test_bank_updates(seed, n, b, d, m):
     g = torch.Generator().manual_seed(seed)
     memory_a, memory_b = rand(g, n, d, unit=True), rand(g, n, d, unit=True)
