@@ -388,11 +388,13 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt as exc:  # Terminated: SIGTERM, with its exit code
+    except KeyboardInterrupt as exc:  # Terminated (SIGTERM) or train's StopRequested: the signal's exit code
         parser.exit(getattr(exc, "exit_code", 130), f"{prog}: interrupted{f': {exc}' if str(exc) else ''}\n")
     except Exception as exc:
         if os.environ.get("GDRD_FAST_DEBUG"):
             raise
+        from .data.workers import original_error
+        exc = original_error(exc)  # a DataLoader worker's error, as the worker raised it
         if isinstance(exc, _USER_ERRORS):
             parser.exit(2, f"{prog}: error: {_one_line(exc)}\n")
         parser.exit(1, f"{prog}: unexpected {type(exc).__name__}: {_one_line(exc)} "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, decode_image_uint8, load_image
+from .images import IMAGE_EXTENSIONS, MISMATCH_RULES, check_training_image, decode_image, decode_image_uint8
 
 
 class IdentityFolderDataset(Dataset):
@@ -22,12 +22,13 @@ class IdentityFolderDataset(Dataset):
     image_size: resize every image to image_size x image_size (bilinear, antialias) when it differs;
     None keeps the stored size. transform: applied to the (3, H, W) tensor in [-1, 1].
     as_uint8: items hold uint8 (3, H, W) RGB decoded by torchvision (the trainer converts them on its
-    device), and no transform is allowed.
+    device), and no transform is allowed. mismatch: 'resize' converts and resizes an image that is not RGB
+    image_size x image_size, 'refuse' raises ValueError naming it (images.check_training_image).
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int | None = 112,
                  transform: Callable[[Tensor], Tensor] | None = None,
-                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, as_uint8: bool = False):
+                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS, as_uint8: bool = False, mismatch: str = "resize"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root {str(self.root)!r} is not a directory")
@@ -36,7 +37,9 @@ class IdentityFolderDataset(Dataset):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         if as_uint8 and transform is not None:
             raise ValueError("as_uint8=True returns raw pixels: a transform needs as_uint8=False")
-        self.image_size, self.transform, self.as_uint8 = image_size, transform, as_uint8
+        if mismatch not in MISMATCH_RULES:
+            raise ValueError(f"mismatch must be one of {MISMATCH_RULES}, got {mismatch!r}")
+        self.image_size, self.transform, self.as_uint8, self.mismatch = image_size, transform, as_uint8, mismatch
         extensions = tuple(e.lower() for e in extensions)
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
@@ -55,10 +58,11 @@ class IdentityFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         path, label = self.samples[index]
+        data = (self.root / path).read_bytes()
+        check_training_image(data, str(self.root / path), self.image_size, self.mismatch)
         if self.as_uint8:
-            return resize_uint8(decode_image_uint8((self.root / path).read_bytes(), str(self.root / path)),
-                                self.image_size), label, index
-        image = load_image(self.root / path)
+            return resize_uint8(decode_image_uint8(data, str(self.root / path)), self.image_size), label, index
+        image = decode_image(data)
         if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
             image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
                                   antialias=True, align_corners=False)[0].clamp_(-1.0, 1.0)

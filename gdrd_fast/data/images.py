@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import write_bytes
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -57,6 +59,30 @@ def decode_image_uint8(data: bytes, where: str = "image") -> Tensor:
         raise ValueError(f"{where} is not an image ({len(data)} bytes: {exc})") from None
 
 
+MISMATCH_RULES = ("refuse", "resize")
+
+
+def check_training_image(data: bytes, where: str, size: int | None, mismatch: str) -> None:
+    """Under mismatch='refuse', ValueError naming the image (`where`) when it is not RGB size x size; read
+    from the file's header only. 'resize' accepts it (the reader converts and resizes it)."""
+    if mismatch == "resize":
+        return
+    if mismatch not in MISMATCH_RULES:
+        raise ValueError(f"mismatch must be one of {MISMATCH_RULES}, got {mismatch!r}")
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mode, (width, height) = img.mode, img.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return  # not an image at all: the decoder reports it, naming the image
+    problems = ([] if mode == "RGB" else [f"mode {mode}"]) + \
+        ([] if size is None or (width, height) == (size, size) else [f"{width}x{height}"])
+    if problems:
+        expected = "RGB" + (f" {size}x{size} (data.image_size)" if size is not None else "")
+        raise ValueError(f"{where} is {' and '.join(problems)}, not {expected}: convert the training set, or set "
+                         "data.mismatch=resize to convert and resize such images (bilinear, antialiased)")
+
+
 @functools.cache
 def _torchvision_decoder():
     try:
@@ -86,11 +112,5 @@ def encode_png(image: Tensor) -> bytes:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write to a temporary file beside `path`, then rename: readers never see half a file (gdrd_fast.atomic)."""
+    write_bytes(path, data)

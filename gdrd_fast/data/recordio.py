@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..atomic import remove_stale, temp_name
 from .folder import IdentityFolderDataset, resize_uint8
-from .images import decode_image_uint8
+from .images import MISMATCH_RULES, check_training_image, decode_image_uint8
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -91,7 +92,9 @@ class RecordWriter:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (self.rec_path, self.idx_path)]
+        for p in (self.rec_path, self.idx_path):
+            remove_stale(p.parent, p.name)
+        self._tmp = [temp_name(p) for p in (self.rec_path, self.idx_path)]
         self._rec, self._idx = open(self._tmp[0], "wb"), open(self._tmp[1], "w")
         self._keys: set[int] = set()
 
@@ -133,6 +136,11 @@ class RecordWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.abort() if exc_type is not None else self.close()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: device, inode, size, modification time."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -178,31 +186,64 @@ class RecordFile:
         if not self.rec_path.is_file():
             raise RecordIOError(f"{self.rec_path}: record file not found")
         self.keys, self.offsets = read_index(self.idx_path)
-        self.size = self.rec_path.stat().st_size
+        stat = self.rec_path.stat()
+        self.size, self._identity = stat.st_size, _identity(stat)
         order = np.argsort(self.keys, kind="stable")
         self._sorted_keys, self._sorted_pos = self.keys[order], order
         dup = self._sorted_keys[1:] == self._sorted_keys[:-1]
         if dup.any():
             raise RecordIOError(f"{self.idx_path}: key {int(self._sorted_keys[1:][dup][0])} appears twice")
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
         self._pid: int | None = None
         self.check_offsets(self.offsets)
 
     # --- process-local mapping ---------------------------------------------------------------------
-    def _map(self) -> mmap.mmap:
-        if self._mm is None or self._pid != os.getpid():
-            with open(self.rec_path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+    def _open(self) -> None:
+        if self._pid != os.getpid():
+            self._mm = self._fd = None  # a parent's: never closed here, the parent owns them
             self._pid = os.getpid()
+        if self._fd is None:
+            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def _map(self) -> mmap.mmap:
+        """The whole file mapped, for the vectorised scans at open (offsets, labels), right after its
+        size was read; single records are read with pread (read_at), which a truncation cannot crash."""
+        self._open()
+        if self._mm is None and self.size:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         return self._mm
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_mm": None, "_pid": None}
+        return {**self.__dict__, "_mm": None, "_fd": None, "_pid": None}
 
     def close(self) -> None:
-        if self._mm is not None and self._pid == os.getpid():
-            self._mm.close()
-        self._mm = None
+        if self._pid == os.getpid():
+            if self._mm is not None:
+                self._mm.close()
+            if self._fd is not None:
+                os.close(self._fd)
+        self._mm = self._fd = None
+
+    def check_unchanged(self) -> None:
+        """RecordIOError naming the .rec if it was deleted, replaced, truncated or rewritten since it was
+        opened (`cp other.rec train.rec` under a running job): a reader must not mix two files."""
+        try:
+            now = _identity(os.stat(self.rec_path))
+        except FileNotFoundError:
+            raise RecordIOError(f"{self.rec_path}: the record file was deleted while this job reads it") from None
+        if now != self._identity:
+            raise RecordIOError(f"{self.rec_path}: the record file changed while this job reads it ({self.size} "
+                                f"bytes when opened, {now[2]} now{', another file' if now[:2] != self._identity[:2] else ''}"
+                                "): a training set must stay as it is until the job ends; restart it")
+
+    def _pread(self, length: int, offset: int, start: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            self.check_unchanged()
+            raise RecordIOError(f"{self.rec_path}: {length} bytes at byte offset {offset} (record starting at "
+                                f"{start}) could not be read: the file ends early")
+        return data
 
     # --- validation ----------------------------------------------------------------------------------
     def check_offsets(self, offsets: np.ndarray) -> None:
@@ -266,12 +307,14 @@ class RecordFile:
 
     def read_at(self, offset: int) -> bytes:
         """The payload of the record starting at byte `offset` (split parts joined with the magic)."""
-        mm, start, parts = self._map(), offset, []
+        self.check_unchanged()
+        self._open()
+        start, parts = offset, []
         while True:
             if offset > self.size - _WORDS.size:
                 raise RecordIOError(f"{self.rec_path}: truncated record at byte offset {start}: the file ends at "
                                     f"{self.size} inside the record starting there")
-            magic, lrec = _WORDS.unpack_from(mm, offset)
+            magic, lrec = _WORDS.unpack(self._pread(_WORDS.size, offset, start))
             if magic != MAGIC:
                 raise RecordIOError(f"{self.rec_path}: bad magic 0x{magic:08x} at byte offset {offset} "
                                     f"(expected 0x{MAGIC:08x}; record starting at {start})")
@@ -283,7 +326,7 @@ class RecordFile:
             if cflag not in ((0, 1) if not parts else (2, 3)):
                 raise RecordIOError(f"{self.rec_path}: continuation flag {cflag} at byte offset {offset} out of "
                                     f"sequence (record starting at {start})")
-            parts.append(mm[body:body + length])
+            parts.append(self._pread(length, body, start))
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(parts)
             offset = body + length + (-length % 4)
@@ -301,32 +344,42 @@ class RecordDataset(Dataset):
 
     image: uint8 (3, H, W) RGB when as_uint8 (the trainer converts it on its device; a quarter of the
     bytes through collate and pinning), else float32 in [-1, 1] like IdentityFolderDataset. Images of
-    another size are resized to image_size (bilinear, antialias); image_size=None keeps them.
+    another size (or mode) are resized to image_size (bilinear, antialias) and converted to RGB under
+    mismatch='resize', refused with a ValueError naming the record under 'refuse'; image_size=None
+    keeps the stored size.
+
+    Labels are checked at open: every one an integer, and inside the identity range that record 0
+    declares (below 2**24, where float32 labels stop being exact, when it declares none).
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
-                 image_size: int | None = 112, as_uint8: bool = False):
+                 image_size: int | None = 112, as_uint8: bool = False, mismatch: str = "resize"):
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                        or image_size < 1):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        if mismatch not in MISMATCH_RULES:
+            raise ValueError(f"mismatch must be one of {MISMATCH_RULES}, got {mismatch!r}")
         self.file = RecordFile(rec_path, idx_path)
-        self.image_size, self.as_uint8 = image_size, as_uint8
+        self.image_size, self.as_uint8, self.mismatch = image_size, as_uint8, mismatch
         rec = self.file
         head = rec.header(0) if 0 in rec else None
+        declared = None  # the number of identities record 0 declares
         if head is not None and head.flag > 0:
             first_identity = int(head.label[0])
             keys = np.arange(1, first_identity, dtype=np.int64)
             if len(keys) == 0 or not rec.has_keys(keys).all():
                 raise RecordIOError(f"{rec.rec_path}: record 0 (byte offset {rec.offset_of(0)}) gives image keys "
                                     f"1..{first_identity - 1}, which {rec.idx_path.name} does not all hold")
+            if head.flag >= 2 and head.label[1] > head.label[0]:
+                declared = int(head.label[1] - head.label[0])
         else:
             keys = np.sort(rec.keys)
         self.keys = keys
         self._offsets = rec.offsets_of(keys)
-        self.targets = torch.from_numpy(self._labels())
+        self.targets = torch.from_numpy(self._labels(declared))
         self.num_classes = int(self.targets.max()) + 1
 
-    def _labels(self) -> np.ndarray:
+    def _labels(self, declared: int | None) -> np.ndarray:
         """Every image's identity label straight from the headers, vectorised over whole records; split
         records (rare) are read one by one."""
         rec, offsets = self.file, self._offsets
@@ -350,10 +403,16 @@ class RecordDataset(Dataset):
         for i in np.flatnonzero(~simple):
             off = int(offsets[i])
             labels[i] = first_label(unpack_record(rec.read_at(off), f"{rec.rec_path}: record at byte offset {off}")[0])
-        if len(labels) and (labels.min() < 0 or not np.isfinite(labels).all()):
-            i = int(np.argmin(np.where(np.isfinite(labels), labels, -np.inf)))
-            raise RecordIOError(f"{rec.rec_path}: record at byte offset {int(offsets[i])} has label {labels[i]}, "
-                                "expected an identity >= 0")
+        limit = declared if declared is not None else 1 << 24
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(labels) & (labels >= 0) & (labels < limit) & (labels == np.floor(labels)))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            rule = (f"in [0, {declared}), the identities record 0 declares" if declared is not None else
+                    "in [0, 2**24), where float32 labels are exact")
+            raise RecordIOError(f"{rec.rec_path}: record {int(self.keys[i])} (byte offset {int(offsets[i])}) has "
+                                f"label {float(labels[i])!r}, not an identity: labels must be integers {rule}"
+                                f"{f' ({int(bad.sum())} records in all)' if bad.sum() > 1 else ''}")
         return labels.astype(np.int64)
 
     def __len__(self) -> int:
@@ -370,9 +429,10 @@ class RecordDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
         _, data, offset = self.read(index)
+        where = f"{self.file.rec_path}: record {int(self.keys[index])} at byte offset {offset}"
         try:
-            pixels = decode_image_uint8(data, f"{self.file.rec_path}: record {int(self.keys[index])} at byte "
-                                              f"offset {offset}")
+            check_training_image(data, where, self.image_size, self.mismatch)
+            pixels = decode_image_uint8(data, where)
         except ValueError as exc:
             raise RecordIOError(str(exc)) from None
         pixels = resize_uint8(pixels, self.image_size)
@@ -390,19 +450,26 @@ def rec_paths(path: str | os.PathLike) -> tuple[Path, Path] | None:
     return None
 
 
-def open_dataset(path: str | os.PathLike, image_size: int | None = 112, as_uint8: bool = False) -> Dataset:
+def open_dataset(path: str | os.PathLike, image_size: int | None = 112, as_uint8: bool = False,
+                 mismatch: str = "resize") -> Dataset:
     """The training set at `path`: a .rec (with its .idx beside it), a folder holding train.rec
-    (insightface's faces_*_112x112 layout), or an identity-folder root. Items are (image, label, index)."""
+    (insightface's faces_*_112x112 layout), or an identity-folder root. Items are (image, label, index).
+    mismatch: what an image that is not RGB image_size x image_size gets, 'resize' or 'refuse' (then the
+    first image is read at once, so a set of the wrong size fails before training starts)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"training data {str(path)!r} does not exist")
     paths = rec_paths(path)
     if paths is not None:
-        return RecordDataset(*paths, image_size=image_size, as_uint8=as_uint8)
-    if path.is_file():
+        dataset = RecordDataset(*paths, image_size=image_size, as_uint8=as_uint8, mismatch=mismatch)
+    elif path.is_file():
         raise ValueError(f"training data {str(path)!r} is a file but not a .rec: pass a .rec, a folder holding "
                          "train.rec, or an identity-folder root")
-    return IdentityFolderDataset(path, image_size, as_uint8=as_uint8)
+    else:
+        dataset = IdentityFolderDataset(path, image_size, as_uint8=as_uint8, mismatch=mismatch)
+    if mismatch == "refuse":
+        dataset[0]
+    return dataset
 
 
 def pack_folder(folder: str | os.PathLike, rec_path: str | os.PathLike, progress: bool = True) -> tuple[Path, Path]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ..atomic import write_with
 
 _TAG = b"gdrd_fast sha256="
 _COMMENT_LEN = len(_TAG) + 64
@@ -43,45 +44,24 @@ def _sha256(f, length: int) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (POSIX; Windows cannot open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(obj, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` with its SHA-256: written beside it, fsynced, renamed over it, folder fsynced.
-    A failure leaves any earlier file at `path` as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            torch.save(obj, f)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(size - _EOCD_LEN)
-            eocd = f.read(_EOCD_LEN)
-            if size < _EOCD_LEN or eocd[:4] != _EOCD or eocd[-2:] != b"\0\0":
-                raise RuntimeError("torch.save did not end its file with a comment-free zip directory record")
-            f.seek(size - 2)
-            f.write(_COMMENT_LEN.to_bytes(2, "little"))
-            digest = _sha256(f, size)
-            f.seek(size)
-            f.write(_TAG + digest.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """torch.save `obj` to `path` with its SHA-256, atomically (gdrd_fast.atomic: written beside it, fsynced,
+    renamed over it). A failure leaves any earlier file at `path` as it was; a full disk or `ulimit -f`
+    raises gdrd_fast.atomic.WriteError naming `path`."""
+    def save(f):
+        torch.save(obj, f)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - _EOCD_LEN)
+        eocd = f.read(_EOCD_LEN)
+        if size < _EOCD_LEN or eocd[:4] != _EOCD or eocd[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end its file with a comment-free zip directory record")
+        f.seek(size - 2)
+        f.write(_COMMENT_LEN.to_bytes(2, "little"))
+        digest = _sha256(f, size)
+        f.seek(size)
+        f.write(_TAG + digest.encode())
+
+    return write_with(path, save)
 
 
 def _stored_digest(f, size: int, path: Path) -> str | None:

@@ -16,6 +16,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 DISTILL_MODES = ("rcd", "crd", "none")
+MISMATCH_RULES = ("refuse", "resize")
 # What a run trains (see pipeline.variant_plan): GDRD module-wise (the paper), end to end, with stage 2
 # also fine-tuning the backbone; one-stage students (CRRCD = ArcFace + KD + RCD, CRD, KD, no distillation);
 # or stage 1 alone, its backbone judged by a linear probe on frozen features.
@@ -64,6 +65,13 @@ class DataConfig:
     batch_size: int = 96
     num_workers: int = 4
     flip: bool = True
+    # a training image that is not RGB image_size x image_size: 'refuse' (one line naming it) or 'resize'
+    # (converted to RGB and resized bilinearly with antialiasing)
+    mismatch: str = "refuse"
+
+    def __post_init__(self):
+        if self.mismatch not in MISMATCH_RULES:
+            raise ValueError(f"data.mismatch must be one of {MISMATCH_RULES}, got {self.mismatch!r}")
 
 
 @dataclass

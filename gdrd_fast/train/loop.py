@@ -8,6 +8,7 @@ of its flips), DistributedDataParallel averages the gradients, and only rank 0 l
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..distributed.launch import sync_batchnorm as to_sync_batchnorm, to_distributed, wrap_ddp
 from ..distributed.memory import ShardedMemoryBank
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, signals
 from .config import OptimConfig, OptimizerConfig
 from .runtime import Runtime
 from .stages import Stage, Views
@@ -198,7 +199,8 @@ class Trainer:
         # its own generator: a loader drawing its worker seed from the global RNG would shift the flips
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.runtime.device.type == "cuda", generator=generator)
+                          pin_memory=self.runtime.device.type == "cuda", generator=generator,
+                          worker_init_fn=signals.quiet_worker if self.num_workers else None)
 
     def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The loss terms as logged: DDP averages gradients, so the global loss is the ranks' mean."""
@@ -216,40 +218,76 @@ class Trainer:
         bar = tqdm(total=stop - self.step, desc=self.name, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.runtime.is_main))
         start_time, start_step = time.perf_counter(), self.step
-        for batch in self._loader(stop):
-            views = make_views(batch, self.runtime, **self.view_args)
-            terms = self.model(views)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.stage.name} step {self.step}: loss is {float(loss)} "
-                                         f"({ {k: float(v) for k, v in terms.items()} })")
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            for optimizer in self.optimizers:
-                self.scaler.step(optimizer)
-            self.scaler.update()
-            for scheduler in self.schedulers:
-                scheduler.step()
-            self.step += 1
-            terms_out = self._mean_over_ranks(terms | {"loss": loss})
-            self.history.append({"step": self.step} | terms_out)
-            rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.0f}"})
-            bar.update()
-            if self.log_every and self.runtime.is_main and (self.step % self.log_every == 0 or self.step == stop):
-                eta = (stop - self.step) * self.batch_size / rate
-                self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
-                              self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
-                              self.schedulers[0].get_last_lr()[0], rate, eta)
-                if self.scalars is not None:
-                    self.scalars.add(self.stage.name, self.step, terms_out)
-            if self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0:
-                self.save()
-            for hook in self.step_hooks:
-                hook(self, terms_out)
-        bar.close()
+        batches = iter(self._loader(stop))
+        try:
+            for batch in batches:
+                views = make_views(batch, self.runtime, **self.view_args)
+                terms = self.model(views)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.stage.name} step {self.step}: loss is {float(loss)} "
+                                             f"({ {k: float(v) for k, v in terms.items()} })")
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                for optimizer in self.optimizers:
+                    self.scaler.step(optimizer)
+                self.scaler.update()
+                for scheduler in self.schedulers:
+                    scheduler.step()
+                self.step += 1
+                terms_out = self._mean_over_ranks(terms | {"loss": loss})
+                self.history.append({"step": self.step} | terms_out)
+                rate = (self.step - start_step) * self.batch_size / max(time.perf_counter() - start_time, 1e-9)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in terms_out.items()} | {"samples/s": f"{rate:.1f}"})
+                bar.update()
+                if self.log_every and self.runtime.is_main and (self.step % self.log_every == 0 or self.step == stop):
+                    eta = (stop - self.step) * self.batch_size / rate
+                    self.log.info("%s step %d/%d %s lr %.4g samples/s %.1f eta %.0fs", self.name, self.step,
+                                  self.total_steps, " ".join(f"{k} {v:.5g}" for k, v in terms_out.items()),
+                                  self.schedulers[0].get_last_lr()[0], rate, eta)
+                    if self.scalars is not None:
+                        self.scalars.add(self.stage.name, self.step, terms_out)
+                # the hooks (validation, best.pt, metrics) are part of the step: the step's checkpoint comes
+                # after them, so a run killed during them resumes before the step and runs them again
+                for hook in self.step_hooks:
+                    hook(self, terms_out)
+                saved = bool(self.checkpoint_every and self.output_dir and self.step % self.checkpoint_every == 0)
+                if saved:
+                    self.save()
+                if self.stop_requested():
+                    self._stop(saved)
+        finally:
+            # the workers stop now: an exception's traceback holds the iterator (torch's frames) until the
+            # interpreter exits, and multiprocessing's exit hook cannot end workers that ignore SIGTERM
+            shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers
+            if shutdown is not None:
+                shutdown()
+            bar.close()
         return terms_out
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop (signals.stop_gracefully); under torchrun, on any rank."""
+        flag = signals.requested() is not None
+        if self.runtime.world_size > 1:
+            flag_t = torch.tensor([float(flag)], device=self.runtime.device)
+            dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
+            flag = bool(flag_t.item())
+        return flag
+
+    def _stop(self, saved: bool) -> None:
+        """Checkpoint the step just finished (unless done already) and stop the run."""
+        signum = signals.requested() or signal.SIGTERM  # a rank that did not see the signal itself
+        if self.output_dir is None:
+            raise signals.StopRequested(signum, f"{self.name}: stopped after step {self.step} (no output_dir: "
+                                                "nothing saved)")
+        path = Path(self.output_dir) / f"{self.stage.name}.pt"
+        if not saved:
+            self.save(path)
+        self.log.info("%s: stopped by %s after step %d; checkpoint %s", self.name, signal.Signals(signum).name,
+                      self.step, path)
+        raise signals.StopRequested(signum, f"{self.name}: stopped after step {self.step}; continue with "
+                                            f"--resume {path}")
 
 
 def make_optimizer(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:

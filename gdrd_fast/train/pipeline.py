@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -18,13 +19,14 @@ from torch.utils.data import Dataset
 
 from .. import models
 from ..losses import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
-from . import checkpoint as ckpt
+from ..atomic import remove_stale
+from . import checkpoint as ckpt, signals
 from .checks import check_config, check_parts
 from .config import VARIANTS, OptimConfig, OptimizerConfig, Stage2Config, TrainConfig, to_dict
 from .loop import Trainer, log_to_file
 from .runtime import Runtime, seed_everything
 from .stages import DiscriminativeStage, GenerativeStage, GenerativeTarget, Stage
-from .validation import ScalarLogger, Validator
+from .validation import ScalarLogger, Validator, drop_rows_after
 
 log = logging.getLogger("gdrd_fast.train")
 
@@ -195,7 +197,15 @@ def build_stage2(config: TrainConfig, runtime: Runtime, student: models.Student,
 def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: Dataset | None = None) -> Path:
     """Every stage of config.variant (resuming from one of its checkpoints); returns the student.pt path.
 
-    Each stage writes <output_dir>/<stage>.pt (stage1, stage2, or single for one-stage variants)."""
+    Each stage writes <output_dir>/<stage>.pt (stage1, stage2, or single for one-stage variants).
+    SIGINT / SIGTERM stop the run after the current step, once it is saved (train/signals.py).
+    The rows of metrics.csv and losses.csv that a resumed run writes again (those after its checkpoint's
+    step) are dropped first, so every row appears once, as in an uninterrupted run."""
+    with signals.stop_gracefully():
+        return _train_gdrd(config, resume, dataset)
+
+
+def _train_gdrd(config: TrainConfig, resume: str | Path | None, dataset: Dataset | None) -> Path:
     from ..data import open_dataset
     check_config(config, need_data=dataset is None)  # every file and key, before anything is loaded (train/checks.py)
     runtime = Runtime.create(config.device, config.amp)
@@ -204,22 +214,20 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
     handler = log_to_file(out / "train.log", runtime)
     scalars = None
     try:
+        if runtime.is_main:
+            for stale in remove_stale(out):
+                log.info("removed %s, the temporary file of a write that never finished", stale)
         if dataset is None:
             if config.data.train_root is None:
                 raise ValueError("data.train_root is not set: pass an identity-folder tree, a .rec or a folder "
                                  "holding train.rec (e.g. --set data.train_root=/data/faces_webface_112x112)")
-            dataset = open_dataset(config.data.train_root, config.data.image_size, as_uint8=True)
+            dataset = open_dataset(config.data.train_root, config.data.image_size, as_uint8=True,
+                                   mismatch=config.data.mismatch)
         num_classes = int(max(dataset.targets)) + 1
         log.info("config %s", to_dict(config))
         log.info("data %d images, %d identities, variant %s", len(dataset), num_classes, config.variant)
         state = ckpt.load_checkpoint(resume) if resume is not None else None
         student = models.build_student(config.models.student)
-        scalars = ScalarLogger(out) if runtime.is_main else None
-        validators = [] if not config.eval.val_targets else [Validator(
-            student.net, config.eval.val_targets, out, every=config.eval.val_every,
-            resolution=config.data.resolution, image_size=config.data.image_size,
-            interpolation=config.data.interpolation, antialias=config.data.antialias,
-            batch_size=config.eval.batch_size)]
         plan = plan_for(config, paper_parts(config, runtime, student, num_classes, len(dataset)))
         names = [p.name for p in plan]
         check_parts(config, paper_parts(config, runtime, student, num_classes, len(dataset)), names, state,
@@ -228,6 +236,21 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
             raise ValueError(f"resume: {resume} is a {state.get('stage')!r} checkpoint; variant {config.variant!r} "
                              f"trains {names}")
         start = names.index(state["stage"]) if state is not None else 0
+        if state is not None:
+            log.info("resumed from %s: %s after step %d", resume, state["stage"], int(state["step"]))
+        if runtime.is_main:  # before the Validator reads the best accuracies so far from metrics.csv
+            for rows in ("metrics.csv", "losses.csv"):
+                dropped = drop_rows_after(out / rows, names, state["stage"] if state is not None else None,
+                                          int(state["step"]) if state is not None else 0)
+                if dropped:
+                    log.info("%s: dropped %d row(s) after the starting point, written again by this run", rows,
+                             dropped)
+        scalars = ScalarLogger(out) if runtime.is_main else None
+        validators = [] if not config.eval.val_targets else [Validator(
+            student.net, config.eval.val_targets, out, every=config.eval.val_every,
+            resolution=config.data.resolution, image_size=config.data.image_size,
+            interpolation=config.data.interpolation, antialias=config.data.antialias,
+            batch_size=config.eval.batch_size)]
         for i, planned in enumerate(plan[start:], start):
             # the last stage trains the student's output: it is the stage that validates (stage1-probe: none)
             hooks = validators if i == len(plan) - 1 and config.variant != "stage1-probe" else []
@@ -235,7 +258,10 @@ def train_gdrd(config: TrainConfig, resume: str | Path | None = None, dataset: D
             if state is not None and i == start:
                 trainer.load_state_dict(state)
             trainer.train_steps()
-            trainer.save()
+            path = trainer.save()
+            if trainer.stop_requested():  # the signal came after the stage's last step
+                raise signals.StopRequested(signals.requested() or signal.SIGTERM,
+                                            f"{planned.name}: stopped at its end; continue with --resume {path}")
             del trainer
         path = out / "student.pt"
         if runtime.is_main:

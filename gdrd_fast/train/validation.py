@@ -19,6 +19,7 @@ metrics.csv), and the student whose accuracy on the first target is the best so 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import write_bytes
 from . import checkpoint as ckpt
 
 log = logging.getLogger("gdrd_fast.train")
@@ -43,6 +45,36 @@ def _append_rows(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_rows_after(path: Path, stages: Sequence[str], stage: str | None, step: int) -> int:
+    """Rewrite the csv at `path` (metrics.csv, losses.csv) without the rows a resumed run writes again:
+    those of `stage` after `step` and those of the stages after it in `stages` (stage None: a fresh
+    run, all rows of `stages`). Returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames or [], list(reader)
+    rank = {name: i for i, name in enumerate(stages)}
+    limit = (rank[stage], step) if stage is not None else (-1, 0)
+
+    def rerun(row: dict) -> bool:
+        if row.get("stage") not in rank:
+            return False
+        try:
+            return (rank[row["stage"]], int(row["step"])) > limit
+        except (TypeError, ValueError):  # a row cut short by a kill
+            return True
+
+    kept = [row for row in rows if not rerun(row)]
+    if len(kept) != len(rows):
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_bytes(path, buf.getvalue().encode())
+    return len(rows) - len(kept)
 
 
 class Validator:

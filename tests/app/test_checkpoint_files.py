@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
+from gdrd_fast import atomic
 from gdrd_fast.models import CorruptCheckpointError, load_backbone
-from gdrd_fast.models import checkpoints as files
 from gdrd_fast.models.checkpoints import read_checkpoint, read_state_dict, write_checkpoint
 from gdrd_fast.train import load_checkpoint, save_checkpoint
 from gdrd_fast.train.checkpoint import rng_state
@@ -116,7 +116,7 @@ def test_write_is_atomic_and_fsyncs_the_folder(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     good = save_checkpoint(_state(), path).read_bytes()
     synced = []
-    monkeypatch.setattr(files, "_fsync_dir", lambda folder: synced.append((folder, path.read_bytes())))
+    monkeypatch.setattr(atomic, "_fsync_dir", lambda folder: synced.append((folder, path.read_bytes())))
     new = save_checkpoint({"step": 8}, path)
     assert synced == [(tmp_path, new.read_bytes())]  # after the rename: the new file is in place
 
