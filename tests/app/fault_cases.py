@@ -37,7 +37,7 @@ def make_inputs(root: Path) -> dict[str, Path]:
 def overrides(inputs: dict[str, Path], out: Path, *extra: str, train_root: Path | None = None) -> list[str]:
     settings = [
         f"data.train_root={train_root or inputs['rec']}", "data.batch_size=4", "data.num_workers=0", "amp=none",
-        "device=cpu", "backend=torch", "models.discriminative_teacher=r18",
+        "device=cpu", "allow_random_teachers=true", "backend=torch", "models.discriminative_teacher=r18",
         f"models.discriminative_teacher_head={inputs['head']}", "models.generative_teacher=diffusers",
         "models.generative_teacher_config=tiny", "models.generative_teacher_input=32", *STEPS,
         "stage2.rcd.queue_size=4", "stage2.rcd.num_negatives=3", "log_every=1", "checkpoint_every=3",
