@@ -154,21 +154,26 @@ class MemoryQueue(nn.Module):
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
         device = check.same_device(queue=self.values, partner_labels=partner_labels)
+        if self.labels is not None and check.value_checks(partner_labels):
+            self._check_partners_have_negatives(partner_labels, filled)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
         generator_used = generator if generator is not None else default_generator(self.values.device)
-        state = generator_used.get_state()
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
         seed = seed.to(self.values.device, non_blocking=True)
         # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
-        idx = functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend, device)
-        if self.labels is not None:
-            missing = idx[:, 0] < 0
-            if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later
-                generator_used.set_state(state)  # a failed call draws nothing
-                bad = int(torch.nonzero(missing)[0, 0])
-                raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
-                                 "this label, so no negative of another class exists")
-        return idx
+        return functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend,
+                                                     device)
+
+    def _check_partners_have_negatives(self, partner_labels: Tensor, filled: int) -> None:
+        """A value check (host reads), made before the seed is drawn so a refused call draws nothing: a
+        partner has no negative of another class only when every filled row carries its label. Unchecked,
+        the sampler gives such a partner a row of -1 indices."""
+        lo, hi = self.labels[:filled].aminmax()
+        missing = (lo == hi) & (partner_labels == lo)
+        if bool(missing.any()):
+            bad = int(torch.nonzero(missing)[0, 0])
+            raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
+                             "this label, so no negative of another class exists")
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.values.shape[1]}, labels={self.labels is not None}, "
