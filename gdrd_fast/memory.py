@@ -85,22 +85,30 @@ class MemoryQueue(nn.Module):
 
     def push_(self, values: Tensor, labels: Tensor | None = None) -> None:
         """Append rows (oldest overwritten first); only the newest `size` of a long push are kept."""
+        # buffers read once from the dict (nn.Module's __getattr__ costs more than the kernel on small pushes)
+        buffers = self._buffers
+        queue, queue_labels = buffers["values"], buffers["labels"]
         check.tensor("values", values, 2)
-        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": self.values.shape[1]})
-        if self.labels is not None:
+        if values.shape[1] != queue.shape[1]:
+            check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": queue.shape[1]})
+        if queue_labels is not None:
             if labels is None:
                 raise ValueError("labels are required: this queue was built with_labels=True")
             check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-            check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+            if labels.shape[0] != values.shape[0]:
+                check.same_size("batch size", **{"values.shape[0]": values.shape[0],
+                                                 "labels.shape[0]": labels.shape[0]})
         elif labels is not None:
             raise ValueError("labels given, but this queue has none: build it with with_labels=True")
-        device = check.same_device(queue=self.values, values=values, labels=labels)
+        device = queue.device
+        if values.device != device or (labels is not None and labels.device != device):
+            check.same_device(queue=queue, values=values, labels=labels)  # raises, naming each device
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
         # every check of functional.queue_push_ is made above (the buffers are the queue's own)
-        functional.run_queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend,
-                                   device)
+        functional.run_queue_push_(queue, buffers["ptr"], buffers["count"], values, labels, queue_labels,
+                                   self.backend, device)
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""

@@ -169,3 +169,12 @@ def test_queue_refusal_draws_nothing_and_unchecked_partner_gets_minus_one(monkey
     monkeypatch.setattr(validation, "value_checks", lambda t: False)
     idx = queue.sample_negatives(torch.tensor([2, 1]), 3, generator)
     assert set(idx[0].tolist()) <= {0, 1, 2, 3} and idx[1].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_queue_push_into_a_queue_that_requires_grad(backend):
+    """Only a queue asking for grad makes the push leave autograd explicitly: it is written like a buffer."""
+    queue = torch.zeros(4, 3, requires_grad=True)
+    ptr, count, values = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), torch.randn(2, 3)
+    gdrd_fast.functional.queue_push_(queue, ptr, count, values, backend=backend)
+    assert torch.equal(queue[:2].detach(), values) and int(ptr) == 2 and int(count) == 2
