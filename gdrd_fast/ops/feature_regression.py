@@ -90,7 +90,10 @@ def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tens
             err2d, xs2d = err.view(b, ct), xs.view(b, cs)
             return (torch.mm(err2d, w).view(b, cs, 1), torch.mm(err2d.t(), xs2d),
                     err2d.sum(0) if bias is not None else None)
-        return (torch.matmul(w.t(), err), torch.matmul(err, xs.transpose(1, 2)).sum(0),
+        # grad weight as one product over all B * P columns: a batched product summed over B would
+        # hold a [B, Ct, Cs] tensor
+        every = slice(None)
+        return (torch.matmul(w.t(), err), torch.mm(_columns(err, every, every), _columns(xs, every, every).t()),
                 err.sum((0, 2)) if bias is not None else None)
     grad_x = torch.empty(b, cs, p, dtype=dt, device=x.device)
     grad_w = torch.zeros(ct, cs, dtype=dt, device=x.device)
