@@ -16,10 +16,11 @@ def test_cpu_backend_matches_float64(b, cs, ct, spatial, dtype):
     check_feature_regression("cpu", b, cs, ct, spatial, dtype, "cpu")
 
 
-@pytest.mark.parametrize("b,cs,ct,spatial", [(6, 11, 7, None), (3, 9, 13, (5, 3))])
+@pytest.mark.parametrize("b,cs,ct,spatial", [(6, 11, 7, None), (3, 9, 13, (5, 3)), (3, 9, 13, (9, 8))])
 def test_cpu_backend_keeps_the_error_only_within_one_chunk(b, cs, ct, spatial, monkeypatch):
     """At the one-chunk limit the forward keeps its error (the backward skips a GEMM); one element over, it
-    keeps nothing and the backward recomputes: both match float64 for the loss and every gradient."""
+    keeps nothing and the backward recomputes: both match float64 for the loss and every gradient, with
+    maps below and above _BATCHED_MIN_PIXELS."""
     p = 1 if spatial is None else spatial[0] * spatial[1]
     x, t, w = torch.randn(b, cs, p), torch.randn(b, ct, p), torch.randn(ct, cs)
     for limit, kept in ((b * ct * p, (b, ct, p)), (b * ct * p - 1, (0,))):
