@@ -366,8 +366,14 @@ def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, l
     """queue_push_ after its checks, for a caller that made them itself (MemoryQueue.push_): checks run once,
     at the outermost layer."""
     name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
-    with torch.no_grad():
-        memory_ops.PUSH_IMPLS[name].load()(queue, ptr, count, values.detach(), labels, queue_labels)
+    push = memory_ops.PUSH_IMPLS[name].load()
+    # values are detached and the other arguments are integer, so only a queue that asks for grad could
+    # bring autograd in; otherwise no_grad would cost about as much host time as the kernel on a small push
+    if queue.requires_grad:
+        with torch.no_grad():
+            push(queue, ptr, count, values.detach(), labels, queue_labels)
+    else:
+        push(queue, ptr, count, values.detach(), labels, queue_labels)
 
 
 def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,

@@ -85,22 +85,30 @@ class MemoryQueue(nn.Module):
 
     def push_(self, values: Tensor, labels: Tensor | None = None) -> None:
         """Append rows (oldest overwritten first); only the newest `size` of a long push are kept."""
+        # buffers read once from the dict (nn.Module's __getattr__ costs more than the kernel on small pushes)
+        buffers = self._buffers
+        queue, queue_labels = buffers["values"], buffers["labels"]
         check.tensor("values", values, 2)
-        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": self.values.shape[1]})
-        if self.labels is not None:
+        if values.shape[1] != queue.shape[1]:
+            check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": queue.shape[1]})
+        if queue_labels is not None:
             if labels is None:
                 raise ValueError("labels are required: this queue was built with_labels=True")
             check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-            check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+            if labels.shape[0] != values.shape[0]:
+                check.same_size("batch size", **{"values.shape[0]": values.shape[0],
+                                                 "labels.shape[0]": labels.shape[0]})
         elif labels is not None:
             raise ValueError("labels given, but this queue has none: build it with with_labels=True")
-        device = check.same_device(queue=self.values, values=values, labels=labels)
+        device = queue.device
+        if values.device != device or (labels is not None and labels.device != device):
+            check.same_device(queue=queue, values=values, labels=labels)  # raises, naming each device
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
         # every check of functional.queue_push_ is made above (the buffers are the queue's own)
-        functional.run_queue_push_(self.values, self.ptr, self.count, values, labels, self.labels, self.backend,
-                                   device)
+        functional.run_queue_push_(queue, buffers["ptr"], buffers["count"], values, labels, queue_labels,
+                                   self.backend, device)
 
     def _gather(self, values: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Every rank's rows (and labels) in rank order; batches may differ in size between ranks."""
@@ -154,21 +162,26 @@ class MemoryQueue(nn.Module):
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
         device = check.same_device(queue=self.values, partner_labels=partner_labels)
+        if self.labels is not None and check.value_checks(partner_labels):
+            self._check_partners_have_negatives(partner_labels, filled)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
         generator_used = generator if generator is not None else default_generator(self.values.device)
-        state = generator_used.get_state()
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
         seed = seed.to(self.values.device, non_blocking=True)
         # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
-        idx = functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend, device)
-        if self.labels is not None:
-            missing = idx[:, 0] < 0
-            if bool(missing.any()):  # one host sync: a silent -1 would index the wrong row later
-                generator_used.set_state(state)  # a failed call draws nothing
-                bad = int(torch.nonzero(missing)[0, 0])
-                raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
-                                 "this label, so no negative of another class exists")
-        return idx
+        return functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend,
+                                                     device)
+
+    def _check_partners_have_negatives(self, partner_labels: Tensor, filled: int) -> None:
+        """A value check (host reads), made before the seed is drawn so a refused call draws nothing: a
+        partner has no negative of another class only when every filled row carries its label. Unchecked,
+        the sampler gives such a partner a row of -1 indices."""
+        lo, hi = self.labels[:filled].aminmax()
+        missing = (lo == hi) & (partner_labels == lo)
+        if bool(missing.any()):
+            bad = int(torch.nonzero(missing)[0, 0])
+            raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
+                             "this label, so no negative of another class exists")
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.values.shape[1]}, labels={self.labels is not None}, "

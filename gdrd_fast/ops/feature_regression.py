@@ -1,8 +1,10 @@
 """feature_regression_loss: custom ops, autograd and the chunked backend (docs/ops/feature_regression.md).
 
 Every backend sees the inputs as columns: x [B, Cs, P] and teacher [B, Ct, P] (P pixels per sample,
-1 for [N, C] features) and returns per-sample mean squared errors [B]. The backward recomputes the
-projection from x instead of keeping it, so neither pass holds a [B, Ct, P] tensor.
+1 for [N, C] features) and returns per-sample mean squared errors [B]. A forward whose error
+(projection - teacher) fits one chunk keeps it for the backward, which then skips one GEMM; a larger one
+keeps nothing and the backward recomputes the projection chunk by chunk, so the memory held between the
+passes stays bounded by one chunk.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from ..backends import Backend, Op
 from ..numerics import compute_dtype
 
 _CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the chunked path (1 MiB in fp32)
+# pixels per sample from which per-sample products beat one folded product (measured on the 2-core CPU VM:
+# 1.5x faster at 8x8 maps, Cs = Ct = 128; 1.6x slower at 4x4 maps, Cs = Ct = 512)
+_BATCHED_MIN_PIXELS = 64
 
 
 def _chunks(b: int, ct: int, p: int):
@@ -43,38 +48,64 @@ def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None
     return xs, err.sub_(_columns(teacher, samples, pixels))
 
 
+def _batched(w: Tensor, t: Tensor) -> Tensor:
+    """w [M, K] times each t[b] [K, P] -> [B, M, P]. With at least _BATCHED_MIN_PIXELS columns per sample,
+    one product per sample is wide enough and gives a contiguous result; with fewer, torch.matmul's
+    single product over all B * P columns (through transposed copies) is faster."""
+    if t.shape[2] >= _BATCHED_MIN_PIXELS:
+        return torch.bmm(w.expand(t.shape[0], -1, -1), t)
+    return torch.matmul(w, t)
+
+
 def _one_block_error(x: Tensor, teacher: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """projection - teacher [B, Ct, P] in one batched GEMM, for inputs that fit one chunk."""
-    err = torch.matmul(w, x.to(w.dtype))
+    err = _batched(w, x.to(w.dtype))
     if bias is not None:
         err += bias[:, None]
     return err.sub_(teacher)
 
 
-def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _keeps_error(b: int, ct: int, p: int) -> bool:
+    """Whether the chunked forward keeps its error [B, Ct, P] for the backward: only when it is one chunk."""
+    return b * ct * p <= _CHUNK_ELEMENTS
+
+
+def chunked_forward(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(rows [B], kept error [B, Ct, P] when it fits one chunk, else an empty tensor)."""
     dt = compute_dtype(x)
     b, _, p = x.shape
     ct = weight.shape[0]
     w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
-    if b * ct * p <= _CHUNK_ELEMENTS:  # one block: a few torch calls, which is what a small call costs
-        return _one_block_error(x, teacher, w, bias_dt).square_().sum((1, 2)).div_(ct * p)
+    if _keeps_error(b, ct, p):  # one block: a few torch calls, which is what a small call costs
+        err = _one_block_error(x, teacher, w, bias_dt)
+        return err.square().sum((1, 2)).div_(ct * p), err
     rows = torch.zeros(b, dtype=dt, device=x.device)
     for samples, pixels in _chunks(b, ct, p):
         _, err = _chunk_error(x, teacher, w, bias_dt, samples, pixels)
         rows[samples] += err.square_().sum(0).view(samples.stop - samples.start, -1).sum(1)
-    return rows / (ct * p)
+    return rows / (ct * p), rows.new_empty(0)
 
 
-def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None):
+def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None,
+                     kept_error: Tensor):
+    """Gradients from the forward's kept error when it has one (three GEMMs become two), else recomputed."""
     dt = compute_dtype(x)
     b, cs, p = x.shape
     ct = weight.shape[0]
     w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
     sample_grad = grad_rows.to(dt) * (2.0 / (ct * p))
-    if b * ct * p <= _CHUNK_ELEMENTS:
-        err = _one_block_error(x, teacher, w, bias_dt).mul_(sample_grad[:, None, None])
+    if _keeps_error(b, ct, p):
+        err = (kept_error if kept_error.numel() else _one_block_error(x, teacher, w, bias_dt))
+        err = err * sample_grad[:, None, None]  # not in place: the kept error may serve another backward
         xs = x.to(dt)
-        return (torch.matmul(w.t(), err), torch.matmul(err, xs.transpose(1, 2)).sum(0),
+        if p == 1:  # [N, C] features: plain matrix products, no batched outer products to sum
+            err2d, xs2d = err.view(b, ct), xs.view(b, cs)
+            return (torch.mm(err2d, w).view(b, cs, 1), torch.mm(err2d.t(), xs2d),
+                    err2d.sum(0) if bias is not None else None)
+        # grad weight as one product over all B * P columns: a batched product summed over B would
+        # hold a [B, Ct, Cs] tensor
+        every = slice(None)
+        return (_batched(w.t(), err), torch.mm(_columns(err, every, every), _columns(xs, every, every).t()),
                 err.sum((0, 2)) if bias is not None else None)
     grad_x = torch.empty(b, cs, p, dtype=dt, device=x.device)
     grad_w = torch.zeros(ct, cs, dtype=dt, device=x.device)
@@ -91,36 +122,50 @@ def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tens
 
 
 def _triton():
+    """The Triton kernels keep no error: the forward returns an empty one and the backward recomputes."""
     module = backends.kernels().feature_regression
-    return module.feature_regression_forward, module.feature_regression_backward
+
+    def forward(x, teacher, weight, bias):
+        return module.feature_regression_forward(x, teacher, weight, bias), x.new_empty(0)
+
+    def backward(grad_rows, x, teacher, weight, bias, kept_error):
+        return module.feature_regression_backward(grad_rows, x, teacher, weight, bias)
+
+    return forward, backward
 
 
 @torch.library.custom_op("gdrd_fast::feature_regression", mutates_args=())
 def feature_regression_op(x: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          backend: str) -> Tensor:
-    """Per-sample mean squared error [B] of conv1x1(x) against teacher, in the accumulation dtype."""
+                          backend: str) -> tuple[Tensor, Tensor]:
+    """(per-sample mean squared error [B] of conv1x1(x) against teacher, error kept for the backward or an
+    empty tensor), in the accumulation dtype."""
     return IMPLS[backend].kernel()[0](x, teacher, weight, bias)
 
 
 @feature_regression_op.register_fake
 def _(x, teacher, weight, bias, backend):
-    return x.new_empty(x.shape[0], dtype=compute_dtype(x))
+    dt = compute_dtype(x)
+    b, _, p = x.shape
+    ct = weight.shape[0]
+    kept = (b, ct, p) if IMPLS[backend] is IMPLS["chunked"] and _keeps_error(b, ct, p) else (0,)
+    return x.new_empty(b, dtype=dt), x.new_empty(kept, dtype=dt)
 
 
-def _backward_kernel(grad_rows, x, teacher, weight, bias, backend) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_w, grad_bias = IMPLS[backend].kernel()[1](grad_rows, x, teacher, weight, bias)
+def _backward_kernel(grad_rows, x, teacher, weight, bias, kept_error, backend) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_w, grad_bias = IMPLS[backend].kernel()[1](grad_rows, x, teacher, weight, bias, kept_error)
     return grad_x, grad_w, grad_bias if grad_bias is not None else grad_w.new_empty(0)
 
 
 @torch.library.custom_op("gdrd_fast::feature_regression_backward", mutates_args=())
 def feature_regression_backward_op(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tensor,
-                                   bias: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                                   bias: Optional[Tensor], kept_error: Tensor,
+                                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad x, grad weight, grad bias or an empty tensor without bias), in the accumulation dtype."""
-    return _backward_kernel(grad_rows, x, teacher, weight, bias, backend)
+    return _backward_kernel(grad_rows, x, teacher, weight, bias, kept_error, backend)
 
 
 @feature_regression_backward_op.register_fake
-def _(grad_rows, x, teacher, weight, bias, backend):
+def _(grad_rows, x, teacher, weight, bias, kept_error, backend):
     dt = compute_dtype(x)
     return (x.new_empty(x.shape, dtype=dt), x.new_empty(weight.shape, dtype=dt),
             x.new_empty((weight.shape[0],) if bias is not None else (0,), dtype=dt))
@@ -129,20 +174,25 @@ def _(grad_rows, x, teacher, weight, bias, backend):
 def _setup_context(ctx, inputs, output):
     x, teacher, weight, bias, backend = inputs
     ctx.backend = backend
-    ctx.save_for_backward(x, teacher, weight, bias)
+    ctx.save_for_backward(x, teacher, weight, bias, output[1])
 
 
 def _backward(ctx, grad_rows, backward=feature_regression_backward_op):
     """The custom op's backward runs the backward custom op (what torch.compile traces); the eager twin
     passes the kernel itself."""
-    x, teacher, weight, bias = ctx.saved_tensors
-    grad_x, grad_w, grad_bias = backward(grad_rows, x, teacher, weight, bias, ctx.backend)
+    x, teacher, weight, bias, kept_error = ctx.saved_tensors
+    grad_x, grad_w, grad_bias = backward(grad_rows, x, teacher, weight, bias, kept_error, ctx.backend)
     return (grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None, None,
             grad_w.to(weight.dtype) if ctx.needs_input_grad[2] else None,
             grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None, None)
 
 
-feature_regression_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_rows, grad_kept_error):
+    """The kept error is no loss term: its gradient (None or zeros) is dropped."""
+    return _backward(ctx, grad_rows)
+
+
+feature_regression_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _FeatureRegression(torch.autograd.Function):
@@ -150,8 +200,8 @@ class _FeatureRegression(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, teacher, weight, bias, backend):
-        rows = IMPLS[backend].kernel()[0](x, teacher, weight, bias)
-        _setup_context(ctx, (x, teacher, weight, bias, backend), rows)
+        rows, kept_error = IMPLS[backend].kernel()[0](x, teacher, weight, bias)
+        _setup_context(ctx, (x, teacher, weight, bias, backend), (rows, kept_error))
         return rows
 
     @staticmethod
@@ -169,7 +219,7 @@ def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bi
     x = student.reshape(student.shape[0], student.shape[1], -1).contiguous()
     t = teacher.detach().reshape(teacher.shape[0], teacher.shape[1], -1).contiguous()
     if torch.compiler.is_compiling():
-        return feature_regression_op(x, t, weight.contiguous(), bias, kernel)
+        return feature_regression_op(x, t, weight.contiguous(), bias, kernel)[0]
     return _FeatureRegression.apply(x, t, weight.contiguous(), bias, kernel)
 
 

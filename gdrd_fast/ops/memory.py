@@ -56,10 +56,12 @@ def _compiled(op: str):
 WRITTEN = {"bank_update_": (0,), "bank_update_pair_": (0, 2), "queue_push_": (0, 1, 2, 5)}
 
 
+@functools.cache
 def _bumping_versions(op: str):
     """The compiled op, then a version bump of every argument it wrote: a backward that saved a tensor the
-    kernel has since overwritten then fails loudly instead of using the new values."""
-    kernel = getattr(torch.ops.gdrd_fast_C, op)
+    kernel has since overwritten then fails loudly instead of using the new values. Built once per op (a
+    push is a few microseconds of work), calling the overload itself rather than the packet's dispatch."""
+    kernel = getattr(torch.ops.gdrd_fast_C, op).default
     written = WRITTEN.get(op)
     if written is None:
         return kernel

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sync_free import KNOWN_SYNCS  # puts the repository on sys.path
+import test_sync_free  # noqa: F401  (puts the repository on sys.path)
 
 from benchmarks.host_calls import CALLS, Call  # noqa: E402
 
@@ -23,22 +23,16 @@ STEPS = 3  # each side runs this many steps: the graph side as 1 warm-up + captu
 # reading the CUDA generator's state (to restore it if the call fails). It sits in files this test does not fix.
 GENERATOR_STATE = {
     "CRDLoss(drawn)": "gdrd_fast/losses.py:57 reads the generator state (get_state) before drawing",
-    "RelationalContrastiveLoss(unsupervised)": "gdrd_fast/losses.py:57 reads the generator state (get_state) "
-                                               "before drawing",
-    "MemoryQueue.sample_negatives": "gdrd_fast/memory.py:159 reads the generator state (get_state) before drawing"}
+    **{name: "gdrd_fast/losses.py:57 reads the generator state (get_state) before drawing"
+       for name in ("RelationalContrastiveLoss(supervised)", "RelationalContrastiveLoss(unsupervised)")}}
 
 
 def _params(capture: bool):
-    """A known sync cannot be captured, and a capture that fails there may leave the stream unusable for the
-    next tests: such a case is not run in a graph (it shows as xfail, never as a pass). A generator-state
-    read fails on the host before anything is captured, so it runs, expected to fail. Compiled, either
-    only breaks the graph, so those cases run, not strict."""
+    """A generator-state read fails on the host before anything is captured, so it runs, expected to fail.
+    Compiled, it only breaks the graph, so those cases run, not strict."""
     params = []
     for name in CALLS:
-        if name in KNOWN_SYNCS:
-            params.append(pytest.param(name, marks=pytest.mark.xfail(run=not capture, strict=False,
-                                                                     reason=KNOWN_SYNCS[name])))
-        elif name in GENERATOR_STATE and capture:
+        if name in GENERATOR_STATE and capture:
             params.append(pytest.param(name, marks=pytest.mark.xfail(strict=False, reason=GENERATOR_STATE[name])))
         else:
             params.append(name)

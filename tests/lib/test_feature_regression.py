@@ -16,6 +16,19 @@ def test_cpu_backend_matches_float64(b, cs, ct, spatial, dtype):
     check_feature_regression("cpu", b, cs, ct, spatial, dtype, "cpu")
 
 
+@pytest.mark.parametrize("b,cs,ct,spatial", [(6, 11, 7, None), (3, 9, 13, (5, 3)), (3, 9, 13, (9, 8))])
+def test_cpu_backend_keeps_the_error_only_within_one_chunk(b, cs, ct, spatial, monkeypatch):
+    """At the one-chunk limit the forward keeps its error (the backward skips a GEMM); one element over, it
+    keeps nothing and the backward recomputes: both match float64 for the loss and every gradient, with
+    maps below and above _BATCHED_MIN_PIXELS."""
+    p = 1 if spatial is None else spatial[0] * spatial[1]
+    x, t, w = torch.randn(b, cs, p), torch.randn(b, ct, p), torch.randn(ct, cs)
+    for limit, kept in ((b * ct * p, (b, ct, p)), (b * ct * p - 1, (0,))):
+        monkeypatch.setattr(fr_ops, "_CHUNK_ELEMENTS", limit)
+        assert fr_ops.feature_regression_op(x, t, w, None, "chunked")[1].shape == kept
+        check_feature_regression("cpu", b, cs, ct, spatial, torch.float32, "cpu")
+
+
 def test_cpu_backend_without_bias_and_in_several_chunks(monkeypatch):
     monkeypatch.setattr(fr_ops, "_CHUNK_ELEMENTS", 40)  # many (sample, pixel) blocks on a small input
     check_feature_regression("cpu", 7, 6, 9, (5, 3), torch.float32, "cpu", with_bias=False)
@@ -38,7 +51,11 @@ def test_custom_ops_pass_opcheck(with_bias, dtype):
     bias = torch.randn(4, dtype=dtype, requires_grad=True) if with_bias else None
     torch.library.opcheck(fr_ops.feature_regression_op, (x, t, w, bias, "cpu"))
     plain = [v.detach() if v is not None else None for v in (x, t, w, bias)]  # runs inside backward: no grad
-    torch.library.opcheck(fr_ops.feature_regression_backward_op, (torch.rand(3, dtype=dtype), *plain, "cpu"))
+    kept_error = fr_ops.feature_regression_op(*plain, "cpu")[1]
+    assert kept_error.shape == (3, 4, 7)  # one chunk: the forward keeps its error
+    for kept in (kept_error, kept_error.new_empty(0)):  # the error kept, or recomputed
+        torch.library.opcheck(fr_ops.feature_regression_backward_op,
+                              (torch.rand(3, dtype=dtype), *plain, kept, "cpu"))
 
 
 def test_compiled_step_has_no_graph_break():

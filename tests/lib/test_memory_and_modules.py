@@ -6,6 +6,7 @@ import torch
 
 import gdrd_fast
 from gdrd_fast import reference as R
+from gdrd_fast import validation
 
 
 def _roundtrip(module, fresh):
@@ -153,3 +154,27 @@ def test_relational_state_dict_names_read_without_the_formula_and_old_names_load
     fresh.load_state_dict(old)
     for field, value in fresh.params()._asdict().items():
         assert torch.equal(value, old[field]), field
+
+
+def test_queue_refusal_draws_nothing_and_unchecked_partner_gets_minus_one(monkeypatch):
+    """Checked (the CPU default), a partner without a negative of another class is refused before the seed
+    is drawn; unchecked (the GPU default), nothing is read on the host and its row is all -1."""
+    queue = gdrd_fast.MemoryQueue(6, 2, with_labels=True)
+    queue.push_(torch.randn(4, 2), torch.tensor([1, 1, 1, 1]))
+    generator = torch.Generator().manual_seed(4)
+    state = generator.get_state()
+    with pytest.raises(ValueError, match=r"partner_labels\[1\] = 1"):
+        queue.sample_negatives(torch.tensor([2, 1]), 3, generator)
+    assert torch.equal(generator.get_state(), state)
+    monkeypatch.setattr(validation, "value_checks", lambda t: False)
+    idx = queue.sample_negatives(torch.tensor([2, 1]), 3, generator)
+    assert set(idx[0].tolist()) <= {0, 1, 2, 3} and idx[1].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_queue_push_into_a_queue_that_requires_grad(backend):
+    """Only a queue asking for grad makes the push leave autograd explicitly: it is written like a buffer."""
+    queue = torch.zeros(4, 3, requires_grad=True)
+    ptr, count, values = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), torch.randn(2, 3)
+    gdrd_fast.functional.queue_push_(queue, ptr, count, values, backend=backend)
+    assert torch.equal(queue[:2].detach(), values) and int(ptr) == 2 and int(count) == 2

@@ -21,13 +21,6 @@ from benchmarks.host_calls import CALLS, value_checks_off  # noqa: E402
 # Tensor methods that copy a value to the host; torch.nonzero has a data-dependent output size
 READS = ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 
-# syncs that sit in files this test does not fix; each case still has to fail (strict)
-KNOWN_SYNCS = {
-    name: "gdrd_fast/memory.py:165 MemoryQueue.sample_negatives reads bool(missing.any()) to refuse a partner "
-          "with no negative of another class"
-    for name in ("RelationalContrastiveLoss(supervised)", "MemoryQueue.sample_negatives(labels)")}
-
-
 class HostRead(AssertionError):
     pass
 
@@ -61,9 +54,7 @@ def test_the_guard_is_lifted():
     assert torch.ones(()).item() == 1.0
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(raises=HostRead, strict=True, reason=KNOWN_SYNCS[name]))
-    if name in KNOWN_SYNCS else name for name in CALLS])
+@pytest.mark.parametrize("name", list(CALLS))
 def test_no_host_read(name):
     with value_checks_off():
         call = CALLS[name]("cpu")
