@@ -187,22 +187,35 @@ class Op:
         return backend
 
     def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> str:
-        """The backend that runs this call: the requested one (or auto's pick) unless it does not support the
-        dtype or sizes, then `exact`. Decided once per (op, backend, device type, dtype) outside
-        torch.compile's graph, so a compiled step neither imports nor breaks the graph; size limits are plain
-        comparisons."""
+        """The backend that runs this call. `auto` takes its pick, or `exact` where the pick does not support
+        the dtype or sizes; a backend named explicitly runs, or raises ValueError with every reason it
+        cannot. Decided once per (op, backend, device type, dtype) outside torch.compile's graph, so a
+        compiled step neither imports nor breaks the graph; size limits are plain comparisons."""
         chosen, limits = _choose(self.name, backend, device.type, dtype)
         for k, v in limits:
             if sizes.get(k, 0) > v:
+                if backend != "auto":
+                    self.refuse(chosen, device, dtype, sizes)
                 return self.exact
         return chosen
 
-    def explain(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> tuple[str, list[str]]:
-        """(the backend resolve() picks, why the one asked for, or each of auto's candidates, was passed over)."""
+    def refuse(self, backend: str, device: torch.device, dtype: torch.dtype, sizes: dict[str, int]):
+        """Raise the reasons a backend named explicitly cannot run a call."""
+        reasons = self.backends[backend].not_supported_reasons(device, dtype, **sizes)
+        raise ValueError(f"{self.name}: backend {backend!r} cannot run this call: {'; '.join(reasons)} "
+                         f"(backend='auto' runs it on {self.exact!r})")
+
+    def explain(self, backend: str, device: torch.device, dtype: torch.dtype,
+                **sizes: int) -> tuple[str | None, list[str]]:
+        """(the backend resolve() picks, or None where the one named explicitly cannot run the call; why the
+        one asked for, or each of auto's candidates, was passed over)."""
         name = self.check_name(backend)
         asked = [n for n in AUTO.get(device.type, ()) if n in self.backends] if name == "auto" else [name]
         why = [f"{n}: {r}" for n in asked for r in self.backends[n].not_supported_reasons(device, dtype, **sizes)]
-        return self.resolve(backend, device, dtype, **sizes), why
+        try:
+            return self.resolve(backend, device, dtype, **sizes), why
+        except ValueError:
+            return None, why
 
     def available(self, device: torch.device) -> list[str]:
         return [k for k, v in self.backends.items() if v.unavailable(device) is None]
@@ -230,6 +243,7 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
     op = _OPS[op_name]
     backend = op.check_name(backend)
     device = torch.device(device_type)
+    explicit = backend != "auto"
     if backend == "auto":
         usable = [n for n in AUTO.get(device_type, ()) if n in op.backends and op[n].unavailable(device) is None]
         backend = usable[0] if usable else op.exact
@@ -239,6 +253,8 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
             raise RuntimeError(f"{op_name}: backend {backend!r} is unavailable: {reason}")
     chosen = op[backend]
     if dtype not in chosen.dtypes:
+        if explicit:
+            op.refuse(backend, device, dtype, {})
         return op.exact, ()
     return backend, tuple(chosen.limits(dtype).items())
 

@@ -49,6 +49,11 @@ def test_resolve_names_what_runs_for_every_cpu_backend(entry, monkeypatch, fresh
     for backend in ["auto", *table.available(CPU)]:
         for dtype in (torch.float32, torch.float64):
             ran.clear()
+            if backend != "auto" and dtype not in table[backend].dtypes:  # named, it refuses the dtype
+                with pytest.raises(ValueError, match=f"backend '{backend}' cannot run this call"):
+                    entry.run(backend, dtype, CPU)
+                assert ran == []
+                continue
             entry.run(backend, dtype, CPU)
             assert ran == [table.resolve(backend, CPU, dtype, **entry.sizes)], (backend, dtype)
 
@@ -57,22 +62,30 @@ SIZED = [e for e in OPS if e.sizes]
 
 
 @pytest.mark.parametrize("entry", SIZED, ids=lambda e: e.name)
-def test_a_size_past_a_limit_runs_the_exact_path(entry, monkeypatch, fresh_dispatch):
-    """The functional entry passes its sizes to resolve(): a backend limited to the call's size runs it, one
-    past the limit runs the exact backend, and resolve() says so both times."""
+def test_a_size_past_a_limit_runs_the_exact_path_under_auto_and_raises_when_named(entry, monkeypatch,
+                                                                                 fresh_dispatch):
+    """The functional entry passes its sizes to resolve(): a backend limited to the call's size runs it; one
+    past the limit, `auto` runs the exact backend and resolve() says so, while the backend named explicitly
+    raises its reason and runs nothing."""
     table = entry.table
     asked = next(n for n in table.available(CPU) if n != table.exact)
+    monkeypatch.setitem(backends.AUTO, "cpu", (asked,))
     (size, value), = entry.sizes.items()
     ran = _record_runs(monkeypatch, table)
     limited = dataclasses.replace(table[asked], max_sizes=lambda dtype: {size: value})
     monkeypatch.setitem(table.backends, asked, limited)
-    for at, expected in ((value, asked), (value + 1, table.exact)):
+    for name, at, expected in ((asked, value, asked), ("auto", value, asked), ("auto", value + 1, table.exact)):
         ran.clear()
-        entry.run(asked, torch.float32, CPU, **{size: at})
-        assert table.resolve(asked, CPU, torch.float32, **{size: at}) == expected
-        assert ran == [expected], (size, at)
-    assert table.explain(asked, CPU, torch.float32, **{size: value + 1}) == (
-        table.exact, [f"{asked}: {size}={value + 1} > {value}, its largest"])
+        entry.run(name, torch.float32, CPU, **{size: at})
+        assert table.resolve(name, CPU, torch.float32, **{size: at}) == expected
+        assert ran == [expected], (name, size, at)
+    ran.clear()
+    reason = f"{asked}: {size}={value + 1} > {value}, its largest"
+    with pytest.raises(ValueError, match=f"backend '{asked}' cannot run this call: {size}={value + 1} > {value}"):
+        entry.run(asked, torch.float32, CPU, **{size: value + 1})
+    assert ran == []
+    assert table.explain(asked, CPU, torch.float32, **{size: value + 1}) == (None, [reason])
+    assert table.explain("auto", CPU, torch.float32, **{size: value + 1}) == (table.exact, [reason])
 
 
 def _declared():
@@ -95,9 +108,13 @@ def test_every_declared_limit_and_one_past(entry, name, dtype, size, limit, monk
     monkeypatch.setitem(table.backends, name, dataclasses.replace(table[name], unavailable=backends.anywhere))
     assert size in entry.sizes, f"{entry.name} declares {size} but its functional entry does not pass it"
     assert table.resolve(name, CUDA, dtype, **{size: limit}) == name
-    assert table.resolve(name, CUDA, dtype, **{size: limit + 1}) == table.exact
-    picked, why = table.explain(name, CUDA, dtype, **{size: limit + 1})
-    assert picked == table.exact and why == [f"{name}: {size}={limit + 1} > {limit}, its largest"]
+    with pytest.raises(ValueError, match=f"{size}={limit + 1} > {limit}, its largest"):
+        table.resolve(name, CUDA, dtype, **{size: limit + 1})
+    monkeypatch.setitem(backends.AUTO, "cuda", (name,))
+    assert table.resolve("auto", CUDA, dtype, **{size: limit}) == name
+    assert table.resolve("auto", CUDA, dtype, **{size: limit + 1}) == table.exact
+    assert table.explain(name, CUDA, dtype, **{size: limit + 1}) == (
+        None, [f"{name}: {size}={limit + 1} > {limit}, its largest"])
 
 
 def test_the_limits_the_issue_named_are_declared():
@@ -120,12 +137,15 @@ def test_crd_cuda_limit_is_the_kernels_own():
 
 @pytest.mark.parametrize("entry", [e for e in OPS if e.triton_kernel], ids=lambda e: e.name)
 def test_float64_and_half_on_triton(entry, fresh_dispatch):
-    """The Triton kernels compute fp16, bf16 and fp32: float64 asked of 'triton' or 'auto' runs the exact path."""
+    """The Triton kernels compute fp16, bf16 and fp32: float64 under 'auto' runs the exact path, and asked of
+    'triton' by name raises the reason."""
     pytest.importorskip("triton")
     table = entry.table
     for backend in ("triton", "auto"):
         assert table.resolve(backend, CUDA, torch.float32, **entry.sizes) == "triton"
-        assert table.resolve(backend, CUDA, torch.float64, **entry.sizes) == table.exact == "chunked"
+    assert table.resolve("auto", CUDA, torch.float64, **entry.sizes) == table.exact == "chunked"
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this call: it computes .*not torch.float64"):
+        table.resolve("triton", CUDA, torch.float64, **entry.sizes)
     assert table.explain("auto", CUDA, torch.float64, **entry.sizes)[1] == [
         "triton: it computes torch.float16, torch.bfloat16, torch.float32, not torch.float64"]
 

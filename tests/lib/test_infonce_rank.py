@@ -53,13 +53,14 @@ def test_rank_is_strict_and_counts_every_row():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,k,d", SIZES + [(256, 65536, 128), (7, 5000, 256)])
 def test_triton_rank_on_gpu_matches_float64(b, k, d, dtype, tied):
-    """The compiled NEED_RANK pass (MoCo's size included), through the public call, with gradients."""
+    """The compiled NEED_RANK pass (MoCo's size included), through the public call under 'auto' (Triton on
+    CUDA, the exact path past its widths), with gradients."""
     import gdrd_fast
 
     def rows_fn(query, positive, bank, temperature):
         q = query.clone().requires_grad_(True)
         rows, rank = gdrd_fast.infonce_bank_loss(q, positive, bank, temperature=temperature, reduction="none",
-                                                 backend="triton", return_rank=True)
+                                                 backend="auto", return_rank=True)
         rows.sum().backward()
         return rows, rank
     check_infonce_rank(rows_fn, b, k, d, dtype, "cuda", tied)
