@@ -145,4 +145,4 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint(reference, tmp_path, requ
     assert done.returncode == 2, done.stderr[-3000:]
     assert last.startswith(f"gdrd-fast train: error: could not write {out / 'stage2.pt'}: ") and reason in last
     assert load_checkpoint(out / "stage1.pt")["step"] == 1  # what was saved before stays readable
-    assert sorted(p.name for p in out.iterdir()) == ["losses.csv", "stage1.pt", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["losses.csv", "stage1.pt", "teachers.json", "train.log"]

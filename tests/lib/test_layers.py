@@ -8,7 +8,7 @@ from import_graph import ROOT, cycles, graph
 LAYERS = [
     # what everything builds on: no gdrd_fast import but each other's
     ("gdrd_fast.numerics", "gdrd_fast.params", "gdrd_fast.backends", "gdrd_fast.validation",
-     "gdrd_fast.collectives", "gdrd_fast.repdistiller_state", "gdrd_fast.testing"),
+     "gdrd_fast.collectives", "gdrd_fast.repdistiller_state", "gdrd_fast.testing", "gdrd_fast.atomic"),
     ("gdrd_fast.reference", "gdrd_fast.env"),
     ("gdrd_fast.ops",),                                   # custom ops, autograd, backend tables
     ("gdrd_fast.functional",),                            # validate -> resolve -> call -> reduce
