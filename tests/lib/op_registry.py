@@ -154,3 +154,10 @@ OPS = [
     OpEntry("queue_sample_negatives", _queue_sample, {}),
 ]
 BY_NAME = {entry.name: entry for entry in OPS}
+
+
+def triton_or_auto(op_name: str, dtype: torch.dtype, device: str = "cpu", **sizes: int) -> str:
+    """'triton' where its declared dtypes and sizes take the call; else 'auto', which runs the op's exact
+    path (named explicitly, 'triton' would refuse such a call: tests/lib/test_dispatch.py)."""
+    reasons = backends.op(op_name)["triton"].not_supported_reasons(torch.device(device), dtype, **sizes)
+    return "auto" if reasons else "triton"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from infonce_cases import DTYPES, SIZES, check_infonce, check_infonce_rank
+from op_registry import triton_or_auto
 
 pytestmark = pytest.mark.triton
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,k,d", SIZES)
 def test_triton_infonce_matches_float64(b, k, d, dtype):
-    check_infonce("triton", b, k, d, dtype, "cpu")
+    check_infonce(triton_or_auto("infonce_bank_loss", dtype, d=d), b, k, d, dtype, "cpu")
 
 
 def test_every_bank_split_counts():
@@ -42,12 +43,13 @@ def test_every_bank_split_counts():
 @pytest.mark.parametrize("b,k,d", SIZES)
 def test_triton_rank_matches_float64(b, k, d, dtype, tied):
     """rank from the Triton pass (several splits at K=1000) against the reference's count, through the
-    public call (inputs the kernel refuses take the exact chunked path, as there)."""
+    public call (inputs the kernel refuses take the exact chunked path under 'auto')."""
     import gdrd_fast
 
     def rows_fn(query, positive, bank, temperature):
         return gdrd_fast.infonce_bank_loss(query, positive, bank, temperature=temperature, reduction="none",
-                                           backend="triton", return_rank=True)
+                                           backend=backend, return_rank=True)
+    backend = triton_or_auto("infonce_bank_loss", dtype, d=d)
     check_infonce_rank(rows_fn, b, k, d, dtype, "cpu", tied)
 
 

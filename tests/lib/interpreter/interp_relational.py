@@ -4,13 +4,14 @@ import torch
 
 from relational_cases import (INTERPRETER_CASES, check_backend, check_bf16_large_inputs, check_log_z,
                               check_nan_poisons_the_loss, check_opcheck, size_id)
+from op_registry import triton_or_auto
 
 pytestmark = pytest.mark.triton
 
 
 @pytest.mark.parametrize("dtype,sizes", INTERPRETER_CASES, ids=[size_id(*c) for c in INTERPRETER_CASES])
 def test_triton_relational_matches_float64(dtype, sizes):
-    check_backend("triton", dtype, sizes)
+    check_backend(triton_or_auto("relational_contrastive_loss", dtype), dtype, sizes)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
