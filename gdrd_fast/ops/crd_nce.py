@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from ..backends import Backend, Op
+from ._twin import eager_twin
 from ..numerics import compute_dtype
 
 
@@ -171,21 +172,8 @@ def _backward(ctx, grad_rows, _grad):
 crd_nce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _CrdNce(torch.autograd.Function):
-    """crd_nce_op's eager twin: the same kernels and backward without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _crd_nce_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
-def crd_nce(*inputs) -> tuple[Tensor, Tensor]:
-    """crd_nce_op under torch.compile (which traces the custom op), its autograd.Function twin in eager."""
-    return crd_nce_op(*inputs) if torch.compiler.is_compiling() else _CrdNce.apply(*inputs)
+# crd_nce_op's inputs -> its outputs, through its eager twin outside torch.compile
+crd_nce = eager_twin(crd_nce_op, _crd_nce_forward, _setup_context, _backward)
 
 
 @torch.library.custom_op("gdrd_fast::crd_nce_pair", mutates_args=())
@@ -226,18 +214,4 @@ def _pair_backward(ctx, grad_rows_a, _grad_a, grad_rows_b, _grad_b):
 crd_nce_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup_context)
 
 
-class _CrdNcePair(torch.autograd.Function):
-    """crd_nce_pair_op's eager twin: the same kernels and backward without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _crd_nce_pair_forward(*inputs)
-        _pair_setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_pair_backward)
-
-
-def crd_nce_pair(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """crd_nce_pair_op under torch.compile, its autograd.Function twin in eager."""
-    return crd_nce_pair_op(*inputs) if torch.compiler.is_compiling() else _CrdNcePair.apply(*inputs)
+crd_nce_pair = eager_twin(crd_nce_pair_op, _crd_nce_pair_forward, _pair_setup_context, _pair_backward)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from ..backends import Backend, Op
+from ._twin import eager_twin
 from ..numerics import compute_dtype
 
 
@@ -106,8 +107,11 @@ def infonce_bank_op(query: Tensor, positive: Tensor, bank: Tensor, temperature: 
                     need_grad: bool, need_rank: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row losses [B], d row_b / d query_b, d row_b / d positive_b) in the accumulation dtype, and
     rank [B] int64 (empty unless need_rank)."""
-    rows, gq, gp, rank = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
-    return rows, gq, gp, rank
+    return _infonce_bank_forward(query, positive, bank, temperature, backend, need_grad, need_rank)
+
+
+def _infonce_bank_forward(query, positive, bank, temperature, backend, need_grad, need_rank):
+    return IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
 
 
 @infonce_bank_op.register_fake
@@ -141,22 +145,10 @@ def _backward(ctx, grad_rows, _gq, _gp, _rank):
 infonce_bank_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _InfonceBank(torch.autograd.Function):
-    """infonce_bank_op's eager twin: the same kernel and backward without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(ctx, query, positive, bank, temperature, backend, need_grad, need_rank):
-        output = IMPLS[backend].kernel()(query, positive, bank, temperature, need_grad, need_rank=need_rank)
-        _setup_context(ctx, (query, positive), output)
-        ctx.mark_non_differentiable(output[3])
-        return output
-
-    backward = staticmethod(_backward)
+_infonce_bank_twin = eager_twin(infonce_bank_op, _infonce_bank_forward, _setup_context, _backward)
 
 
 def infonce_bank(query: Tensor, positive: Tensor, bank: Tensor, temperature: float, backend: str,
                  need_grad: bool, need_rank: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """infonce_bank_op under torch.compile (which traces the custom op), its autograd.Function twin in eager."""
-    if torch.compiler.is_compiling():
-        return infonce_bank_op(query, positive, bank, temperature, backend, need_grad, need_rank)
-    return _InfonceBank.apply(query, positive, bank, temperature, backend, need_grad, need_rank)
+    """infonce_bank_op's outputs, through its eager twin outside torch.compile."""
+    return _infonce_bank_twin(query, positive, bank, temperature, backend, need_grad, need_rank)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from ..backends import Backend, Op
+from ._twin import eager_twin
 from ..numerics import compute_dtype, off_diagonal, pair_indices
 from ..params import RelationalParams
 
@@ -130,23 +131,8 @@ def _backward(ctx, grad_rows, _grad):
 relational_negatives_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _RelationalNegatives(torch.autograd.Function):
-    """relational_negatives_op's eager twin: the same kernels and backward without torch.library's dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _negatives_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
-def relational_negatives(*inputs) -> tuple[Tensor, Tensor]:
-    """relational_negatives_op under torch.compile, its autograd.Function twin in eager."""
-    if torch.compiler.is_compiling():
-        return relational_negatives_op(*inputs)
-    return _RelationalNegatives.apply(*inputs)
+# relational_negatives_op's inputs -> its outputs, through its eager twin outside torch.compile
+relational_negatives = eager_twin(relational_negatives_op, _negatives_forward, _setup_context, _backward)
 
 
 class _Side(NamedTuple):
