@@ -1,5 +1,6 @@
 """Prints, after the pytest-benchmark tables, one table per op and size with ratios against eager; puts the
-GPU run's correctness verdict (benchmarks/gpu/run.sh) into the results JSON."""
+GPU run's correctness verdict (benchmarks/gpu/run.sh) and every skipped case with its reason into the results
+JSON, so the report says why a provider is absent."""
 from __future__ import annotations
 
 import json
@@ -44,12 +45,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(line)
 
 
+def pytest_runtest_logreport(report):
+    """Skipped cases (an unavailable backend, a peer that cannot take a size), with pytest's reason."""
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SKIPPED.append({"test": report.nodeid.split("::")[-1], "reason": reason.removeprefix("Skipped: ")})
+
+
+SKIPPED: list[dict] = []
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """benchmarks/gpu/run.sh checks the kernels before it benchmarks them: its verdict goes into the results."""
     path = os.environ.get("GDRD_GPU_VERDICT")
     if path and os.path.isfile(path):
         with open(path) as f:
             output_json["correctness"] = json.load(f)
+    output_json["skipped"] = list(SKIPPED)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

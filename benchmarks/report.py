@@ -27,16 +27,26 @@ BARE_OP = "bare-op"  # benchmarks/test_bench_host_cost.py: one bare torch op, th
 
 
 def load(paths: list[str]) -> tuple[dict, list[dict]]:
-    """The first file's metadata with every file's benchmarks (those that ran)."""
+    """The first file's metadata with every file's benchmarks (those that ran) and skipped cases."""
     merged = None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         if merged is None:
             merged = data
+            merged.setdefault("skipped", [])
         else:
             merged["benchmarks"] = merged["benchmarks"] + data["benchmarks"]
+            merged["skipped"] = merged["skipped"] + data.get("skipped", [])
     return merged, [b for b in merged["benchmarks"] if b.get("stats")]
+
+
+def skipped_table(skipped: list[dict]) -> list[str]:
+    """Each case that did not run, with the reason pytest gave: an absent provider is explained, not hidden."""
+    if not skipped:
+        return []
+    lines = ["", "Not measured:", "", "| case | reason |", "|---|---|"]
+    return lines + [f"| {s['test']} | {s['reason'].replace('|', '/')} |" for s in skipped]
 
 
 def _slug(text: str) -> str:
@@ -152,7 +162,7 @@ def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
         text += [f"Correctness of the kernels benchmarked here (float64 reference, fp32/fp16/bf16): "
                  f"**{verdict['status']}** ({', '.join(f'{k} {v}' for k, v in sorted(verdict['counts'].items()))}).",
                  ""]
-    text += table(benches)
+    text += table(benches) + skipped_table(data.get("skipped", []))
     written = []
     for out in out_dirs:
         os.makedirs(out, exist_ok=True)

@@ -87,3 +87,20 @@ def test_ratio_summary_prints_after_the_benchmark_tables(tmp_path):
     summary = next(i for i, line in enumerate(lines) if "gdrd_fast: ratios against the eager reference" in line)
     assert table < summary
     assert any(line.startswith("bank update (both banks) B64") and " eager " in line for line in lines[summary:])
+
+
+def test_skipped_cases_reach_the_results_with_their_reason(tmp_path):
+    """An absent provider is explained: a benchmark that skips (here the Triton kernels, which take CPU
+    tensors only in the interpreter) is written into the JSON with pytest's reason, and the report lists it."""
+    results = tmp_path / "run.json"
+    out = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "test_bench_infonce.py"),
+                          "--benchmark-only", "-p", "no:cacheprovider", "-k", "B64 and (cpu or triton)",
+                          f"--benchmark-json={results}"],
+                         check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    skipped = json.loads(results.read_text())["skipped"]
+    assert skipped and all(s["reason"] and "triton" in s["test"] for s in skipped), skipped
+    (base,) = report.write([str(results)], [str(tmp_path / "out")])
+    text = open(base + ".md").read()
+    assert "Not measured:" in text
+    assert f"| {skipped[0]['test']} | {skipped[0]['reason']} |" in text
