@@ -168,15 +168,21 @@ TILES = {
         (80, True, 128): Tiles(64, 64, 32, 4, 2),
     },
 }
-# Triton 3.9 (ptxas 13 on sm_90) as 3.6, but for the sm_90 tiles that spill there
+# Triton 3.9 (ptxas 13 on sm_90) as 3.6, but for the sm_90 tiles that spill there (the half-precision ones
+# up to D = 128 spill with the rank counter at 3.6's bank step)
 TILES[(3, 9)] = {
     **TILES[(3, 6)],
+    (90, False, 32): Tiles(32, 64, 64, 4, 3),
+    (90, False, 64): Tiles(64, 64, 64, 4, 3),
+    (90, False, 128): Tiles(128, 128, 32, 8, 3),
     (90, False, 256): Tiles(128, 64, 32, 8, 2),
     (90, False, 512): Tiles(128, 64, 16, 8, 2),
     (90, True, 32): Tiles(32, 64, 32, 4, 3),
     (90, True, 64): Tiles(64, 64, 32, 4, 2),
 }
 INSTALLED_TILES = for_installed_triton(TILES)
+
+
 def max_d(*dtypes: torch.dtype) -> int:
     """The widest feature dim the installed tile table covers for inputs stored in `dtypes`."""
     return max(key[2] for key in INSTALLED_TILES if key[1] == dot_in_fp32(*dtypes))
