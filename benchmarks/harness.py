@@ -59,6 +59,18 @@ def skip_unavailable(impls: dict, backend: str, device: str) -> None:
             pytest.skip(reason)
 
 
+def random_relational_params(embed: int, rel_dim: int, device, generator):
+    """CRRCD's parameters at a fresh head's scale, float32 with grad (as under autocast): weights
+    N(0, 1 / fan_in), biases N(0, 0.01)."""
+    from gdrd_fast.params import RelationalParams, relational_param_shapes
+
+    def draw(shape):
+        t = torch.randn(*shape, device=device, generator=generator)
+        return (t / shape[1] ** 0.5 if len(shape) == 2 else 0.1 * t).requires_grad_(True)
+
+    return RelationalParams(**{k: draw(s) for k, s in relational_param_shapes(embed, rel_dim).items()})
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gdrd_fast import (CRDLoss, FeatureRegressionLoss, InfoNCEBankLoss, MemoryBank, MemoryQueue,
-                       RelationalContrastiveLoss, RelationalParams, functional, reference, validation)
+                       RelationalContrastiveLoss, functional, reference, validation)
 from gdrd_fast.integrations.metric_learning import CrossBatchNTXentLoss
+
+from .harness import random_relational_params
 
 B, K, D, N = 4, 16, 8, 64  # batch, negatives (and queue rows), feature dim, bank rows
 REL, REL_NEGATIVES, QUEUE = 8, 4, 16  # relational: relation dim, negatives per partner, queue rows
@@ -87,17 +89,7 @@ def _infonce_inputs(device):
 
 def _relational_inputs(device):
     g = _gen(device)
-
-    def weight(rows, cols):
-        return (torch.randn(rows, cols, generator=g, device=device) / cols ** 0.5).requires_grad_(True)
-
-    def bias(n):
-        return (0.1 * torch.randn(n, generator=g, device=device)).requires_grad_(True)
-
-    params = RelationalParams(
-        ft_w1=weight(REL, D), ft_b1=bias(REL), ft_w2=weight(REL, REL), ft_b2=bias(REL), fts_u=weight(REL, D),
-        fts_v=weight(REL, D), fts_b1=bias(REL), fts_w2=weight(REL, REL), fts_b2=bias(REL), h1_w=weight(REL, REL),
-        h1_b=bias(REL), h2_w=weight(REL, REL), h2_b=bias(REL))
+    params = random_relational_params(D, REL, device, g)
     e_t, e_s = _unit(g, B, D, device=device), _unit(g, B, D, device=device).requires_grad_(True)
     queue_t, queue_s = _unit(g, QUEUE, D, device=device), _unit(g, QUEUE, D, device=device)
     neg_idx = torch.randint(QUEUE, (B, REL_NEGATIVES), generator=g, device=device)

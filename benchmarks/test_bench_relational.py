@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import gdrd_fast
 from gdrd_fast import reference
 from gdrd_fast.ops import relational as relational_ops
-from gdrd_fast import RelationalParams
-from .harness import cases, measure, skip_unavailable
+from .harness import cases, measure, random_relational_params, skip_unavailable
 
 OP = "relational_contrastive_loss"
 # (batch B, negatives K, relation dim d, embedding dim D, queue length Q)
@@ -38,16 +37,7 @@ def build(provider: str, size_key: str, device: str):
     def unit(*shape):
         return F.normalize(torch.randn(*shape, device=device, generator=gen), dim=-1).to(dtype)
 
-    def weight(rows, cols):  # parameters stay float32, as under autocast
-        return (torch.randn(rows, cols, device=device, generator=gen) / math.sqrt(cols)).requires_grad_(True)
-
-    def bias(n):
-        return (0.1 * torch.randn(n, device=device, generator=gen)).requires_grad_(True)
-
-    params = RelationalParams(
-        ft_w1=weight(d, embed), ft_b1=bias(d), ft_w2=weight(d, d), ft_b2=bias(d), fts_u=weight(d, embed),
-        fts_v=weight(d, embed), fts_b1=bias(d), fts_w2=weight(d, d), fts_b2=bias(d), h1_w=weight(d, d),
-        h1_b=bias(d), h2_w=weight(d, d), h2_b=bias(d))
+    params = random_relational_params(embed, d, device, gen)  # float32, as under autocast
     e_t, e_s = unit(b, embed), unit(b, embed).requires_grad_(True)
     queue_t, queue_s = unit(queue, embed), unit(queue, embed)
     neg_idx = torch.randint(queue, (b, k), device=device, generator=gen)
