@@ -1,7 +1,9 @@
 """The demo's short text: what its measured numbers show and what they do not, generated from them.
 
 A difference between two students counts as shown only when it exceeds both their seed std's (a crude
-rule for 2..5 seeds, said as such); everything else is reported as within the seed noise.
+rule for 2..5 seeds, said as such) and the recipe's build spread: how far one row moved between torch
+builds and thread counts on the same seeds (ablation.build_spread, measured; README "The demo"). Everything
+else is reported as within the noise.
 """
 from __future__ import annotations
 
@@ -16,16 +18,22 @@ def _entry(summary: dict, variant: str, r: int, metric: str = "accuracy"):
     return summary["students"].get(f"{variant}@{r}", {}).get(metric)
 
 
-def compare(summary: dict, a: str, b: str, r: int, metric: str = "accuracy") -> str | None:
-    """'A is above/below/within the seed noise of B (x.xx vs y.yy)' or None when either is missing."""
+def compare(summary: dict, a: str, b: str, r: int, metric: str = "accuracy", build_spread: float = 0.0) -> str | None:
+    """'A is above/below/within the noise of B (x.xx vs y.yy, ...)' or None when either is missing;
+    build_spread: points a row moves across torch builds and thread counts."""
     ea, eb = _entry(summary, a, r, metric), _entry(summary, b, r, metric)
     if ea is None or eb is None:
         return None
     diff = 100 * (ea["mean"] - eb["mean"])
-    noise = 100 * max((e["std"] for e in (ea, eb) if e["std"] == e["std"]), default=0.0)
-    numbers = f"{100 * ea['mean']:.2f} vs {100 * eb['mean']:.2f}, seed std up to {noise:.2f}"
-    if abs(diff) <= noise or noise == 0.0:
-        verdict = "is within the seed noise of" if noise else "differs (one seed: no noise estimate) from"
+    seed_noise = 100 * max((e["std"] for e in (ea, eb) if e["std"] == e["std"]), default=0.0)
+    numbers = f"{100 * ea['mean']:.2f} vs {100 * eb['mean']:.2f}, seed std up to {seed_noise:.2f}"
+    if build_spread:
+        numbers += f", build spread {build_spread:.2f}"
+    noise = max(seed_noise, build_spread)
+    if noise and abs(diff) <= noise:
+        verdict = "is within the seed noise of" if abs(diff) <= seed_noise else "is within the build-to-build noise of"
+    elif seed_noise == 0.0:
+        verdict = "differs (one seed: no noise estimate) from"
     else:
         verdict = "is above" if diff > 0 else "is below"
     return f"{NAMES.get(a, a)} {verdict} {NAMES.get(b, b)} by {diff:+.2f} points ({numbers})"
@@ -48,7 +56,7 @@ def interpret(summary: dict, geometry: dict | None, config) -> str:
     for a, b in [(v, "baseline") for v in variants if v != "baseline"] + [("gdrd", "gdrd-e2e"), ("gdrd", "crrcd"),
                                                                           ("gdrd", "crd")]:
         if a in variants and b in variants:
-            sentence = compare(summary, a, b, r)
+            sentence = compare(summary, a, b, r, build_spread=config.ablation.build_spread)
             if sentence:
                 lines.append(f"- {sentence}.")
     refs = summary["references"]

@@ -145,3 +145,19 @@ def test_the_demo_modules_import_each_other_one_way():
     circles = sorted(m for m in edges if m != "__init__" and reaches(m, m))
     assert not circles, f"demo modules in an import circle: {circles}"
 
+
+
+@pytest.mark.parametrize("spread, verdict", [(0.0, "is above"), (1.0, "is above"),
+                                             (2.0, "is within the build-to-build noise of")])
+def test_a_difference_smaller_than_the_build_spread_is_read_as_noise(spread, verdict):
+    """93.75 +- 0.35 against 92.33 +- 1.15: 1.42 points, above both seed std's; a build spread of 2 points
+    (README "The demo") makes it noise, one of 1 point does not."""
+    students = {"gdrd@16": {"variant": "gdrd", "seeds": [0, 1], "accuracy": {"mean": 0.9375, "std": 0.0035}},
+                "crrcd@16": {"variant": "crrcd", "seeds": [0, 1], "accuracy": {"mean": 0.9233, "std": 0.0115}}}
+    config = load_demo_config(overrides=[f"ablation.build_spread={spread}"])
+    text = interpret({"students": students, "references": {}}, None, config)
+    line = next(line for line in text.splitlines() if "CRRCD" in line)
+    assert f"GDRD (module-wise) {verdict} CRRCD" in line and "+1.42 points" in line
+    assert ("build spread" in line) == bool(spread)
+    with pytest.raises(ValueError, match="build_spread >= 0"):
+        load_demo_config(overrides=["ablation.build_spread=-1"])
