@@ -17,11 +17,14 @@ from .runtime import Runtime
 
 
 class Views(NamedTuple):
-    """One batch as both networks see it: the HR face and its LR version (flipped identically)."""
+    """One batch as both networks see it: the HR face and its LR version (flipped identically), and, when
+    the run reads a teacher cache (train/teacher_cache.py), the frozen teachers' outputs for that flip."""
     hr: Tensor
     lr: Tensor
     labels: Tensor
     idx: Tensor
+    teacher_tap: Tensor | None = None  # T_g's feature of lr, before pooling onto the student's grid
+    teacher_embedding: Tensor | None = None  # T_d's embedding of hr
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -75,7 +78,8 @@ class GenerativeTarget(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, lr: Tensor, grid: tuple[int, int]) -> Tensor:
+    def features(self, lr: Tensor) -> Tensor:
+        """The teacher's tap of the LR face, in float32 (what a teacher cache stores)."""
         x = lr
         if self.input_size is not None and x.shape[-1] != self.input_size:
             # bicubic overshoots; the teacher was trained on images in [-1, 1]
@@ -83,7 +87,12 @@ class GenerativeTarget(nn.Module):
         if self.noise:
             x = (1 - self.noise ** 2) ** 0.5 * x + self.noise * torch.randn_like(x)
         # t = 0 calls teacher(x): any feature extractor works as a teacher at the paper's setting
-        target = self.teacher(x, self.timestep) if self.timestep else self.teacher(x)
+        return (self.teacher(x, self.timestep) if self.timestep else self.teacher(x)).float()
+
+    @torch.no_grad()
+    def forward(self, lr: Tensor, grid: tuple[int, int], cached: Tensor | None = None) -> Tensor:
+        """The target on the student's grid; `cached`: features(lr) read from a teacher cache."""
+        target = self.features(lr) if cached is None else cached.float()
         if target.shape[-2:] != tuple(grid):
             # [choice] a teacher tap at another resolution is average-pooled onto the student's grid
             target = F.adaptive_avg_pool2d(target.float(), grid)
@@ -108,7 +117,7 @@ class GenerativeStage(Stage):
     def losses(self, views: Views) -> dict[str, Tensor]:
         with self.runtime.autocast():
             student = self.backbone(views.lr)
-            target = self.target(views.lr, student.shape[-2:])
+            target = self.target(views.lr, student.shape[-2:], views.teacher_tap)
         return {"gen": self.regression(student.float(), target)}
 
 
@@ -182,11 +191,12 @@ class DiscriminativeStage(Stage):
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 features = self.backbone(x)
             embedding = self.head(features)
-            teacher_embedding = None
-            if self.teacher is not None:
+            teacher_embedding = views.teacher_embedding
+            if self.teacher is not None and teacher_embedding is None:
                 with torch.no_grad():
                     teacher_embedding = self.teacher(views.hr)
-            target = self.generative(views.lr, features.shape[-2:]) if self.generative is not None else None
+            target = (self.generative(views.lr, features.shape[-2:], views.teacher_tap)
+                      if self.generative is not None else None)
         embedding = embedding.float()
         logits = self.classifier(embedding, views.labels)
         terms = {"cls": F.cross_entropy(logits.margin, views.labels)}

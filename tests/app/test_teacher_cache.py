@@ -1,0 +1,138 @@
+"""Teacher cache (train/teacher_cache.py): exact against the live teachers, stale caches refused, resumable."""
+import json
+
+import pytest
+import torch
+
+from gdrd_fast.train import Trainer
+from gdrd_fast.train import teacher_cache as tc
+from test_train import build
+from train_cases import Faces
+
+VIEWS = dict(resolution=4, flip=True, interpolation="bilinear", antialias=True)
+
+
+def write_cache(folder, stage, dtype="float32", **kwargs):
+    return tc.build_cache(folder, tc.stage_outputs(stage, VIEWS), Faces(), VIEWS, dtype=dtype, chunk=4,
+                          progress=False, **kwargs)
+
+
+def twin(kind):
+    """Two trainers of the same fresh stage: the second's teachers must be replaced by the cache."""
+    torch.manual_seed(0)
+    live = build(kind)
+    cached = build(kind)
+    cached.stage.load_state_dict(live.stage.state_dict())
+    return live, cached
+
+
+def with_cache(trainer, folder):
+    return Trainer(trainer.stage, Faces(), trainer.runtime, _optim(), batch_size=4, seed=3, resolution=4,
+                   progress=False, teacher_cache=tc.TeacherCache(folder))
+
+
+def _optim():
+    from gdrd_fast.train import OptimConfig
+    return OptimConfig(lr=0.1, epochs=2, milestones=[1], steps=6)
+
+
+@pytest.mark.parametrize("kind", ["stage1", "rcd", "crd"])
+def test_training_from_a_float32_cache_equals_the_live_teachers(kind, tmp_path):
+    live, cached = twin(kind)
+    write_cache(tmp_path, cached.stage)
+    cached = with_cache(cached, tmp_path)
+    calls = []
+    teacher = cached.stage.teacher
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    torch.manual_seed(5)
+    live.train_steps(4)
+    torch.manual_seed(5)
+    cached.train_steps(4)
+    assert not calls  # the cached run never ran the teacher
+    for a, b in zip(live.history, cached.history):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for (name, p), q in zip(live.stage.named_parameters(), cached.stage.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)  # float32 rounding: ~1e-6 seen
+
+
+@pytest.mark.parametrize("dtype, bound", [("bf16", 1e-2), ("fp8", 0.1)])
+def test_low_precision_error_is_reported_and_small(dtype, bound, tmp_path):
+    if tc.DTYPES[dtype][1] is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    trainer = build("rcd")
+    manifest = write_cache(tmp_path, trainer.stage, dtype)
+    error = manifest["error"]["embedding"]
+    assert 0 < error["relative"] < bound and error["max_abs"] > 0
+    size = (tmp_path / "embedding.bin").stat().st_size
+    assert size == len(Faces()) * tc.entry_bytes(manifest["outputs"]["embedding"]["shape"], dtype) - (
+        len(Faces()) * 2 * 4 if dtype == "fp8" else 0)
+
+
+def test_a_stale_cache_is_refused_naming_what_differs(tmp_path):
+    trainer = build("stage1")
+    write_cache(tmp_path, trainer.stage)
+    other = build("stage1")  # another random teacher: another weights hash
+    with pytest.raises(tc.StaleCacheError) as refused:
+        Trainer(other.stage, Faces(), other.runtime, _optim(), batch_size=4, resolution=4, progress=False,
+                teacher_cache=tc.TeacherCache(tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and "data.teacher_cache" in message and "tap.weights_sha256" in message
+    other.stage.load_state_dict(trainer.stage.state_dict())
+    other.stage.target.input_size = 8  # another input size
+    with pytest.raises(tc.StaleCacheError, match=r"tap.input_size: 12 in the cache, 8 here"):
+        tc.TeacherCache(tmp_path).dataset_for(other.stage, Faces(), VIEWS)
+    other.stage.target.input_size = 12
+    other.stage.teacher.tap = "down_blocks.1"  # another tap
+    with pytest.raises(tc.StaleCacheError, match=r"tap.tap: None in the cache, 'down_blocks.1' here"):
+        tc.TeacherCache(tmp_path).dataset_for(other.stage, Faces(), VIEWS)
+    del other.stage.teacher.tap
+    with pytest.raises(tc.StaleCacheError, match=r"tap.resolution: 4 in the cache, 8 here"):
+        tc.TeacherCache(tmp_path).dataset_for(other.stage, Faces(), VIEWS | {"resolution": 8})
+    with pytest.raises(tc.StaleCacheError, match="holds no 'embedding'"):
+        tc.TeacherCache(tmp_path).dataset_for(build("rcd").stage, Faces(), VIEWS)
+
+
+def test_a_killed_cache_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    trainer = build("rcd")
+    write_cache(tmp_path / "whole", trainer.stage, "bf16")
+    real, calls = tc.compute, []
+
+    def dies_at_chunk_three(*args):
+        calls.append(1)
+        if len(calls) == 4:  # the shape probe, then chunks 0 and 1
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tc, "compute", dies_at_chunk_three)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(tmp_path / "killed", trainer.stage, "bf16")
+    monkeypatch.setattr(tc, "compute", real)
+    with pytest.raises(tc.StaleCacheError, match="incomplete"):
+        tc.TeacherCache(tmp_path / "killed")
+    data = tmp_path / "killed" / "embedding.bin"
+    raw = bytearray(data.read_bytes())
+    raw[-64:] = b"\xff" * 64  # a chunk the kill left half written
+    data.write_bytes(bytes(raw))
+    assert tc.chunks_done(tmp_path / "killed", 5).tolist() == [True, True, False, False, False]
+    write_cache(tmp_path / "killed", trainer.stage, "bf16")
+    for name in ("embedding.bin", "manifest.json"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["complete"]
+
+
+def test_a_folder_holding_another_cache_is_not_overwritten(tmp_path):
+    trainer = build("rcd")
+    write_cache(tmp_path, trainer.stage)
+    before = (tmp_path / "embedding.bin").read_bytes()
+    with pytest.raises(tc.StaleCacheError, match="dtype: 'float32' in the cache, 'bf16' here"):
+        write_cache(tmp_path, trainer.stage, "bf16")
+    assert (tmp_path / "embedding.bin").read_bytes() == before
+
+
+def test_noisy_generative_targets_cannot_be_cached():
+    trainer = build("stage1")
+    trainer.stage.target.noise = 0.1
+    with pytest.raises(ValueError, match="generative_teacher_noise"):
+        tc.stage_outputs(trainer.stage, VIEWS)
