@@ -328,9 +328,12 @@ def build_cache(folder: str | os.PathLike, outputs: dict[str, tuple[dict, nn.Mod
             return saved
     total = sum(n * entry_bytes(e["shape"], dtype) for e in manifest["outputs"].values())
     if rank == 0:
-        log.info("teacher cache: %d images x %d flips of %s in %s, %.3f GiB (%s)", n, FLIPS,
-                 ", ".join(f"{k} {e['shape']}" for k, e in manifest["outputs"].items()), folder, total / 2 ** 30,
-                 dtype)
+        line = (f"teacher cache: {n} images x {FLIPS} flips of " + ", ".join(
+            f"{k} {e['shape']}" for k, e in manifest["outputs"].items()) + f" in {dtype}: {total / 2 ** 30:.3f} GiB "
+            f"in {folder}")
+        log.info("%s", line)
+        if progress:
+            tqdm.write(line)
         folder.mkdir(parents=True, exist_ok=True)
         for name, entry in manifest["outputs"].items():
             for suffix, itemsize in (("bin", entry_bytes(entry["shape"], dtype) - (FLIPS * 4 if dtype == "fp8"

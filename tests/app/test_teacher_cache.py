@@ -136,3 +136,44 @@ def test_noisy_generative_targets_cannot_be_cached():
     trainer.stage.target.noise = 0.1
     with pytest.raises(ValueError, match="generative_teacher_noise"):
         tc.stage_outputs(trainer.stage, VIEWS)
+
+
+@pytest.mark.diffusers
+@pytest.mark.slow
+def test_cache_teachers_then_train_reads_it_and_a_stale_one_is_refused(tmp_path, capsys):
+    from gdrd_fast import cli, models
+    from gdrd_fast.data import write_synthetic_dataset
+    from gdrd_fast.train import load_checkpoint, load_config
+    from gdrd_fast.train.pipeline import train_gdrd
+    data = write_synthetic_dataset(tmp_path / "data", num_train_identities=3, images_per_identity=2,
+                                   num_test_identities=20, test_images_per_identity=2, pairs_per_fold=2,
+                                   image_size=112)
+    weights = {"head": models.ArcFaceHead(512, 3), "td": models.build_discriminative_teacher("r18"),
+               "tg": models.build_generative_teacher("diffusers", "tiny")}  # files: random teachers differ per build
+    for name, module in weights.items():
+        torch.save(module.state_dict(), tmp_path / f"{name}.pt")
+    overrides = [f"data.train_root={data['train']}", "data.batch_size=2", "data.num_workers=0", "amp=none",
+                 "device=cpu", "models.student=r18", "models.discriminative_teacher=r18",
+                 f"models.discriminative_teacher_weights={tmp_path / 'td.pt'}",
+                 f"models.discriminative_teacher_head={tmp_path / 'head.pt'}", "models.generative_teacher=diffusers",
+                 f"models.generative_teacher_weights={tmp_path / 'tg.pt'}",
+                 "models.generative_teacher_config=tiny", "models.generative_teacher_input=32",
+                 "stage1.optim.steps=2", "stage2.optim.steps=1", "stage2.rcd.queue_size=4",
+                 "stage2.rcd.num_negatives=2", f"data.teacher_cache={tmp_path / 'c'}"]
+    assert cli.main(["cache-teachers", "--dtype", "float32", "--no-progress",
+                     *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    relative = [float(line.rsplit("relative ", 1)[1]) for line in out.splitlines() if "relative" in line]
+    assert "tap [" in out and "embedding [512]" in out and len(relative) == 2 and max(relative) < 1e-5
+    cached = train_gdrd(load_config("paper", overrides + [f"output_dir={tmp_path / 'cached'}"]))
+    assert "reading tap from the teacher cache" in (tmp_path / "cached" / "train.log").read_text()
+    live = train_gdrd(load_config("paper", overrides[:-1] + [f"output_dir={tmp_path / 'live'}"]))
+    a, b = load_checkpoint(cached), load_checkpoint(live)
+    for key in a:  # targets agree to ~1e-6 (the report above); IResNet's BN over a batch of 2 amplifies that
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3, msg=key)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # another input size for T_g: refused before any step
+        cli.main(["train", *[a for o in overrides + ["models.generative_teacher_input=24"] for a in ("--set", o)]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "data.teacher_cache" in err and "tap.input_size: 32 in the cache, 24 here" in err
