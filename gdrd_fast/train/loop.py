@@ -95,6 +95,8 @@ class Trainer:
                  sync_batchnorm: bool = False, scalars=None, step_hooks: Sequence[Callable] = (),
                  meta: dict | None = None, teacher_cache: TeacherCache | None = None):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
+        if runtime.device.type == "cuda":  # the frozen teachers, when they run live, in the GPU's faster layout
+            stage.teachers_channels_last()
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
         if teacher_cache is not None:  # the frozen teachers' outputs read beside each image, checked first

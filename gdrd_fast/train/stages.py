@@ -51,6 +51,13 @@ class Stage(nn.Module):
     def losses(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def teachers_channels_last(self) -> None:
+        """Run the frozen teachers in NHWC, the layout GPU tensor cores convolve fastest (Trainer: on CUDA)."""
+        for module in self.modules():
+            if isinstance(module, GenerativeTarget):
+                module.memory_format = torch.channels_last
+                module.teacher.to(memory_format=torch.channels_last)
+
     def forward(self, views: Views) -> dict[str, Tensor]:
         return self.losses(views)  # DistributedDataParallel syncs gradients of what runs in forward
 
@@ -71,6 +78,7 @@ class GenerativeTarget(nn.Module):
             raise ValueError(f"timestep must be a non-negative int, got {timestep!r}")
         self.teacher = _freeze(teacher)
         self.input_size, self.timestep, self.noise = input_size, timestep, noise
+        self.memory_format = torch.contiguous_format  # Stage.teachers_channels_last sets NHWC
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -86,6 +94,7 @@ class GenerativeTarget(nn.Module):
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False).clamp_(-1, 1)
         if self.noise:
             x = (1 - self.noise ** 2) ** 0.5 * x + self.noise * torch.randn_like(x)
+        x = x.contiguous(memory_format=self.memory_format)
         # t = 0 calls teacher(x): any feature extractor works as a teacher at the paper's setting
         return (self.teacher(x, self.timestep) if self.timestep else self.teacher(x)).float()
 
@@ -167,6 +176,7 @@ class DiscriminativeStage(Stage):
         self.teacher_classifier = _freeze(teacher_classifier) if teacher_classifier is not None else None
         self.distill = distill
         self.generative, self.regression, self.gen_weight = generative, regression, gen_weight
+        self.teacher_memory_format = torch.contiguous_format
         self.kd_weight, self.distill_weight, self.kd_temperature = kd_weight, distill_weight, kd_temperature
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -176,6 +186,12 @@ class DiscriminativeStage(Stage):
         ids = {id(p) for p in critic + backbone}
         return {"model": [p for p in self.trainable_parameters() if id(p) not in ids], "distill": critic,
                 "backbone": backbone}
+
+    def teachers_channels_last(self) -> None:
+        super().teachers_channels_last()
+        if self.teacher is not None:
+            self.teacher_memory_format = torch.channels_last
+            self.teacher.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -194,7 +210,7 @@ class DiscriminativeStage(Stage):
             teacher_embedding = views.teacher_embedding
             if self.teacher is not None and teacher_embedding is None:
                 with torch.no_grad():
-                    teacher_embedding = self.teacher(views.hr)
+                    teacher_embedding = self.teacher(views.hr.contiguous(memory_format=self.teacher_memory_format))
             target = (self.generative(views.lr, features.shape[-2:], views.teacher_tap)
                       if self.generative is not None else None)
         embedding = embedding.float()

@@ -134,6 +134,12 @@ def entry_bytes(shape, dtype: str) -> int:
     return FLIPS * int(np.prod(shape)) * np.dtype(DTYPES[dtype][0]).itemsize + (FLIPS * 4 if dtype == "fp8" else 0)
 
 
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a finished cache (one to open with TeacherCache)."""
+    manifest = read_manifest(Path(folder))
+    return manifest is not None and manifest["complete"]
+
+
 class TeacherCache:
     """An opened, complete store; `dataset_for` checks it against a stage and wraps its dataset."""
 

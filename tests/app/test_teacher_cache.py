@@ -177,3 +177,32 @@ def test_cache_teachers_then_train_reads_it_and_a_stale_one_is_refused(tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "data.teacher_cache" in err and "tap.input_size: 32 in the cache, 24 here" in err
+
+
+@pytest.mark.parametrize("kind", ["stage1", "rcd"])
+def test_live_teachers_in_channels_last_and_bf16_keep_shapes_and_values(kind):
+    """What the trainer sets on a GPU for uncached teachers, checked on the CPU: NHWC gives the same
+    numbers; bf16 autocast the same shapes, within bf16's precision."""
+    trainer = build(kind)
+    stage = trainer.stage.eval()
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    lr = torch.nn.functional.interpolate(hr, size=4, mode="bilinear", antialias=True)
+    lr = torch.nn.functional.interpolate(lr, size=16, mode="bilinear")
+
+    def teacher_output():
+        if kind == "stage1":
+            return stage.target.features(lr)
+        with torch.no_grad():
+            return stage.teacher(hr.contiguous(memory_format=stage.teacher_memory_format)).float()
+
+    reference = teacher_output()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = teacher_output()
+    stage.teachers_channels_last()
+    assert (stage.target.teacher if kind == "stage1" else stage.teacher[0][0]).weight.is_contiguous(
+        memory_format=torch.channels_last)
+    nhwc = teacher_output()
+    assert nhwc.shape == low.shape == reference.shape and low.dtype == torch.float32
+    torch.testing.assert_close(nhwc, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(low, reference, rtol=3e-2, atol=3e-2 * float(reference.abs().max()))
