@@ -26,9 +26,9 @@ def twin(kind):
     return live, cached
 
 
-def with_cache(trainer, folder):
+def with_cache(trainer, folder, num_workers=0):
     return Trainer(trainer.stage, Faces(), trainer.runtime, _optim(), batch_size=4, seed=3, resolution=4,
-                   progress=False, teacher_cache=tc.TeacherCache(folder))
+                   progress=False, teacher_cache=tc.TeacherCache(folder), num_workers=num_workers)
 
 
 def _optim():
@@ -40,7 +40,7 @@ def _optim():
 def test_training_from_a_float32_cache_equals_the_live_teachers(kind, tmp_path):
     live, cached = twin(kind)
     write_cache(tmp_path, cached.stage)
-    cached = with_cache(cached, tmp_path)
+    cached = with_cache(cached, tmp_path, num_workers=1 if kind == "crd" else 0)  # read in a worker too
     calls = []
     teacher = cached.stage.teacher
     teacher.register_forward_hook(lambda *args: calls.append(1))
@@ -206,3 +206,33 @@ def test_live_teachers_in_channels_last_and_bf16_keep_shapes_and_values(kind):
     assert nhwc.shape == low.shape == reference.shape and low.dtype == torch.float32
     torch.testing.assert_close(nhwc, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(low, reference, rtol=3e-2, atol=3e-2 * float(reference.abs().max()))
+
+
+def _cache_rank(rank, port, folder):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
+    torch.set_num_threads(1)
+    from gdrd_fast.train import Runtime
+    runtime = Runtime.create("cpu")  # joins the group as under torchrun
+    torch.manual_seed(0)
+    write_cache(folder, build("rcd").stage, "bf16", rank=runtime.rank, world_size=runtime.world_size)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_the_chunks_and_write_the_bytes_of_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    mp.spawn(_cache_rank, args=(store.port, str(tmp_path / "two")), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        write_cache(tmp_path / "one", build("rcd").stage, "bf16")
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("embedding.bin", "manifest.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    flags = [list((tmp_path / "two" / f"done-rank{r}.bin").read_bytes()) for r in (0, 1)]
+    assert flags == [[1, 0, 1, 0, 1], [0, 1, 0, 1, 0]]  # chunk c by rank c mod 2
