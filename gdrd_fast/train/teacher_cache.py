@@ -130,8 +130,17 @@ def write_manifest(folder: Path, manifest: dict) -> None:
                                                       sort_keys=True) + "\n").encode())
 
 
+def file_bytes(shape, dtype: str) -> dict[str, int]:
+    """Bytes per image in each file of an output: its entries (both flips), and fp8's scales."""
+    sizes = {"bin": FLIPS * int(np.prod(shape)) * np.dtype(DTYPES[dtype][0]).itemsize}
+    if dtype == "fp8":
+        sizes["scale.bin"] = FLIPS * 4
+    return sizes
+
+
 def entry_bytes(shape, dtype: str) -> int:
-    return FLIPS * int(np.prod(shape)) * np.dtype(DTYPES[dtype][0]).itemsize + (FLIPS * 4 if dtype == "fp8" else 0)
+    """Bytes per image of an output, both flips, all files."""
+    return sum(file_bytes(shape, dtype).values())
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -341,14 +350,15 @@ def build_cache(folder: str | os.PathLike, outputs: dict[str, tuple[dict, nn.Mod
         if progress:
             tqdm.write(line)
         folder.mkdir(parents=True, exist_ok=True)
+        if saved is None:  # a new cache: nothing of a run whose manifest never got written is trusted
+            for path in _done_paths(folder):
+                path.unlink()
         for name, entry in manifest["outputs"].items():
-            for suffix, itemsize in (("bin", entry_bytes(entry["shape"], dtype) - (FLIPS * 4 if dtype == "fp8"
-                                                                                   else 0)),
-                                     ("scale.bin", FLIPS * 4 if dtype == "fp8" else 0)):
+            for suffix, size in file_bytes(entry["shape"], dtype).items():
                 path = folder / f"{name}.{suffix}"
-                if itemsize and not path.is_file():
+                if saved is None or not path.is_file():
                     with open(path, "wb") as f:
-                        f.truncate(n * itemsize)
+                        f.truncate(n * size)
         if saved is None:
             write_manifest(folder, manifest)
     if world_size > 1:

@@ -65,9 +65,27 @@ def test_low_precision_error_is_reported_and_small(dtype, bound, tmp_path):
     manifest = write_cache(tmp_path, trainer.stage, dtype)
     error = manifest["error"]["embedding"]
     assert 0 < error["relative"] < bound and error["max_abs"] > 0
-    size = (tmp_path / "embedding.bin").stat().st_size
-    assert size == len(Faces()) * tc.entry_bytes(manifest["outputs"]["embedding"]["shape"], dtype) - (
-        len(Faces()) * 2 * 4 if dtype == "fp8" else 0)
+    per_value = {"bf16": 2, "fp8": 1}[dtype]  # 18 images x 2 flips x 16 values
+    assert (tmp_path / "embedding.bin").stat().st_size == 18 * 2 * 16 * per_value
+    assert (tmp_path / "embedding.scale.bin").is_file() == (dtype == "fp8")
+
+
+@pytest.mark.parametrize("dtype, bound", [("bf16", 5e-3), ("fp8", 5e-2)])
+@pytest.mark.parametrize("kind", ["stage1", "rcd"])
+def test_a_low_precision_cache_moves_the_losses_by_its_rounding(kind, dtype, bound, tmp_path):
+    """docs/method/training.md quotes these: the first steps' loss terms against the live teachers'."""
+    if tc.DTYPES[dtype][1] is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    live, cached = twin(kind)
+    write_cache(tmp_path, cached.stage, dtype)
+    cached = with_cache(cached, tmp_path)
+    torch.manual_seed(5)
+    live.train_steps(2)
+    torch.manual_seed(5)
+    cached.train_steps(2)
+    for a, b in zip(live.history, cached.history):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=bound, abs=1e-6), key
 
 
 def test_a_stale_cache_is_refused_naming_what_differs(tmp_path):
@@ -236,3 +254,11 @@ def test_two_ranks_share_the_chunks_and_write_the_bytes_of_one_process(tmp_path)
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     flags = [list((tmp_path / "two" / f"done-rank{r}.bin").read_bytes()) for r in (0, 1)]
     assert flags == [[1, 0, 1, 0, 1], [0, 1, 0, 1, 0]]  # chunk c by rank c mod 2
+
+
+def test_a_missing_cache_folder_fails_before_anything_is_loaded(tmp_path, capsys):
+    from gdrd_fast import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--set", f"data.teacher_cache={tmp_path / 'nope'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"data.teacher_cache: no file or folder at '{tmp_path / 'nope'}'" in err
