@@ -176,7 +176,7 @@ def test_cache_teachers_then_train_reads_it_and_a_stale_one_is_refused(tmp_path,
                  f"models.discriminative_teacher_head={tmp_path / 'head.pt'}", "models.generative_teacher=diffusers",
                  f"models.generative_teacher_weights={tmp_path / 'tg.pt'}",
                  "models.generative_teacher_config=tiny", "models.generative_teacher_input=32",
-                 "stage1.optim.steps=2", "stage2.optim.steps=1", "stage2.rcd.queue_size=4",
+                 "stage1.optim.steps=1", "stage2.optim.steps=1", "stage2.rcd.queue_size=4",
                  "stage2.rcd.num_negatives=2", f"data.teacher_cache={tmp_path / 'c'}"]
     assert cli.main(["cache-teachers", "--dtype", "float32", "--no-progress",
                      *[a for o in overrides for a in ("--set", o)]]) == 0
