@@ -297,7 +297,7 @@ def error_report(outputs, dataset: Dataset, folder: Path, manifest: dict, view_a
     """max / mean absolute and relative (sum |err| / sum |ref|) error of the stored entries against the
     float32 teachers, on `samples` images spread over the dataset (both flips)."""
     n, report = len(dataset), {}
-    picks = sorted({round(k * (n - 1) / max(1, samples - 1)) for k in range(min(samples, n))})
+    picks = sorted({round(k * (n - 1) / max(1, samples - 1)) for k in range(samples)})
     reference = compute(outputs, torch.cat([_load_images(dataset, range(i, i + 1), device) for i in picks]),
                         view_args)
     for name, ref in reference.items():
