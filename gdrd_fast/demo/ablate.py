@@ -26,7 +26,7 @@ from ..data import degrade
 from ..eval import extract_embeddings, markdown_table, save_png, verify, write_json
 from ..eval.geometry import probe_accuracy
 from ..train import Runtime, Trainer, log_to_file, seed_everything
-from ..train import checkpoint as ckpt
+from ..train import checkpoint as ckpt, teacher_cache
 from ..train.config import GENERATIVE_VARIANTS, VARIANTS, from_dict, to_dict
 from ..train.checks import file_sha256
 from ..train.pipeline import Parts, variant_plan
@@ -34,8 +34,8 @@ from .config import DemoConfig
 from .data import data_note, load_cell_data
 from .nets import SmallFaceNet
 from .processes import Pool, step_reporter
-from .teachers import load_generative_teacher, load_hr_teacher, load_teachers, teacher_feature, teacher_paths, \
-    train_teachers
+from .teachers import cache_path, cache_teacher_outputs, load_generative_teacher, load_hr_teacher, load_teachers, \
+    teacher_feature, teacher_paths, train_teachers
 
 log = logging.getLogger("gdrd_fast.demo")
 TG_ROW = "generative teacher T_g (denoiser encoder, flattened)"
@@ -104,10 +104,12 @@ def run_cell(spec: dict, report: Callable[..., None] | None = None) -> dict:
         def classifier():
             return models.ArcFaceHead(config.embedding_dim, num_classes, s2.arcface_scale, s2.arcface_margin)
 
+        cache = cache_path(grid, r)  # written once the teachers are (a cell started before reads no cache)
+        cache = teacher_cache.TeacherCache(cache) if teacher_cache.is_complete(cache) else None
         parts = Parts(runtime, net.backbone, net.head, classifier, lambda: (teacher, teacher_head), encoder,
                       len(train_set), config.embedding_dim, config.backend, config.denoiser.image_size,
                       config.denoiser.timestep, config.denoiser.noise)
-        histories, steps, done_steps = {}, {}, 0
+        histories, steps, done_steps, cached = {}, {}, 0, {}
         plan = variant_plan(variant, parts, config.stage1, s2, config.student_budget)
         total_steps = sum(planned.optim.steps for planned in plan)
         for planned in plan:
@@ -117,13 +119,15 @@ def run_cell(spec: dict, report: Callable[..., None] | None = None) -> dict:
                               progress=spec.get("progress", False), name=f"{variant} {planned.name}",
                               group_optims=planned.group_optims, output_dir=out,
                               checkpoint_every=config.ablation.checkpoint_every,
-                              meta={"variant": variant, "resolution": r, "seed": seed}, step_hooks=hooks)
+                              meta={"variant": variant, "resolution": r, "seed": seed}, step_hooks=hooks,
+                              teacher_cache=cache)
             saved = out / f"{planned.name}.pt"
             if saved.is_file():  # a stopped cell: continue (or skip a finished stage) from its checkpoint
                 trainer.resume(saved)
             trainer.train_steps()
             trainer.save()
             histories[planned.name], steps[planned.name] = trainer.history, trainer.step
+            cached[planned.name] = sorted(getattr(trainer.dataset, "outputs", ()))  # read from the teacher cache
             done_steps += planned.optim.steps
             if planned.name == "stage1":
                 ckpt.save_checkpoint(net.backbone.state_dict(), out / "stage1_backbone.pt")
@@ -134,6 +138,7 @@ def run_cell(spec: dict, report: Callable[..., None] | None = None) -> dict:
                   "metrics": evaluate(student_features(net, variant), data, lambda x: degrade(x, r), runtime.device,
                                       f"{variant} r{r} s{seed}"),
                   "train_s": train_s, "total_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
+                  "teacher_cache": {"folder": str(cache.folder), "read": cached} if cache is not None else None,
                   "history": {k: v[:: max(1, len(v) // 50)] for k, v in histories.items()},
                   "spec_hash": spec["spec_hash"]}
         write_json(out / "result.json", result)
@@ -313,9 +318,11 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         denoiser_job = None
         if jobs > 1 and not teacher_paths(out)["denoiser"].is_file():
             denoiser_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
-                            "device": device, "threads": threads}
+                            "device": device, "threads": threads, "resolutions": list(resolutions)}
         teachers = train_teachers(config, out, data["train"], runtime, progress,
                                   which=("hr",) if denoiser_job else ("hr", "denoiser"))
+        if denoiser_job is None and specs:  # else the denoiser's process caches once it is trained
+            teachers["timings"] |= cache_teacher_outputs(config, out, data["train"], resolutions)["timings"]
         log.info("grid: %d cells to run (%d done before), %d process(es) x %d thread(s)", len(specs), len(done),
                  jobs, threads)
         bar = tqdm(total=len(specs), desc="ablation cells", unit="cell", disable=not progress, dynamic_ncols=True)

@@ -3,6 +3,7 @@ is T_g. They are trained once per grid, from the recipe's seed, and saved in <gr
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -14,8 +15,9 @@ from torch import nn
 from .. import models
 from ..data import degrade
 from ..train import DiscriminativeStage, Runtime, Trainer, log_to_file, seed_everything
-from ..train import checkpoint as ckpt
+from ..train import checkpoint as ckpt, teacher_cache
 from ..train.config import from_dict
+from ..train.stages import GenerativeTarget
 from .config import DemoConfig
 from .data import load_cell_data
 from .denoiser import DenoiserStage
@@ -89,8 +91,38 @@ def train_teachers(config: DemoConfig, out: Path, train_set, runtime: Runtime, p
     return {"histories": dict(teachers.histories), "timings": dict(teachers.timings)}
 
 
+def cache_path(out: Path, resolution: int) -> Path:
+    return out / "teachers" / "cache" / f"r{resolution}"
+
+
+def cache_teacher_outputs(config: DemoConfig, out: Path, train_set, resolutions: Sequence[int]) -> dict:
+    """Both trained teachers' outputs over the training set (T_g's tap of each LR face, T_d's embedding),
+    written once per resolution into <grid>/teachers/cache/r<res> in float32, so that the cells read them
+    instead of running the teachers at every step (train/teacher_cache.py); a rerun reuses them. A cache of
+    teachers trained anew is rewritten. Returns its timings."""
+    d, timings = config.denoiser, {}
+    if d.noise:  # fresh noise every step: nothing to cache, the cells run the teachers
+        log.info("denoiser.noise > 0: the teachers' outputs are not cached")
+        return {"timings": timings}
+    teacher, _, encoder = load_teachers(config, out, int(train_set.targets.max()) + 1)
+    target = GenerativeTarget(encoder, d.image_size, d.timestep, d.noise)
+    for r in resolutions:
+        start, folder = time.perf_counter(), cache_path(out, r)
+        views = dict(resolution=r, flip=True, interpolation="bilinear", antialias=True)  # the cells' Trainer's
+        outputs = {"tap": (teacher_cache.tap_spec(target, views), target),
+                   "embedding": (teacher_cache.embedding_spec(teacher), teacher)}
+        try:
+            teacher_cache.build_cache(folder, outputs, train_set, views, "float32", progress=False)
+        except teacher_cache.StaleCacheError:  # the teachers were trained again: their old outputs go
+            shutil.rmtree(folder)
+            teacher_cache.build_cache(folder, outputs, train_set, views, "float32", progress=False)
+        timings[f"teacher cache r{r}"] = time.perf_counter() - start
+    return {"timings": timings}
+
+
 def train_denoiser_job(spec: dict, report: Callable[..., None] | None = None) -> dict:
-    """The denoiser, trained in a grid worker while the others run the cells that do not need it."""
+    """The denoiser, trained in a grid worker while the others run the cells that do not need it; then the
+    teachers' outputs are cached for the cells that wait for it."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     config = from_dict(DemoConfig, spec["config"])
@@ -99,8 +131,10 @@ def train_denoiser_job(spec: dict, report: Callable[..., None] | None = None) ->
     handler = log_to_file(grid / "teachers" / "denoiser.log", runtime)
     try:
         train_set = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))["train"]
-        return train_teachers(config, grid, train_set, runtime, progress=False, which=("denoiser",),
-                              report=report)
+        trained = train_teachers(config, grid, train_set, runtime, progress=False, which=("denoiser",),
+                                 report=report)
+        trained["timings"] |= cache_teacher_outputs(config, grid, train_set, spec["resolutions"])["timings"]
+        return trained
     finally:
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)

@@ -54,6 +54,7 @@ def check_config(config: TrainConfig, need_data: bool = True) -> None:
         problems.append("models.discriminative_teacher_head is not set: stage2.kd_weight > 0 needs T_d's ArcFace "
                         "classifier, a state dict with 'weight' [num_classes, models.embedding_dim]")
     paths = [("data.train_root", config.data.train_root)] if need_data else []
+    paths += [("data.teacher_cache", config.data.teacher_cache)]  # gdrd-fast cache-teachers writes it first
     paths += [(WEIGHT_KEYS[kind], _weights(config, kind)) for kind in used]
     paths += [("models.discriminative_teacher_head", m.discriminative_teacher_head)] if kd_head else []
     paths += [(f"eval.val_targets[{i}]", t) for i, t in enumerate(config.eval.val_targets)]

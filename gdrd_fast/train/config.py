@@ -68,6 +68,9 @@ class DataConfig:
     # a training image that is not RGB image_size x image_size: 'refuse' (one line naming it) or 'resize'
     # (converted to RGB and resized bilinearly with antialiasing)
     mismatch: str = "refuse"
+    # a folder of the frozen teachers' outputs (gdrd-fast cache-teachers writes it; train reads it, checked
+    # against this recipe); None: the teachers run at every step
+    teacher_cache: str | None = None
 
     def __post_init__(self):
         if self.mismatch not in MISMATCH_RULES:

@@ -20,6 +20,7 @@ from .checks import check_config, check_parts
 from .config import TrainConfig
 from .pipeline import make_trainer, paper_parts, plan_for
 from .runtime import Runtime, seed_everything
+from .teacher_cache import TeacherCache
 
 log = logging.getLogger("gdrd_fast.train")
 
@@ -45,9 +46,10 @@ def dry_run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     plan = plan_for(config, parts)
     check_parts(config, parts, [p.name for p in plan])
     quiet = dataclasses.replace(config, checkpoint_every=0, log_every=0)  # nothing saved, nothing logged
+    cache = TeacherCache(config.data.teacher_cache) if config.data.teacher_cache is not None else None
     stages = {}
     for planned in plan:
-        trainer = make_trainer(planned, dataset, runtime, quiet)
+        trainer = make_trainer(planned, dataset, runtime, quiet, cache)
         trainer.progress = False
         trainer.train_steps(1)  # warm-up: the first batch, allocator and kernel choices
         timed = min(1, trainer.total_steps - trainer.step)

@@ -24,6 +24,7 @@ from . import checkpoint as ckpt, signals
 from .config import OptimConfig, OptimizerConfig
 from .runtime import Runtime
 from .stages import Stage, Views
+from .teacher_cache import TeacherCache, pick_flip
 
 LOG_FORMAT = "%(asctime)s %(message)s"
 
@@ -63,20 +64,24 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def make_views(batch, runtime: Runtime, resolution: int | None, flip: bool, interpolation: str = "bilinear",
                antialias: bool = True) -> Views:
-    """Move a (images, labels, idx) batch to the device, flip it, and degrade it to resolution x resolution.
+    """Move a (images, labels, idx[, cached]) batch to the device, flip it, and degrade it to resolution x
+    resolution; `cached` (teacher_cache.CachedDataset) holds both flips' teacher outputs: the drawn one is kept.
 
     A rank's batch is its slice of the global batch: the coins are drawn for the global batch and sliced.
     """
     from ..data import degrade, from_uint8
-    images, labels, idx = (t.to(runtime.device, non_blocking=True) for t in batch)
+    images, labels, idx = (t.to(runtime.device, non_blocking=True) for t in batch[:3])
     if images.dtype == torch.uint8:  # datasets opened as_uint8 ship raw pixels; convert on the device
         images = from_uint8(images)
+    coins = None
     if flip:  # one coin per sample, shared by the HR and LR views (docs/method/training.md)
         local = images.shape[0]
         coins = torch.rand(local * runtime.world_size, device=images.device)[runtime.rank * local:][:local] < 0.5
         images = torch.where(coins[:, None, None, None], images.flip(-1), images)
     lr = images if resolution is None else degrade(images, resolution, mode=interpolation, antialias=antialias)
-    return Views(images, lr, labels.long(), idx.long())
+    cached = {} if len(batch) < 4 else pick_flip(
+        {k: v.to(runtime.device, non_blocking=True) for k, v in batch[3].items()}, coins)
+    return Views(images, lr, labels.long(), idx.long(), cached.get("tap"), cached.get("embedding"))
 
 
 class Trainer:
@@ -88,10 +93,14 @@ class Trainer:
                  log_every: int = 50, checkpoint_every: int = 0, progress: bool = True, name: str | None = None,
                  group_optims: dict[str, OptimizerConfig | None] | None = None, shard_banks: bool = False,
                  sync_batchnorm: bool = False, scalars=None, step_hooks: Sequence[Callable] = (),
-                 meta: dict | None = None):
+                 meta: dict | None = None, teacher_cache: TeacherCache | None = None):
         self.stage, self.dataset, self.runtime = stage.to(runtime.device), dataset, runtime
+        if runtime.device.type == "cuda":  # the frozen teachers, when they run live, in the GPU's faster layout
+            stage.teachers_channels_last()
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.view_args = dict(resolution=resolution, flip=flip, interpolation=interpolation, antialias=antialias)
+        if teacher_cache is not None:  # the frozen teachers' outputs read beside each image, checked first
+            self.dataset = teacher_cache.dataset_for(stage, dataset, self.view_args)
         self.steps_per_epoch = len(dataset) // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} exceeds the dataset size {len(dataset)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -21,8 +22,9 @@ from .. import models
 from ..losses import CRDLoss, FeatureRegressionLoss, RelationalContrastiveLoss
 from ..atomic import remove_stale
 from . import checkpoint as ckpt, signals
-from .checks import check_config, check_parts
-from .config import VARIANTS, OptimConfig, OptimizerConfig, Stage2Config, TrainConfig, to_dict
+from . import teacher_cache
+from .checks import DISCRIMINATIVE_VARIANTS, check_config, check_parts
+from .config import GENERATIVE_VARIANTS, VARIANTS, OptimConfig, OptimizerConfig, Stage2Config, TrainConfig, to_dict
 from .loop import Trainer, log_to_file
 from .runtime import Runtime, seed_everything
 from .stages import DiscriminativeStage, GenerativeStage, GenerativeTarget, Stage
@@ -134,12 +136,55 @@ def variant_plan(variant: str, parts: Parts, stage1_optim: OptimConfig, stage2: 
     return [one_stage(lambda: discriminative(ONE_STAGE_DISTILL[variant], True))]
 
 
-def make_trainer(planned: PlannedStage, dataset: Dataset, runtime: Runtime, config: TrainConfig, **hooks) -> Trainer:
-    """hooks: Trainer's scalars= and step_hooks=."""
+def view_args(config: TrainConfig) -> dict:
+    """How the trainer makes a batch's views (loop.make_views), from the recipe."""
+    d = config.data
+    return dict(resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias)
+
+
+def teacher_outputs(config: TrainConfig, parts: Parts) -> dict:
+    """What the variant's stages read from their frozen teachers: teacher_cache.stage_outputs without
+    building the stages (building stage 2 would freeze the backbone stage 1 trains)."""
+    outputs, views = {}, view_args(config)
+    if config.variant in GENERATIVE_VARIANTS:
+        teacher = parts.generative()
+        size = parts.teacher_input if parts.teacher_input is not None else getattr(teacher, "input_size", None)
+        target = GenerativeTarget(teacher, size, parts.timestep, parts.noise)
+        outputs["tap"] = (teacher_cache.tap_spec(target, views), target)
+    if config.variant in DISCRIMINATIVE_VARIANTS:
+        teacher = parts.discriminative()[0].eval()
+        outputs["embedding"] = (teacher_cache.embedding_spec(teacher), teacher)
+    return outputs
+
+
+def cache_teachers(config: TrainConfig, dtype: str = "bf16", chunk: int = 64, progress: bool = True,
+                   dataset: Dataset | None = None) -> dict:
+    """`gdrd-fast cache-teachers`: write (or resume, or confirm) data.teacher_cache for this recipe; returns
+    its manifest. Under torchrun the chunks are shared out over the ranks."""
+    from ..data import open_dataset
+    if config.data.teacher_cache is None:
+        raise ValueError("data.teacher_cache is not set: name the folder to write the teachers' outputs to "
+                         "(e.g. --set data.teacher_cache=/data/casia_teacher_cache)")
+    check_config(dataclasses.replace(config, data=dataclasses.replace(config.data, teacher_cache=None)),
+                 need_data=dataset is None)
+    runtime = Runtime.create(config.device, "none")  # the cache holds the float32 teachers' outputs
+    seed_everything(config.seed)  # random teachers (allow_random_teachers) are then the training run's
+    if dataset is None:
+        dataset = open_dataset(config.data.train_root, config.data.image_size, as_uint8=True,
+                               mismatch=config.data.mismatch)
+    student = models.build_student(config.models.student)
+    parts = paper_parts(config, runtime, student, int(max(dataset.targets)) + 1, len(dataset))
+    outputs = {name: (spec, module.to(runtime.device)) for name, (spec, module) in teacher_outputs(config, parts).items()}
+    return teacher_cache.build_cache(config.data.teacher_cache, outputs, dataset, view_args(config), dtype, chunk,
+                                     runtime.device, runtime.rank, runtime.world_size, progress)
+
+
+def make_trainer(planned: PlannedStage, dataset: Dataset, runtime: Runtime, config: TrainConfig, cache=None,
+                 **hooks) -> Trainer:
+    """hooks: Trainer's scalars= and step_hooks=; cache: the opened data.teacher_cache."""
     d = config.data
     return Trainer(planned.build(), dataset, runtime, planned.optim, **hooks, batch_size=d.batch_size,
-                   seed=config.seed,
-                   resolution=d.resolution, flip=d.flip, interpolation=d.interpolation, antialias=d.antialias,
+                   seed=config.seed, teacher_cache=cache, **view_args(config),
                    num_workers=d.num_workers, output_dir=config.output_dir, log_every=config.log_every,
                    checkpoint_every=config.checkpoint_every, group_optims=planned.group_optims,
                    shard_banks=config.stage2.crd.sharded, sync_batchnorm=config.sync_batchnorm,
@@ -230,8 +275,14 @@ def _train_gdrd(config: TrainConfig, resume: str | Path | None, dataset: Dataset
         student = models.build_student(config.models.student)
         plan = plan_for(config, paper_parts(config, runtime, student, num_classes, len(dataset)))
         names = [p.name for p in plan]
-        check_parts(config, paper_parts(config, runtime, student, num_classes, len(dataset)), names, state,
-                    out if runtime.is_main else None)  # the teachers and targets, before the first step
+        parts = paper_parts(config, runtime, student, num_classes, len(dataset))
+        check_parts(config, parts, names, state, out if runtime.is_main else None)  # teachers, before the first step
+        cache = None
+        if config.data.teacher_cache is not None:  # checked against every stage now, not after stage 1
+            cache = teacher_cache.TeacherCache(config.data.teacher_cache)
+            with torch.random.fork_rng(devices=[]):  # building the teachers again must not shift the stages' init
+                wanted = {name: spec for name, (spec, _) in teacher_outputs(config, parts).items()}
+            cache.check(wanted, teacher_cache.dataset_fingerprint(dataset))
         if state is not None and state.get("stage") not in names:
             raise ValueError(f"resume: {resume} is a {state.get('stage')!r} checkpoint; variant {config.variant!r} "
                              f"trains {names}")
@@ -254,7 +305,7 @@ def _train_gdrd(config: TrainConfig, resume: str | Path | None, dataset: Dataset
         for i, planned in enumerate(plan[start:], start):
             # the last stage trains the student's output: it is the stage that validates (stage1-probe: none)
             hooks = validators if i == len(plan) - 1 and config.variant != "stage1-probe" else []
-            trainer = make_trainer(planned, dataset, runtime, config, scalars=scalars, step_hooks=hooks)
+            trainer = make_trainer(planned, dataset, runtime, config, cache, scalars=scalars, step_hooks=hooks)
             if state is not None and i == start:
                 trainer.load_state_dict(state)
             trainer.train_steps()

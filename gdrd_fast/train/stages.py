@@ -17,11 +17,14 @@ from .runtime import Runtime
 
 
 class Views(NamedTuple):
-    """One batch as both networks see it: the HR face and its LR version (flipped identically)."""
+    """One batch as both networks see it: the HR face and its LR version (flipped identically), and, when
+    the run reads a teacher cache (train/teacher_cache.py), the frozen teachers' outputs for that flip."""
     hr: Tensor
     lr: Tensor
     labels: Tensor
     idx: Tensor
+    teacher_tap: Tensor | None = None  # T_g's feature of lr, before pooling onto the student's grid
+    teacher_embedding: Tensor | None = None  # T_d's embedding of hr
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -48,6 +51,13 @@ class Stage(nn.Module):
     def losses(self, views: Views) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def teachers_channels_last(self) -> None:
+        """Run the frozen teachers in NHWC, the layout GPU tensor cores convolve fastest (Trainer: on CUDA)."""
+        for module in self.modules():
+            if isinstance(module, GenerativeTarget):
+                module.memory_format = torch.channels_last
+                module.teacher.to(memory_format=torch.channels_last)
+
     def forward(self, views: Views) -> dict[str, Tensor]:
         return self.losses(views)  # DistributedDataParallel syncs gradients of what runs in forward
 
@@ -68,6 +78,7 @@ class GenerativeTarget(nn.Module):
             raise ValueError(f"timestep must be a non-negative int, got {timestep!r}")
         self.teacher = _freeze(teacher)
         self.input_size, self.timestep, self.noise = input_size, timestep, noise
+        self.memory_format = torch.contiguous_format  # Stage.teachers_channels_last sets NHWC
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -75,15 +86,22 @@ class GenerativeTarget(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, lr: Tensor, grid: tuple[int, int]) -> Tensor:
+    def features(self, lr: Tensor) -> Tensor:
+        """The teacher's tap of the LR face, in float32 (what a teacher cache stores)."""
         x = lr
         if self.input_size is not None and x.shape[-1] != self.input_size:
             # bicubic overshoots; the teacher was trained on images in [-1, 1]
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False).clamp_(-1, 1)
         if self.noise:
             x = (1 - self.noise ** 2) ** 0.5 * x + self.noise * torch.randn_like(x)
+        x = x.contiguous(memory_format=self.memory_format)
         # t = 0 calls teacher(x): any feature extractor works as a teacher at the paper's setting
-        target = self.teacher(x, self.timestep) if self.timestep else self.teacher(x)
+        return (self.teacher(x, self.timestep) if self.timestep else self.teacher(x)).float()
+
+    @torch.no_grad()
+    def forward(self, lr: Tensor, grid: tuple[int, int], cached: Tensor | None = None) -> Tensor:
+        """The target on the student's grid; `cached`: features(lr) read from a teacher cache."""
+        target = self.features(lr) if cached is None else cached.float()
         if target.shape[-2:] != tuple(grid):
             # [choice] a teacher tap at another resolution is average-pooled onto the student's grid
             target = F.adaptive_avg_pool2d(target.float(), grid)
@@ -108,7 +126,7 @@ class GenerativeStage(Stage):
     def losses(self, views: Views) -> dict[str, Tensor]:
         with self.runtime.autocast():
             student = self.backbone(views.lr)
-            target = self.target(views.lr, student.shape[-2:])
+            target = self.target(views.lr, student.shape[-2:], views.teacher_tap)
         return {"gen": self.regression(student.float(), target)}
 
 
@@ -158,6 +176,7 @@ class DiscriminativeStage(Stage):
         self.teacher_classifier = _freeze(teacher_classifier) if teacher_classifier is not None else None
         self.distill = distill
         self.generative, self.regression, self.gen_weight = generative, regression, gen_weight
+        self.teacher_memory_format = torch.contiguous_format
         self.kd_weight, self.distill_weight, self.kd_temperature = kd_weight, distill_weight, kd_temperature
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -167,6 +186,12 @@ class DiscriminativeStage(Stage):
         ids = {id(p) for p in critic + backbone}
         return {"model": [p for p in self.trainable_parameters() if id(p) not in ids], "distill": critic,
                 "backbone": backbone}
+
+    def teachers_channels_last(self) -> None:
+        super().teachers_channels_last()
+        if self.teacher is not None:
+            self.teacher_memory_format = torch.channels_last
+            self.teacher.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -182,11 +207,12 @@ class DiscriminativeStage(Stage):
             with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
                 features = self.backbone(x)
             embedding = self.head(features)
-            teacher_embedding = None
-            if self.teacher is not None:
+            teacher_embedding = views.teacher_embedding
+            if self.teacher is not None and teacher_embedding is None:
                 with torch.no_grad():
-                    teacher_embedding = self.teacher(views.hr)
-            target = self.generative(views.lr, features.shape[-2:]) if self.generative is not None else None
+                    teacher_embedding = self.teacher(views.hr.contiguous(memory_format=self.teacher_memory_format))
+            target = (self.generative(views.lr, features.shape[-2:], views.teacher_tap)
+                      if self.generative is not None else None)
         embedding = embedding.float()
         logits = self.classifier(embedding, views.labels)
         terms = {"cls": F.cross_entropy(logits.margin, views.labels)}

@@ -38,6 +38,10 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     assert set(payload["teachers"]) == {"hr", "denoiser"}
     students = payload["ablation"]["students"]
     assert set(students) == {"baseline@8", "gdrd@8"}
+    # the teachers ran once, into the cache; the GDRD cells read it instead of running them at every step
+    reads = {(c["variant"], c["seed"]): c["teacher_cache"]["read"] for c in payload["ablation"]["cells"]}
+    assert reads[("gdrd", 0)] == reads[("gdrd", 1)] == {"stage1": ["tap"], "stage2": ["embedding"]}
+    assert reads[("baseline", 0)] == {"single": []}
     for row in students.values():  # mean +- std over the two seeds
         assert row["seeds"] == [0, 1] and len(row["accuracy"]["values"]) == 2 and row["accuracy"]["std"] >= 0
         assert 0 <= row["probe"]["mean"] <= 1
@@ -78,7 +82,10 @@ def test_ablate_cli_runs_a_grid_over_resolutions_in_parallel_processes(tmp_path,
     assert summary["jobs"] == 2 and all(len(r["seeds"]) == 2 for r in summary["students"].values())
     # the denoiser trained in a grid process while the other ran kd cells; stage1-probe waited for it
     assert (out / "teachers" / "denoiser.log").is_file()
-    assert set(summary["teacher_timings_s"]) == {"HR teacher", "denoiser"}
+    # and then cached both teachers' outputs, which the stage1-probe cells that waited for it read
+    assert set(summary["teacher_timings_s"]) == {"HR teacher", "denoiser", "teacher cache r4", "teacher cache r8"}
+    assert all(c["teacher_cache"]["read"] == {"stage1": ["tap"]} for c in summary["cells"]
+               if c["variant"] == "stage1-probe")
     assert [(c["variant"], c["resolution"], c["seed"]) for c in summary["cells"]] == [
         (v, r, s) for r in (4, 8) for s in (0, 1) for v in ("stage1-probe", "kd")]  # grid order
     _png(out / "ablation.png")
