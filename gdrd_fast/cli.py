@@ -422,6 +422,10 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:  # Terminated (SIGTERM) or train's StopRequested: the signal's exit code
+        if in_main_thread:  # the process exits now (workers joined, files closed): a late Ctrl-C would only
+            previous = signal.SIG_IGN  # turn exit 130 into a traceback or a death by signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         parser.exit(getattr(exc, "exit_code", 130), f"{prog}: interrupted{f': {exc}' if str(exc) else ''}\n")
     except Exception as exc:
         if os.environ.get("GDRD_FAST_DEBUG"):

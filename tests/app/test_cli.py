@@ -1,6 +1,7 @@
 """The gdrd-fast command: every subcommand has --help, recipes resolve, and every failure is one line on
 stderr with a non-zero exit code, never a traceback."""
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,10 @@ def test_unexpected_failures_and_interrupts_are_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["env"])
     assert _one_error_line(capsys, exit_info, code=130) == "gdrd-fast env: interrupted"
+    # the process exits from here: further signals are ignored, not raised into the exit
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_console_failure_has_no_traceback(tmp_path):

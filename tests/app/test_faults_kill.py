@@ -114,7 +114,12 @@ def test_sigterm_checkpoints_the_last_step_and_no_worker_survives(reference, tmp
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "gdrd-fast train: interrupted: stopped at once by SIGINT" in err, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]
+    if "gdrd-fast train: interrupted: stopped at once by SIGINT" not in err:
+        # on a busy machine the step can end within the 0.3 s: then the first signal's stop is what ran,
+        # and the second, ignored while the run exits, must not have turned it into a death by signal
+        assert "stopped after step" in err.strip().splitlines()[-1], err[-3000:]
+    assert load_checkpoint(out / "stage1.pt")["step"] >= step
     assert not survivors(proc.pid)
 
 

@@ -77,3 +77,18 @@ def test_a_signal_stops_the_grid_and_every_worker(command, signum, code, tmp_pat
     time.sleep(1.0)  # an orphan would be reparented, still alive
     survivors = [pid for pid in tree if alive(pid)]
     assert not survivors, f"processes of the run still alive after {command} ended: {survivors}"
+
+
+def test_a_second_signal_stops_at_once():
+    """In-process, so the order is certain: the first SIGINT asks for a stop after the step, the second
+    raises StopRequested inside the step; a block left without a signal restores the handlers."""
+    from gdrd_fast.train import signals
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(signals.StopRequested, match="stopped at once by SIGINT") as stop:
+        with signals.stop_gracefully():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert signals.requested() == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the step under way: the second signal ends it
+    assert stop.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is before
