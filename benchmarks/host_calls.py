@@ -181,14 +181,16 @@ def bank_update_pair_(device):
 
 def queue_push_(device):
     queue, values, labels = _queue(device)
-    return Call(lambda: functional.queue_push_(queue.values, queue.ptr, queue.count, values, labels,
-                                               queue.labels) or (), (queue.values, queue.labels, queue.ptr))
+    # the buffers as the eager code holds them, so the call alone is timed (not nn.Module's __getattr__)
+    rows, ptr, count, queue_labels = queue.values, queue.ptr, queue.count, queue.labels
+    return Call(lambda: functional.queue_push_(rows, ptr, count, values, labels, queue_labels) or (),
+                (rows, queue_labels, ptr))
 
 
 def queue_sample_negatives(device):
     queue, _, labels = _queue(device)
-    seed = torch.tensor([1234], device=device)
-    return Call(lambda: (functional.queue_sample_negatives(queue.labels, QUEUE, labels, seed, K),))
+    seed, queue_labels = torch.tensor([1234], device=device), queue.labels
+    return Call(lambda: (functional.queue_sample_negatives(queue_labels, QUEUE, labels, seed, K),))
 
 
 def crd_module(device, draw: bool = False):

@@ -347,16 +347,23 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, label
                 queue_labels: Tensor | None = None, backend: str = "auto") -> None:
     """Ring buffer: values (and labels) go to rows ptr, ptr + 1, ... (mod size), the newest `size` kept;
     ptr and count advance on the device (no host sync)."""
+    # a push costs the host about as much as MoCo's slice assignment: each check compares first and builds
+    # its message only on failure
     check.tensor("queue", queue, 2)
     check.tensor("values", values, 2)
-    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue.shape[1]": queue.shape[1]})
+    if values.shape[1] != queue.shape[1]:
+        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue.shape[1]": queue.shape[1]})
     if (labels is None) != (queue_labels is None):
         raise ValueError("labels and queue_labels go together: pass both or neither")
     if labels is not None:
         check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-        check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
-    device = check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
-                               queue_labels=queue_labels)
+        if labels.shape[0] != values.shape[0]:
+            check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+    device = queue.device
+    if (ptr.device != device or count.device != device or values.device != device
+            or (labels is not None and (labels.device != device or queue_labels.device != device))):
+        check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
+                          queue_labels=queue_labels)  # raises, naming each device
     check.finite("values", values)
     run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
 
