@@ -48,9 +48,14 @@ def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NA
     check.tensor(a, anchor, 2)
     check.tensor(m, memory, 2)
     check.tensor(i, idx, 2, check.INDEX_DTYPES)
-    device = check.same_device(**{a: anchor, m: memory, i: idx})
-    check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
-    check.same_size("feature dim", **{f"{a}.shape[1]": anchor.shape[1], f"{m}.shape[1]": memory.shape[1]})
+    device = anchor.device
+    if memory.device != device or idx.device != device:
+        check.same_device(**{a: anchor, m: memory, i: idx})  # raises, naming each device
+    # compared first, the message built only on failure: these checks run on every step
+    if anchor.shape[0] != idx.shape[0]:
+        check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
+    if anchor.shape[1] != memory.shape[1]:
+        check.same_size("feature dim", **{f"{a}.shape[1]": anchor.shape[1], f"{m}.shape[1]": memory.shape[1]})
     if idx.shape[1] < 2:
         raise ValueError(f"{i} must be [B, K+1]: a positive and at least one negative per row, "
                          f"got shape {tuple(idx.shape)}")

@@ -173,7 +173,8 @@ def log_z_value(name: str, log_z, like: Tensor) -> Tensor:
         if log_z.device != like.device and log_z.device.type != "cpu":
             raise ValueError(f"{name} is on {log_z.device}, the other tensors on {like.device}: "
                              f"pass a float or a tensor on {like.device}")
-        t = log_z.reshape(()).to(like.device, torch.float64)
+        t = (log_z if log_z.dim() == 0 and log_z.dtype == torch.float64 and log_z.device == like.device
+             else log_z.reshape(()).to(like.device, torch.float64))
     elif _is_number(log_z):
         t = torch.tensor(float(log_z), dtype=torch.float64, device=like.device)
     else:
