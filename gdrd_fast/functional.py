@@ -324,9 +324,9 @@ def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float, b
     duplicate of idx wins (RepDistiller's index_copy_)."""
     device = check_bank_update(memory, idx, values)
     check.in_unit_interval("momentum", momentum)
-    name = memory_ops.IMPLS.resolve(backend, device, memory.dtype)
+    update = memory_ops.IMPLS.load_for(backend, device, memory.dtype)
     with torch.no_grad():
-        memory_ops.IMPLS[name].load()(memory, idx, values.detach(), momentum)
+        update(memory, idx, values.detach(), momentum)
 
 
 def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
@@ -343,9 +343,9 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
 def run_bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
                           momentum: float, backend: str, device: torch.device) -> None:
     """bank_update_pair_ after its checks, for a caller that made them itself (CRDLoss)."""
-    name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
+    update = memory_ops.PAIR_IMPLS.load_for(backend, device, memory_a.dtype)
     with torch.no_grad():
-        memory_ops.PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
+        update(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
 
 
 def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None = None,
@@ -377,8 +377,7 @@ def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, l
                     queue_labels: Tensor | None, backend: str, device: torch.device) -> None:
     """queue_push_ after its checks, for a caller that made them itself (MemoryQueue.push_): checks run once,
     at the outermost layer."""
-    name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
-    push = memory_ops.PUSH_IMPLS[name].load()
+    push = memory_ops.PUSH_IMPLS.load_for(backend, device, queue.dtype)
     # values are detached and the other arguments are integer, so only a queue that asks for grad could
     # bring autograd in; otherwise no_grad would cost about as much host time as the kernel on a small push
     if queue.requires_grad:
@@ -408,5 +407,5 @@ def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_lab
 def run_queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
                                backend: str, device: torch.device) -> Tensor:
     """queue_sample_negatives after its checks, for a caller that made them itself (MemoryQueue)."""
-    name = memory_ops.SAMPLE_IMPLS.resolve(backend, device, torch.float32)
-    return memory_ops.SAMPLE_IMPLS[name].load()(queue_labels, filled, partner_labels, seed, k)
+    return memory_ops.SAMPLE_IMPLS.load_for(backend, device, torch.float32)(queue_labels, filled, partner_labels, seed,
+                                                                           k)
