@@ -210,7 +210,9 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     fields = {f"params.{k}": v for k, v in params._asdict().items()}
     for field, value in fields.items():
         check.tensor(field, value, (1, 2))
-    device = check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)
+    device = e_s.device
+    if any(t.device != device for t in (e_t, queue_t, queue_s, neg_idx, *params)):
+        check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)  # raises
     if e_t.shape != e_s.shape:
         raise ValueError(f"e_t and e_s must have the same shape, got {tuple(e_t.shape)} and {tuple(e_s.shape)}")
     if e_t.shape[0] < 2:
@@ -221,8 +223,9 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
     rel_dim = params.ft_w1.shape[0]
     for field, expected in relational_param_shapes(e_t.shape[1], rel_dim).items():
-        check.shape(f"params.{field}", getattr(params, field), expected,
-                    f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
+        if getattr(params, field).shape != expected:  # the message is built only on failure
+            check.shape(f"params.{field}", getattr(params, field), expected,
+                        f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
     check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
     if neg_idx.shape[1] < 1:
         raise ValueError(f"neg_idx must hold at least one negative per partner, got shape {tuple(neg_idx.shape)}")

@@ -14,10 +14,13 @@ it propagates into the loss, which is then NaN, never silently dropped.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+
+from . import backends
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -53,10 +56,28 @@ def tensor(name: str, t, ndim: int | tuple[int, ...], dtypes=FLOAT_DTYPES) -> Te
     return t
 
 
+@functools.cache
+def _cpu_all_finite():
+    """The C++ CPU check (csrc/cpu/checks.cpp), or None without the extension or in an older build of it."""
+    if backends.cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, "all_finite"):
+        return None
+    return torch.ops.gdrd_fast_C.all_finite.default
+
+
+# elements up to which the C++ check beats a torch sum on the CPU (it pays no tensor for its result, but
+# reads with the build's baseline vector width, where torch's sum picks AVX2/AVX-512 at run time): 1.05
+# against 1.8 us at 32 elements, 28 against 7 us at 131,072 on the 2-core VM
+_SCAN_MAX_ELEMENTS = 4096
+
+
 def all_finite(t: Tensor) -> bool:
-    """One reduction instead of an elementwise pass: a finite sum proves every element finite (NaN and Inf
-    survive any order of additions); only a non-finite sum, which may be an overflow (more likely in a
-    half-precision sum), pays the exact check."""
+    """A small CPU tensor: the C++ check, one read and a bool back. Otherwise one reduction instead of an
+    elementwise pass: a finite sum proves every element finite (NaN and Inf survive any order of
+    additions); only a non-finite sum, which may be an overflow (more likely in a half-precision sum), pays
+    the exact check."""
+    scan = _cpu_all_finite() if t.is_cpu and t.numel() <= _SCAN_MAX_ELEMENTS else None
+    if scan is not None:
+        return scan(t)
     # .item() and math.isfinite: a third of the host time of torch.isfinite on a 0-dim tensor
     return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
