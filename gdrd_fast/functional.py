@@ -165,12 +165,16 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
             check.same_size("bank rows", **{"bank.shape[0]": bank.shape[0], "bank_labels.shape[0]": bank_labels.shape[0]})
     elif bank_labels is not None:
         raise ValueError("bank_labels needs labels (the query labels) too")
-    device = check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
-                               labels=labels, bank_labels=bank_labels if bank.shape[0] else None)
+    device = query.device
+    others = (positive, bank, batch_negatives, labels, bank_labels if bank.shape[0] else None)
+    if any(t is not None and t.device != device for t in others):
+        check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
+                          labels=labels, bank_labels=bank_labels if bank.shape[0] else None)  # raises
     for name, t in (("positive", positive), ("batch_negatives", batch_negatives)):
         if t is not None and t.shape != query.shape:
             raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
-    check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
+    if query.shape[1] != bank.shape[1]:
+        check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
     check.no_grad_input("bank", bank, "the bank holds constant negatives")
     check.positive("temperature", temperature)
     check.finite("query", query)
@@ -199,6 +203,9 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
     return reduce_rows(rows, reduction, query.dtype)
 
 
+_PARAM_NAMES = tuple(f"params.{field}" for field in RelationalParams._fields)  # named once, not per call
+
+
 def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data) -> torch.device:
     check.tensor("e_t", e_t, 2)
     check.tensor("e_s", e_s, 2)
@@ -207,7 +214,7 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     check.tensor("neg_idx", neg_idx, 2, check.INDEX_DTYPES)
     if not isinstance(params, RelationalParams):
         raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
-    fields = {f"params.{k}": v for k, v in params._asdict().items()}
+    fields = dict(zip(_PARAM_NAMES, params))
     for field, value in fields.items():
         check.tensor(field, value, (1, 2))
     device = e_s.device
@@ -220,13 +227,15 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     if queue_t.shape != queue_s.shape:
         raise ValueError(f"queue_t and queue_s must have the same shape, got {tuple(queue_t.shape)} "
                          f"and {tuple(queue_s.shape)}")
-    check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
+    if e_t.shape[1] != queue_t.shape[1]:
+        check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
     rel_dim = params.ft_w1.shape[0]
     for field, expected in relational_param_shapes(e_t.shape[1], rel_dim).items():
         if getattr(params, field).shape != expected:  # the message is built only on failure
             check.shape(f"params.{field}", getattr(params, field), expected,
                         f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
-    check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
+    if e_t.shape[0] != neg_idx.shape[0]:
+        check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
     if neg_idx.shape[1] < 1:
         raise ValueError(f"neg_idx must hold at least one negative per partner, got shape {tuple(neg_idx.shape)}")
     check.no_grad_input("queue_t", queue_t, "queues hold constant keys")
@@ -289,13 +298,16 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     check.tensor("weight", weight, 2)
     if bias is not None:
         check.tensor("bias", bias, 1)
-    device = check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)
+    device = student.device
+    if teacher.device != device or weight.device != device or (bias is not None and bias.device != device):
+        check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)  # raises
     expected = (student.shape[0], weight.shape[0], *student.shape[2:])
     if tuple(teacher.shape) != expected:
         raise ValueError(f"teacher must have shape {expected} (B, Ct=weight.shape[0], spatial of student), "
                          f"got {tuple(teacher.shape)}")
-    check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
-    if bias is not None:
+    if student.shape[1] != weight.shape[1]:
+        check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
+    if bias is not None and bias.shape[0] != weight.shape[0]:
         check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
     check.no_grad_input("teacher", teacher, "the teacher's features are the target")
     for name, t in dict(student=student, teacher=teacher, weight=weight, bias=bias).items():
