@@ -1,6 +1,6 @@
 """Prints, after the pytest-benchmark tables, one table per op and size with ratios against eager; puts the
 GPU run's correctness verdict (benchmarks/gpu/run.sh) and every skipped case with its reason into the results
-JSON, so the report says why a provider is absent."""
+JSON, so the report says why a provider is absent, and the machine's load average around the run."""
 from __future__ import annotations
 
 import json
@@ -55,13 +55,23 @@ def pytest_runtest_logreport(report):
 SKIPPED: list[dict] = []
 
 
+def pytest_sessionstart(session):
+    LOAD["start"] = list(os.getloadavg())
+
+
+LOAD: dict[str, list[float]] = {}
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """benchmarks/gpu/run.sh checks the kernels before it benchmarks them: its verdict goes into the results."""
+    """benchmarks/gpu/run.sh checks the kernels before it benchmarks them: its verdict goes into the results.
+    The machine's load average (1, 5, 15 min) at the start and end of the run goes in too: on a shared
+    machine it says how far the times can be trusted."""
     path = os.environ.get("GDRD_GPU_VERDICT")
     if path and os.path.isfile(path):
         with open(path) as f:
             output_json["correctness"] = json.load(f)
     output_json["skipped"] = list(SKIPPED)
+    output_json["load"] = {**LOAD, "end": list(os.getloadavg())}
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -1,7 +1,8 @@
 """Every public gdrd_fast call at a size where the arithmetic is negligible (B=4, K=16, D=8), and the eager
 code each one replaces.
 
-Shared by the host-cost benchmark (benchmarks/test_bench_host_cost.py), the sync-free test
+Shared by the host-cost benchmark (benchmarks/test_bench_host_cost.py, which also times each functional
+call's backend called directly: BACKEND), the sync-free test
 (tests/lib/test_sync_free.py) and the CUDA-graph tests (tests/lib/test_cuda_graphs.py). A builder makes its
 inputs from a seeded generator, so two builds on one device are identical, and leaves a stateful Module in
 its steady state (log Z set, queue full): what every later training step looks like.
@@ -21,6 +22,8 @@ from torch import Tensor
 from gdrd_fast import (CRDLoss, FeatureRegressionLoss, InfoNCEBankLoss, MemoryBank, MemoryQueue,
                        RelationalContrastiveLoss, functional, reference, validation)
 from gdrd_fast.integrations.metric_learning import CrossBatchNTXentLoss
+from gdrd_fast.ops import crd_nce as crd_ops, feature_regression, infonce, infonce_pairs, relational
+from gdrd_fast.ops import memory as memory_ops
 
 from .harness import random_relational_params
 
@@ -181,14 +184,16 @@ def bank_update_pair_(device):
 
 def queue_push_(device):
     queue, values, labels = _queue(device)
-    return Call(lambda: functional.queue_push_(queue.values, queue.ptr, queue.count, values, labels,
-                                               queue.labels) or (), (queue.values, queue.labels, queue.ptr))
+    # the buffers as the eager code holds them, so the call alone is timed (not nn.Module's __getattr__)
+    rows, ptr, count, queue_labels = queue.values, queue.ptr, queue.count, queue.labels
+    return Call(lambda: functional.queue_push_(rows, ptr, count, values, labels, queue_labels) or (),
+                (rows, queue_labels, ptr))
 
 
 def queue_sample_negatives(device):
     queue, _, labels = _queue(device)
-    seed = torch.tensor([1234], device=device)
-    return Call(lambda: (functional.queue_sample_negatives(queue.labels, QUEUE, labels, seed, K),))
+    seed, queue_labels = torch.tensor([1234], device=device), queue.labels
+    return Call(lambda: (functional.queue_sample_negatives(queue_labels, QUEUE, labels, seed, K),))
 
 
 def crd_module(device, draw: bool = False):
@@ -277,6 +282,121 @@ CALLS: dict[str, Callable[[str], Call]] = {
     "MemoryQueue.sample_negatives(labels)": memory_queue_sample,
     "MemoryQueue.sample_negatives": lambda device: memory_queue_sample(device, with_labels=False),
     "CrossBatchNTXentLoss": cross_batch_ntxent,
+}
+
+
+# --- each functional call's backend called directly: the call less its checks and dispatch -------------
+def _backend(table, device, dtype, **sizes):
+    """The backend function that `table` resolves for these inputs (the functional's own pick), loaded once."""
+    return table[table.resolve("auto", torch.device(device), dtype, **sizes)].load()
+
+
+def _crd_backend(device):
+    anchor, _, bank, _, _, idx = _crd_inputs(device)
+    rows = _backend(crd_ops.IMPLS, device, anchor.dtype, d=D)
+    log_z = _log_z(device)
+    return Call(lambda: _grads(rows(anchor, bank, idx, temperature=T, log_z=log_z, n_data=N, eps=EPS).mean(),
+                               [anchor]))
+
+
+def _crd_pair_backend(device):
+    v_s, v_t, bank_s, bank_t, _, idx = _crd_inputs(device)
+    rows = _backend(crd_ops.PAIR_IMPLS, device, v_s.dtype, d=D)
+    log_z = _log_z(device)
+
+    def run():
+        rows_a, rows_b = rows(v_s, bank_t, log_z, v_t, bank_s, log_z, idx, temperature=T, n_data=N, eps=EPS)
+        return _grads(rows_a.mean() + rows_b.mean(), [v_s, v_t])
+
+    return Call(run)
+
+
+def _crd_z_backend(device):
+    anchor, _, bank, _, _, idx = _crd_inputs(device)
+    log_z = _backend(crd_ops.LOG_Z_IMPLS, device, anchor.dtype)
+    return Call(lambda: (log_z(anchor.detach(), bank, idx, temperature=T, n_data=N),))
+
+
+def _infonce_backend(device):
+    query, positive, bank, _, _ = _infonce_inputs(device)
+    rows = _backend(infonce.IMPLS, device, query.dtype, d=D)
+    return Call(lambda: _grads(rows(query, positive, bank, temperature=T).mean(), [query]))
+
+
+def _infonce_pairs_backend(device):
+    query, positive, bank, labels, bank_labels = _infonce_inputs(device)
+    rows = _backend(infonce_pairs.IMPLS, device, query.dtype, d=D)
+
+    def run():
+        losses, pairs = rows(query, None, bank, temperature=T, batch_negatives=positive, labels=labels,
+                             bank_labels=bank_labels, normalize=True)
+        return _grads(losses.sum() / pairs, [query])
+
+    return Call(run)
+
+
+def _relational_backend(device):
+    e_t, e_s, queue_t, queue_s, neg_idx, params = _relational_inputs(device)
+    rows = _backend(relational.IMPLS, device, e_s.dtype, relation_dim=REL)
+    log_z = _log_z(device)
+    return Call(lambda: _grads(rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=0.1, log_z_t=log_z,
+                                    log_z_s=log_z, n_data=N).mean(), [e_s, *params]))
+
+
+def _relational_z_backend(device):
+    e_t, e_s, queue_t, queue_s, neg_idx, params = _relational_inputs(device)
+    log_z = _backend(relational.LOG_Z_IMPLS, device, e_s.dtype, relation_dim=REL)
+    return Call(lambda: log_z(e_t, e_s.detach(), queue_t, queue_s, neg_idx, params, temperature=0.1, n_data=N))
+
+
+def _feature_regression_backend(device):
+    student, teacher = _feature_inputs(device)
+    weight = torch.randn(D, D, device=device, requires_grad=True)
+    bias = torch.zeros(D, device=device, requires_grad=True)
+    rows = _backend(feature_regression.IMPLS, device, student.dtype)
+    return Call(lambda: _grads(rows(student, teacher, weight, bias).mean(), [student, weight, bias]))
+
+
+def _bank_update_backend(device, banks: int = 1):
+    v_s, v_t, bank_s, bank_t, pos, _ = _crd_inputs(device)
+    values_s, values_t = v_s.detach(), v_t.detach()
+    if banks == 1:
+        update = _backend(memory_ops.IMPLS, device, bank_s.dtype)
+        return Call(lambda: update(bank_s, pos, values_s, MOMENTUM) or (), (bank_s,))
+    update = _backend(memory_ops.PAIR_IMPLS, device, bank_s.dtype)
+    return Call(lambda: update(bank_s, values_s, bank_t, values_t, pos, MOMENTUM) or (), (bank_s, bank_t))
+
+
+def _queue_push_backend(device):
+    queue, values, labels = _queue(device)
+    rows, ptr, count, queue_labels = queue.values, queue.ptr, queue.count, queue.labels
+    push = _backend(memory_ops.PUSH_IMPLS, device, rows.dtype)
+    return Call(lambda: push(rows, ptr, count, values, labels, queue_labels) or (), (rows, queue_labels, ptr))
+
+
+def _queue_sample_backend(device):
+    queue, _, labels = _queue(device)
+    seed, queue_labels = torch.tensor([1234], device=device), queue.labels
+    sample = _backend(memory_ops.SAMPLE_IMPLS, device, torch.float32)
+    return Call(lambda: (sample(queue_labels, QUEUE, labels, seed, K),))
+
+
+# a functional call -> its backend's function called directly on the same inputs, reduced as the functional
+# reduces them ('mean'): the host cost of a call's checks and dispatch is the functional call's time less
+# this one's
+BACKEND: dict[str, Callable[[str], Call]] = {
+    "crd_nce_loss": _crd_backend,
+    "crd_nce_pair_loss": _crd_pair_backend,
+    "crd_log_z": _crd_z_backend,
+    "infonce_bank_loss": _infonce_backend,
+    "infonce_bank_loss(labels, in-batch, cosine)": _infonce_pairs_backend,
+    "relational_contrastive_loss": _relational_backend,
+    "relational_log_z": _relational_z_backend,
+    "feature_regression_loss": _feature_regression_backend,
+    "bank_update_": _bank_update_backend,
+    "bank_update_pair_": lambda device: _bank_update_backend(device, banks=2),
+    "queue_push_": _queue_push_backend,
+    "queue_sample_negatives": _queue_sample_backend,
 }
 
 

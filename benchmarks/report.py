@@ -157,6 +157,12 @@ def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
             f"torch {info.get('torch')}, triton {info.get('triton')}, python {info.get('python')}. "
             "Times: on GPU triton.testing.do_bench with the L2 flushed (median, p20-p80), on CPU medians of "
             "pytest-benchmark rounds; fwd+bwd per step; TFLOP/s = the op's cost model / median.", ""]
+    if "load" in data:  # benchmarks/conftest.py: the load average around the run (a shared machine's noise)
+        loadavg = data["load"]
+        text += ["Load average (1, 5, 15 min) "
+                 + ", ".join(f"at the {when}: {' / '.join(f'{v:.2f}' for v in loadavg[when])}"
+                             for when in ("start", "end") if when in loadavg)
+                 + f" on {data.get('machine_info', {}).get('cpu', {}).get('count', '?')} cores.", ""]
     if "correctness" in data:  # benchmarks/gpu/run.sh: the kernels' check against the float64 reference
         verdict = data["correctness"]
         text += [f"Correctness of the kernels benchmarked here (float64 reference, fp32/fp16/bf16): "

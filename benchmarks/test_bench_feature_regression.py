@@ -51,5 +51,5 @@ def build(provider: str, size_key: str, device: str):
 @pytest.mark.parametrize("provider,size_key,device", cases(SIZES, PROVIDERS))
 def test_feature_regression_loss(benchmark, provider, size_key, device):
     skip_unavailable(fr_ops.IMPLS, provider, device)
-    measure(benchmark, __name__, OP, provider, size_key, device, rounds=5 if device == "cpu" else 50,
+    measure(benchmark, __name__, OP, provider, size_key, device, rounds=20 if device == "cpu" else 50,
             flop=flops(size_key, device))

@@ -3,7 +3,9 @@ arithmetic is negligible and the time of a call is what the host spends issuing 
 
 Providers of each call: "gdrd_fast" (value checks as the device has them by default: on for CPU tensors,
 off on GPU), on CPU also "gdrd_fast-unchecked" (value checks off, as on a GPU), and "eager", the code the
-call replaces (MoCo, RepDistiller, pytorch-metric-learning if installed, a 1x1 conv + MSE). The case
+call replaces (MoCo, RepDistiller, pytorch-metric-learning if installed, a 1x1 conv + MSE), and for each
+functional call "gdrd_fast-backend", the backend it dispatches to called directly on the same inputs:
+the functional call's time less that one is what its checks and dispatch cost (docs/performance). The case
 "one bare torch op" (torch.add on 4x8) is the unit: the report gives every call's time in bare ops too.
 Run it on one thread (OMP_NUM_THREADS=1) so that the ratios hold still on a shared machine.
 
@@ -18,7 +20,7 @@ import torch
 
 from gdrd_fast import validation
 from .harness import bench_device, measure
-from .host_calls import CALLS, EAGER, bare_op
+from .host_calls import BACKEND, CALLS, EAGER, bare_op
 
 OP = "host cost"
 BARE = "one bare torch op"
@@ -29,7 +31,7 @@ def _cases() -> list:
     checked = ["gdrd_fast"] + (["gdrd_fast-unchecked"] if device == "cpu" else [])
     params = [pytest.param("bare-op", BARE, device, id=f"bare-op-{device}")]
     for name in CALLS:
-        providers = checked + (["eager"] if name in EAGER else [])
+        providers = checked + (["gdrd_fast-backend"] if name in BACKEND else []) + (["eager"] if name in EAGER else [])
         params += [pytest.param(p, name, device, id=f"{name}-{p}") for p in providers]
     return params
 
@@ -37,7 +39,7 @@ def _cases() -> list:
 def build(provider: str, size_key: str, device: str):
     if size_key == BARE:
         return bare_op(device).run
-    return (EAGER if provider == "eager" else CALLS)[size_key](device).run
+    return {"eager": EAGER, "gdrd_fast-backend": BACKEND}.get(provider, CALLS)[size_key](device).run
 
 
 @pytest.mark.parametrize("provider,size_key,device", _cases())

@@ -13,6 +13,11 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
   m.def("crd_nce_pair_forward(Tensor anchor_a, Tensor memory_a, Tensor log_z_a, Tensor anchor_b, "
         "Tensor memory_b, Tensor log_z_b, Tensor idx, float inv_t, float c, float eps, bool need_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // crd_log_z's CPU kernel: logsumexp over the B(K+1) scores s[b, k] * inv_t, plus offset, as a 0-dim tensor
+  // in the accumulation dtype (no gradient).
+  m.def("crd_log_z(Tensor anchor, Tensor memory, Tensor idx, float inv_t, float offset) -> Tensor");
+  // The value check of CPU tensors (gdrd_fast/validation.py): true when t holds no NaN and no Inf.
+  m.def("all_finite(Tensor t) -> bool");
   // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last
   // duplicate of idx wins (docs/ops/memory.md). The pair form updates two banks with one idx.
   m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");

@@ -48,9 +48,14 @@ def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NA
     check.tensor(a, anchor, 2)
     check.tensor(m, memory, 2)
     check.tensor(i, idx, 2, check.INDEX_DTYPES)
-    device = check.same_device(**{a: anchor, m: memory, i: idx})
-    check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
-    check.same_size("feature dim", **{f"{a}.shape[1]": anchor.shape[1], f"{m}.shape[1]": memory.shape[1]})
+    device = anchor.device
+    if memory.device != device or idx.device != device:
+        check.same_device(**{a: anchor, m: memory, i: idx})  # raises, naming each device
+    # compared first, the message built only on failure: these checks run on every step
+    if anchor.shape[0] != idx.shape[0]:
+        check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
+    if anchor.shape[1] != memory.shape[1]:
+        check.same_size("feature dim", **{f"{a}.shape[1]": anchor.shape[1], f"{m}.shape[1]": memory.shape[1]})
     if idx.shape[1] < 2:
         raise ValueError(f"{i} must be [B, K+1]: a positive and at least one negative per row, "
                          f"got shape {tuple(idx.shape)}")
@@ -160,12 +165,16 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
             check.same_size("bank rows", **{"bank.shape[0]": bank.shape[0], "bank_labels.shape[0]": bank_labels.shape[0]})
     elif bank_labels is not None:
         raise ValueError("bank_labels needs labels (the query labels) too")
-    device = check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
-                               labels=labels, bank_labels=bank_labels if bank.shape[0] else None)
+    device = query.device
+    others = (positive, bank, batch_negatives, labels, bank_labels if bank.shape[0] else None)
+    if any(t is not None and t.device != device for t in others):
+        check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
+                          labels=labels, bank_labels=bank_labels if bank.shape[0] else None)  # raises
     for name, t in (("positive", positive), ("batch_negatives", batch_negatives)):
         if t is not None and t.shape != query.shape:
             raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
-    check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
+    if query.shape[1] != bank.shape[1]:
+        check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
     check.no_grad_input("bank", bank, "the bank holds constant negatives")
     check.positive("temperature", temperature)
     check.finite("query", query)
@@ -194,6 +203,9 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
     return reduce_rows(rows, reduction, query.dtype)
 
 
+_PARAM_NAMES = tuple(f"params.{field}" for field in RelationalParams._fields)  # named once, not per call
+
+
 def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data) -> torch.device:
     check.tensor("e_t", e_t, 2)
     check.tensor("e_s", e_s, 2)
@@ -202,10 +214,12 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     check.tensor("neg_idx", neg_idx, 2, check.INDEX_DTYPES)
     if not isinstance(params, RelationalParams):
         raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
-    fields = {f"params.{k}": v for k, v in params._asdict().items()}
+    fields = dict(zip(_PARAM_NAMES, params))
     for field, value in fields.items():
         check.tensor(field, value, (1, 2))
-    device = check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)
+    device = e_s.device
+    if any(t.device != device for t in (e_t, queue_t, queue_s, neg_idx, *params)):
+        check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)  # raises
     if e_t.shape != e_s.shape:
         raise ValueError(f"e_t and e_s must have the same shape, got {tuple(e_t.shape)} and {tuple(e_s.shape)}")
     if e_t.shape[0] < 2:
@@ -213,12 +227,15 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     if queue_t.shape != queue_s.shape:
         raise ValueError(f"queue_t and queue_s must have the same shape, got {tuple(queue_t.shape)} "
                          f"and {tuple(queue_s.shape)}")
-    check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
+    if e_t.shape[1] != queue_t.shape[1]:
+        check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
     rel_dim = params.ft_w1.shape[0]
     for field, expected in relational_param_shapes(e_t.shape[1], rel_dim).items():
-        check.shape(f"params.{field}", getattr(params, field), expected,
-                    f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
-    check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
+        if getattr(params, field).shape != expected:  # the message is built only on failure
+            check.shape(f"params.{field}", getattr(params, field), expected,
+                        f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
+    if e_t.shape[0] != neg_idx.shape[0]:
+        check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
     if neg_idx.shape[1] < 1:
         raise ValueError(f"neg_idx must hold at least one negative per partner, got shape {tuple(neg_idx.shape)}")
     check.no_grad_input("queue_t", queue_t, "queues hold constant keys")
@@ -281,13 +298,16 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     check.tensor("weight", weight, 2)
     if bias is not None:
         check.tensor("bias", bias, 1)
-    device = check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)
+    device = student.device
+    if teacher.device != device or weight.device != device or (bias is not None and bias.device != device):
+        check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)  # raises
     expected = (student.shape[0], weight.shape[0], *student.shape[2:])
     if tuple(teacher.shape) != expected:
         raise ValueError(f"teacher must have shape {expected} (B, Ct=weight.shape[0], spatial of student), "
                          f"got {tuple(teacher.shape)}")
-    check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
-    if bias is not None:
+    if student.shape[1] != weight.shape[1]:
+        check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
+    if bias is not None and bias.shape[0] != weight.shape[0]:
         check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
     check.no_grad_input("teacher", teacher, "the teacher's features are the target")
     for name, t in dict(student=student, teacher=teacher, weight=weight, bias=bias).items():
@@ -319,9 +339,9 @@ def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float, b
     duplicate of idx wins (RepDistiller's index_copy_)."""
     device = check_bank_update(memory, idx, values)
     check.in_unit_interval("momentum", momentum)
-    name = memory_ops.IMPLS.resolve(backend, device, memory.dtype)
+    update = memory_ops.IMPLS.load_for(backend, device, memory.dtype)
     with torch.no_grad():
-        memory_ops.IMPLS[name].load()(memory, idx, values.detach(), momentum)
+        update(memory, idx, values.detach(), momentum)
 
 
 def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
@@ -338,25 +358,32 @@ def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, valu
 def run_bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
                           momentum: float, backend: str, device: torch.device) -> None:
     """bank_update_pair_ after its checks, for a caller that made them itself (CRDLoss)."""
-    name = memory_ops.PAIR_IMPLS.resolve(backend, device, memory_a.dtype)
+    update = memory_ops.PAIR_IMPLS.load_for(backend, device, memory_a.dtype)
     with torch.no_grad():
-        memory_ops.PAIR_IMPLS[name].load()(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
+        update(memory_a, values_a.detach(), memory_b, values_b.detach(), idx, momentum)
 
 
 def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None = None,
                 queue_labels: Tensor | None = None, backend: str = "auto") -> None:
     """Ring buffer: values (and labels) go to rows ptr, ptr + 1, ... (mod size), the newest `size` kept;
     ptr and count advance on the device (no host sync)."""
+    # a push costs the host about as much as MoCo's slice assignment: each check compares first and builds
+    # its message only on failure
     check.tensor("queue", queue, 2)
     check.tensor("values", values, 2)
-    check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue.shape[1]": queue.shape[1]})
+    if values.shape[1] != queue.shape[1]:
+        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue.shape[1]": queue.shape[1]})
     if (labels is None) != (queue_labels is None):
         raise ValueError("labels and queue_labels go together: pass both or neither")
     if labels is not None:
         check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-        check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
-    device = check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
-                               queue_labels=queue_labels)
+        if labels.shape[0] != values.shape[0]:
+            check.same_size("batch size", **{"values.shape[0]": values.shape[0], "labels.shape[0]": labels.shape[0]})
+    device = queue.device
+    if (ptr.device != device or count.device != device or values.device != device
+            or (labels is not None and (labels.device != device or queue_labels.device != device))):
+        check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
+                          queue_labels=queue_labels)  # raises, naming each device
     check.finite("values", values)
     run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
 
@@ -365,8 +392,7 @@ def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, l
                     queue_labels: Tensor | None, backend: str, device: torch.device) -> None:
     """queue_push_ after its checks, for a caller that made them itself (MemoryQueue.push_): checks run once,
     at the outermost layer."""
-    name = memory_ops.PUSH_IMPLS.resolve(backend, device, queue.dtype)
-    push = memory_ops.PUSH_IMPLS[name].load()
+    push = memory_ops.PUSH_IMPLS.load_for(backend, device, queue.dtype)
     # values are detached and the other arguments are integer, so only a queue that asks for grad could
     # bring autograd in; otherwise no_grad would cost about as much host time as the kernel on a small push
     if queue.requires_grad:
@@ -396,5 +422,5 @@ def queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_lab
 def run_queue_sample_negatives(queue_labels: Tensor | None, filled: int, partner_labels: Tensor, seed: Tensor, k: int,
                                backend: str, device: torch.device) -> Tensor:
     """queue_sample_negatives after its checks, for a caller that made them itself (MemoryQueue)."""
-    name = memory_ops.SAMPLE_IMPLS.resolve(backend, device, torch.float32)
-    return memory_ops.SAMPLE_IMPLS[name].load()(queue_labels, filled, partner_labels, seed, k)
+    return memory_ops.SAMPLE_IMPLS.load_for(backend, device, torch.float32)(queue_labels, filled, partner_labels, seed,
+                                                                           k)

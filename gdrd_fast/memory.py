@@ -161,23 +161,29 @@ class MemoryQueue(nn.Module):
         if filled == 0:
             raise ValueError("the queue is empty: push_ before sampling")
         check.tensor("partner_labels", partner_labels, 1, check.INDEX_DTYPES)
-        device = check.same_device(queue=self.values, partner_labels=partner_labels)
-        if self.labels is not None and check.value_checks(partner_labels):
-            self._check_partners_have_negatives(partner_labels, filled)
+        queue_labels, device = self._buffers["labels"], self._buffers["values"].device  # read once, as in push_
+        if partner_labels.device != device:
+            check.same_device(queue=self.values, partner_labels=partner_labels)  # raises, naming each device
+        if queue_labels is not None and check.value_checks(partner_labels):
+            self._check_partners_have_negatives(queue_labels, partner_labels, filled)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
-        generator_used = generator if generator is not None else default_generator(self.values.device)
+        generator_used = generator if generator is not None else default_generator(device)
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
-        seed = seed.to(self.values.device, non_blocking=True)
+        if seed.device != device:
+            seed = seed.to(device, non_blocking=True)
         # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
-        return functional.run_queue_sample_negatives(self.labels, filled, partner_labels, seed, k, self.backend,
+        return functional.run_queue_sample_negatives(queue_labels, filled, partner_labels, seed, k, self.backend,
                                                      device)
 
-    def _check_partners_have_negatives(self, partner_labels: Tensor, filled: int) -> None:
+    @staticmethod
+    def _check_partners_have_negatives(queue_labels: Tensor, partner_labels: Tensor, filled: int) -> None:
         """A value check (host reads), made before the seed is drawn so a refused call draws nothing: a
         partner has no negative of another class only when every filled row carries its label. Unchecked,
         the sampler gives such a partner a row of -1 indices."""
-        lo, hi = self.labels[:filled].aminmax()
-        missing = (lo == hi) & (partner_labels == lo)
+        lo, hi = (queue_labels if filled == queue_labels.shape[0] else queue_labels[:filled]).aminmax()
+        if lo.item() != hi.item():  # two classes queued: every partner has a row of another class
+            return
+        missing = partner_labels == lo
         if bool(missing.any()):
             bad = int(torch.nonzero(missing)[0, 0])
             raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "

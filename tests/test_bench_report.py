@@ -91,7 +91,8 @@ def test_ratio_summary_prints_after_the_benchmark_tables(tmp_path):
 
 def test_skipped_cases_reach_the_results_with_their_reason(tmp_path):
     """An absent provider is explained: a benchmark that skips (here the Triton kernels, which take CPU
-    tensors only in the interpreter) is written into the JSON with pytest's reason, and the report lists it."""
+    tensors only in the interpreter) is written into the JSON with pytest's reason, and the report lists it;
+    the load average around the run goes into both."""
     results = tmp_path / "run.json"
     out = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "test_bench_infonce.py"),
                           "--benchmark-only", "-p", "no:cacheprovider", "-k", "B64 and (cpu or triton)",
@@ -103,4 +104,6 @@ def test_skipped_cases_reach_the_results_with_their_reason(tmp_path):
     (base,) = report.write([str(results)], [str(tmp_path / "out")])
     text = open(base + ".md").read()
     assert "Not measured:" in text
+    assert [len(v) for v in json.loads(results.read_text())["load"].values()] == [3, 3]
+    assert "Load average (1, 5, 15 min) at the start: " in text
     assert f"| {skipped[0]['test']} | {skipped[0]['reason']} |" in text

@@ -1,6 +1,7 @@
 // CPU kernels of crd_nce_forward and crd_nce_pair_forward: one pass over the gathered rows, parallel
 // over the batch. Each bank row is read once per (b, k), scored and, for the gradient, added into the
-// anchor's gradient at once, so nothing of size B(K+1)D is ever stored.
+// anchor's gradient at once, so nothing of size B(K+1)D is ever stored. crd_log_z scores the same rows
+// into one log-sum-exp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 
 #include <array>
 #include <cmath>
+#include <vector>
 
 #include "../crd_math.h"
 
@@ -143,9 +145,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_pair_forward(
   return {t[0].rows, t[0].grad, t[1].rows, t[1].grad};
 }
 
+// Online log-sum-exp in fp64: (running max, sum of exp(x - max)).
+struct LogSumExp {
+  double max = -INFINITY, sum = 0;
+  void add(double x) {
+    if (x <= max) {
+      sum += std::exp(x - max);
+    } else {
+      sum = sum * std::exp(max - x) + 1;
+      max = x;
+    }
+  }
+  void merge(const LogSumExp& other) {
+    if (other.sum == 0) return;
+    if (sum == 0 || other.max > max) {
+      sum = other.sum + sum * std::exp(max - other.max);
+      max = other.max;
+    } else {
+      sum += other.sum * std::exp(other.max - max);
+    }
+  }
+};
+
+// logsumexp over all B(K+1) scores s[b, k] * inv_t, plus offset (log n_data - log B(K+1): CRD's log Z). Each
+// score is the dot product of crd_nce_forward, in the accumulation dtype; the sum runs in fp64.
+at::Tensor crd_log_z(const at::Tensor& anchor_in, const at::Tensor& memory_in, const at::Tensor& idx_in, double inv_t,
+                     double offset) {
+  TORCH_CHECK(anchor_in.dim() == 2 && memory_in.dim() == 2 && anchor_in.size(1) == memory_in.size(1),
+              "crd_log_z: anchor [B, D] and memory [N, D] must share D, got ", anchor_in.sizes(), " and ",
+              memory_in.sizes());
+  TORCH_CHECK(idx_in.dim() == 2 && idx_in.size(0) == anchor_in.size(0), "crd_log_z: idx must be [B, K+1], got ",
+              idx_in.sizes());
+  const auto acc = anchor_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto anchor = anchor_in.to(acc).contiguous();
+  const auto memory = memory_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  const int64_t batch = idx.size(0), cols = idx.size(1), d = anchor.size(1);
+  auto out = at::empty({}, anchor.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "crd_log_z_cpu", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory.scalar_type(), "crd_log_z_cpu_memory", [&] {
+      using mem_t = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "crd_log_z_cpu_idx", [&] {
+        const acc_t* a = anchor.data_ptr<acc_t>();
+        const mem_t* m = memory.data_ptr<mem_t>();
+        const index_t* id = idx.data_ptr<index_t>();
+        std::vector<LogSumExp> rows(batch);
+        at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            for (int64_t k = 0; k < cols; ++k)
+              rows[b].add(double(dot(m + int64_t(id[b * cols + k]) * d, a + b * d, d) * static_cast<acc_t>(inv_t)));
+        });
+        LogSumExp total;
+        for (const auto& row : rows) total.merge(row);
+        out.fill_(std::log(total.sum) + total.max + offset);
+      });
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gdrd_fast_C, CPU, m) {
   m.impl("crd_nce_forward", &crd_nce_forward);
   m.impl("crd_nce_pair_forward", &crd_nce_pair_forward);
+  m.impl("crd_log_z", &crd_log_z);
 }

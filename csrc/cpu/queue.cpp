@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -98,11 +99,17 @@ at::Tensor queue_sample_negatives(const c10::optional<at::Tensor>& queue_labels,
   }
   TORCH_CHECK(queue_labels->dim() == 1 && queue_labels->size(0) >= filled,
               "queue_sample_negatives: queue_labels must be 1-D with at least `filled` entries");
-  // stable, so equal labels keep queue order and every backend ranks the rows alike
-  const auto [sorted_labels, order] = at::sort(queue_labels->narrow(0, 0, filled).to(at::kLong), true, 0, false);
+  // stable, so equal labels keep queue order and every backend ranks the rows alike; sorted here on the host
+  // (no tensors made: on a small queue at::sort's allocations cost more than the sort)
+  const auto labels = queue_labels->narrow(0, 0, filled).to(at::kLong).contiguous();
+  const int64_t* label = labels.data_ptr<int64_t>();
+  std::vector<int64_t> order(filled), sorted_labels(filled);
+  for (int64_t i = 0; i < filled; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return label[a] < label[b]; });
+  for (int64_t i = 0; i < filled; ++i) sorted_labels[i] = label[order[i]];
   const auto partner = partner_labels.to(at::kLong).contiguous();
-  const int64_t* sorted = sorted_labels.data_ptr<int64_t>();
-  const int64_t* rows = order.data_ptr<int64_t>();
+  const int64_t* sorted = sorted_labels.data();
+  const int64_t* rows = order.data();
   const int64_t* y = partner.data_ptr<int64_t>();
   at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {

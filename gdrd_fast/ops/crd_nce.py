@@ -93,10 +93,33 @@ def crd_log_z_chunked(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperatur
         return torch.logsumexp(lse, 0) - math.log(idx.numel()) + math.log(n_data)
 
 
+def crd_log_z_cpu(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float, n_data: int) -> Tensor:
+    """The C++ kernel (csrc/cpu/crd_nce.cpp): one call scores the gathered rows into one log-sum-exp, where
+    the chunked path takes a dozen torch calls."""
+    return torch.ops.gdrd_fast_C.crd_log_z.default(anchor.detach(), memory.detach(), idx, 1.0 / temperature,
+                                                   math.log(n_data) - math.log(idx.numel()))
+
+
+def _log_z_cpu_unavailable(device: torch.device) -> str | None:
+    """with_compiled_op's check; once the op is there, its shape for FakeTensor (torch.compile traces the
+    compiled op itself: it has no gradient, so it needs no custom op around it)."""
+    reason = backends.with_compiled_op("crd_log_z", backends.with_cpu_extension)(device)
+    if reason is None:
+        _register_log_z_fake()
+    return reason
+
+
+@functools.cache
+def _register_log_z_fake() -> None:
+    torch.library.register_fake("gdrd_fast_C::crd_log_z", lambda anchor, memory, idx, inv_t, offset:
+                                anchor.new_empty((), dtype=compute_dtype(anchor)))
+
+
 # backend -> (anchor, memory, idx, *, temperature, n_data) -> log Z (a 0-dim tensor, accumulation dtype)
 LOG_Z_IMPLS = Op("crd_log_z", {
     "torch": Backend(lambda: reference.crd_log_z, backends.anywhere),
     "chunked": Backend(lambda: crd_log_z_chunked, backends.anywhere),
+    "cpu": Backend(lambda: crd_log_z_cpu, _log_z_cpu_unavailable),
 }, exact="chunked")
 
 

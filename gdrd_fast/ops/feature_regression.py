@@ -19,9 +19,6 @@ from ..backends import Backend, Op
 from ..numerics import compute_dtype
 
 _CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the chunked path (1 MiB in fp32)
-# pixels per sample from which per-sample products beat one folded product (measured on the 2-core CPU VM:
-# 1.5x faster at 8x8 maps, Cs = Ct = 128; 1.6x slower at 4x4 maps, Cs = Ct = 512)
-_BATCHED_MIN_PIXELS = 64
 
 
 def _chunks(b: int, ct: int, p: int):
@@ -48,21 +45,11 @@ def _chunk_error(x: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None
     return xs, err.sub_(_columns(teacher, samples, pixels))
 
 
-def _batched(w: Tensor, t: Tensor) -> Tensor:
-    """w [M, K] times each t[b] [K, P] -> [B, M, P]. With at least _BATCHED_MIN_PIXELS columns per sample,
-    one product per sample is wide enough and gives a contiguous result; with fewer, torch.matmul's
-    single product over all B * P columns (through transposed copies) is faster."""
-    if t.shape[2] >= _BATCHED_MIN_PIXELS:
-        return torch.bmm(w.expand(t.shape[0], -1, -1), t)
-    return torch.matmul(w, t)
-
-
 def _one_block_error(x: Tensor, teacher: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """projection - teacher [B, Ct, P] in one batched GEMM, for inputs that fit one chunk."""
-    err = _batched(w, x.to(w.dtype))
-    if bias is not None:
-        err += bias[:, None]
-    return err.sub_(teacher)
+    """projection - teacher [B, Ct, P] for inputs that fit one chunk: the projection as one 1x1 convolution
+    (a single torch call however B and P compare, where per-sample products run narrow on a few pixels and a
+    folded product copies both operands)."""
+    return torch.conv1d(x.to(w.dtype), w.unsqueeze(2), bias).sub_(teacher)
 
 
 def _keeps_error(b: int, ct: int, p: int) -> bool:
@@ -95,18 +82,13 @@ def chunked_backward(grad_rows: Tensor, x: Tensor, teacher: Tensor, weight: Tens
     w, bias_dt = weight.to(dt), (bias.to(dt) if bias is not None else None)
     sample_grad = grad_rows.to(dt) * (2.0 / (ct * p))
     if _keeps_error(b, ct, p):
-        err = (kept_error if kept_error.numel() else _one_block_error(x, teacher, w, bias_dt))
-        err = err * sample_grad[:, None, None]  # not in place: the kept error may serve another backward
-        xs = x.to(dt)
-        if p == 1:  # [N, C] features: plain matrix products, no batched outer products to sum
-            err2d, xs2d = err.view(b, ct), xs.view(b, cs)
-            return (torch.mm(err2d, w).view(b, cs, 1), torch.mm(err2d.t(), xs2d),
-                    err2d.sum(0) if bias is not None else None)
-        # grad weight as one product over all B * P columns: a batched product summed over B would
-        # hold a [B, Ct, Cs] tensor
-        every = slice(None)
-        return (_batched(w.t(), err), torch.mm(_columns(err, every, every), _columns(xs, every, every).t()),
-                err.sum((0, 2)) if bias is not None else None)
+        err = kept_error if kept_error.numel() else _one_block_error(x, teacher, w, bias_dt)
+        # the three gradients of the 1x1 convolution in one torch call; err * sample_grad is not in place: the
+        # kept error may serve another backward
+        grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward.default(
+            err * sample_grad[:, None, None], x.to(dt), w.unsqueeze(2), [ct] if bias is not None else None,
+            [1], [0], [1], False, [0], 1, [True, True, bias is not None])
+        return grad_x, grad_w.view(ct, cs), grad_bias
     grad_x = torch.empty(b, cs, p, dtype=dt, device=x.device)
     grad_w = torch.zeros(ct, cs, dtype=dt, device=x.device)
     grad_bias = torch.zeros(ct, dtype=dt, device=x.device) if bias is not None else None

@@ -58,15 +58,16 @@ def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperat
 def _one_block(q: Tensor, p: Tensor, keys: Tensor, pos: Tensor, inv_t: float, need_grad: bool,
                need_rank: bool):
     """infonce_bank_chunked for a bank of one chunk: one softmax instead of the running rescale (half the
-    torch calls, which is what a small call costs)."""
+    torch calls, which is what a small call costs). The loss is -log_softmax at the positive (column 0):
+    on CPU one log_softmax costs a sixth of the host time of torch.logsumexp."""
     logits = torch.cat([pos[:, None], torch.mm(q, keys.t()).mul_(inv_t)], 1)
     rank = ((logits[:, 1:] > pos[:, None]).sum(1) if need_rank
             else torch.empty(0, dtype=torch.int64, device=q.device))
-    lse = torch.logsumexp(logits, 1)
-    rows = lse - pos
+    log_weight = torch.log_softmax(logits, 1)
+    rows = log_weight[:, 0].neg()
     if not need_grad:
         return rows, q.new_empty(0), q.new_empty(0), rank
-    weight = logits.sub_(lse[:, None]).exp_()
+    weight = log_weight.exp_()
     pos_weight_minus_one = weight[:, :1] - 1
     grad_query = torch.addmm(pos_weight_minus_one * p, weight[:, 1:], keys).mul_(inv_t)
     return rows, grad_query, pos_weight_minus_one * q * inv_t, rank

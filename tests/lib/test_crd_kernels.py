@@ -128,3 +128,17 @@ def test_huge_logits_give_the_exact_finite_loss_on_every_backend(backend):
         assert torch.isfinite(got)
         if scale == 1.0:
             assert float(got) == pytest.approx(want, rel=1e-14)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_crd_log_z_cpu_kernel_matches_float64_reference(size, dtypes, idx_dtype):
+    """csrc/cpu/crd_nce.cpp's crd_log_z: the scores in the accumulation dtype, their log-sum-exp in fp64."""
+    b, k, d, n = size
+    anchor, memory, idx, _ = crd_inputs(b, k, d, n, *dtypes, idx_dtype, "cpu")
+    got = functional.crd_log_z(anchor, memory, idx, temperature=0.07, n_data=2 * n, backend="cpu")
+    want = reference.crd_log_z(anchor.double(), memory.double(), idx, temperature=0.07, n_data=2 * n)
+    assert got.dtype == (torch.float64 if dtypes[0] == torch.float64 else torch.float32)
+    tol = 1e-12 if dtypes[0] == torch.float64 else 1e-5  # the scores' own rounding, over 1 / T = 14
+    assert abs(float(got) - float(want)) <= tol * max(1.0, abs(float(want)))

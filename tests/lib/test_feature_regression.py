@@ -20,7 +20,7 @@ def test_cpu_backend_matches_float64(b, cs, ct, spatial, dtype):
 def test_cpu_backend_keeps_the_error_only_within_one_chunk(b, cs, ct, spatial, monkeypatch):
     """At the one-chunk limit the forward keeps its error (the backward skips a GEMM); one element over, it
     keeps nothing and the backward recomputes: both match float64 for the loss and every gradient, with
-    maps below and above _BATCHED_MIN_PIXELS."""
+    maps of a few pixels and of many."""
     p = 1 if spatial is None else spatial[0] * spatial[1]
     x, t, w = torch.randn(b, cs, p), torch.randn(b, ct, p), torch.randn(ct, cs)
     for limit, kept in ((b * ct * p, (b, ct, p)), (b * ct * p - 1, (0,))):

@@ -173,15 +173,20 @@ def test_crd_module_rejects_bad_contrast_idx_without_touching_banks():
         assert torch.equal(v, state[k]) or (torch.isnan(v).all() and torch.isnan(state[k]).all()), k
 
 
+@pytest.mark.parametrize("n", [1000, 600_000])  # on the CPU the C++ check: one read, or in several tasks
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_finite_check_catches_every_nan_and_inf_and_no_overflowing_sum(dtype):
+def test_finite_check_catches_every_nan_and_inf_and_no_overflowing_sum(dtype, n):
     big = torch.finfo(dtype).max / 2
-    overflowing = torch.full((64,), big, dtype=dtype)  # finite elements whose sum overflows
+    overflowing = torch.full((n,), big, dtype=dtype)  # finite elements whose sum overflows
     assert validation.all_finite(overflowing) and validation.all_finite(-overflowing)
+    assert validation.all_finite(torch.randn(n // 10, 10).to(dtype).t())  # not contiguous
     for bad in (float("nan"), float("inf"), -float("inf")):
-        t = torch.randn(1000).to(dtype)
-        t[int(torch.randint(1000, ()))] = bad
+        t = torch.randn(n).to(dtype)
+        t[int(torch.randint(n, ()))] = bad
         assert not validation.all_finite(t)
+        assert not validation.all_finite(t.view(10, -1).t())
+        t[-1] = bad  # the last element, past every full vector
+        assert not validation.all_finite(t[-1:]) and not validation.all_finite(t[-(n // 3):])
     both = torch.zeros(10, dtype=dtype)
     both[2], both[7] = float("inf"), -float("inf")  # their sum is NaN: still caught
     assert not validation.all_finite(both)
