@@ -17,7 +17,7 @@ from ..eval.geometry import analyze_features
 from ..train import checkpoint as ckpt
 from ..train.config import from_dict
 from .config import DemoConfig
-from .data import data_note, load_cell_data
+from .data import data_cache_dir, data_note, load_cell_data
 from .nets import SmallBackbone, SmallFaceNet
 from .teachers import load_teachers, teacher_feature
 
@@ -47,7 +47,8 @@ def analyze_cell(run: str | Path, out_dir: str | Path | None = None, device: str
     if not (run / "result.json").is_file():
         raise ValueError(f"{run} has not finished (no result.json): run or resume its grid first")
     config = from_dict(DemoConfig, spec["config"])
-    data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))
+    data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"),
+                          data_cache_dir(spec["grid_dir"]))
     if data["probe_images"] is None:
         raise ValueError("analyze needs labelled test images: the synthetic data (real pairs files have no labels)")
     images, labels, r = data["probe_images"], data["probe_labels"], config.resolution
