@@ -174,6 +174,21 @@ def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data:
     return rows
 
 
+def references_job(spec: dict, report: Callable[..., None] | None = None) -> dict:
+    """references() in a grid process, beside the last cells instead of after them: with the main process's
+    thread count (spec["threads"]), so its numbers are those the main process would compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec["threads"])
+    try:
+        config, grid = from_dict(DemoConfig, spec["config"]), Path(spec["grid_dir"])
+        start = time.perf_counter()
+        data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"), data_cache_dir(grid))
+        rows = references(config, grid, spec["resolutions"], data, Runtime.create(spec.get("device", "cpu")).device)
+        return {"rows": rows, "seconds": time.perf_counter() - start}
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else float("nan")
@@ -319,6 +334,7 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         if jobs > 1 and not teacher_paths(out)["denoiser"].is_file():
             denoiser_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
                             "device": device, "threads": threads, "resolutions": list(resolutions)}
+        refs = None
         teachers = train_teachers(config, out, data["train"], runtime, progress,
                                   which=("hr",) if denoiser_job else ("hr", "denoiser"))
         if denoiser_job is None and specs:  # else the denoiser's process caches once it is trained
@@ -331,7 +347,13 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                 done[spec["cell_dir"]] = run_cell(spec | {"progress": progress})
                 bar.update()
         else:
-            denoiser = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress)
+            refs_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
+                        "device": device, "resolutions": list(resolutions), "threads": torch.get_num_threads(),
+                        "cost": REFERENCES_COST}
+            reports = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress, refs_job)
+            denoiser, refs = reports.get("denoiser"), reports.get("references")
+            if refs is not None:
+                log.info("reference rows (in a grid process): %.1fs", refs["seconds"])
             if denoiser is not None:
                 log.info("denoiser (in a grid process): %.1fs", denoiser["timings"]["denoiser"])
                 for key in ("histories", "timings"):
@@ -342,7 +364,10 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                          for name, path in teacher_paths(out).items()}
         for name, entry in teacher_files.items():  # trained by this grid: allow_random_teachers says so
             log.info("teacher %s: %s sha256 %s", name, entry["weights"], entry["sha256"])
-        refs = references(config, out, resolutions, data, runtime.device)
+        if refs is None:
+            refs = references(config, out, resolutions, data, runtime.device)
+        else:
+            refs = refs["rows"]
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
@@ -374,26 +399,37 @@ CELL_COST = {"baseline": 1.0, "stage1-probe": 0.5, "gdrd": 0.8, "gdrd-unfrozen":
              "gdrd-e2e": 1.5}
 
 
+REFERENCES_COST = 300.0  # the reference rows (references_job): about half a cell
+
+
 def cell_cost(spec: dict) -> float:
-    """A cell's expected time, in units of a baseline step: its steps x its variant's cost per step."""
+    """A cell's expected time, in units of a baseline step: its steps x its variant's cost per step (a task
+    that is not a cell says its own: spec["cost"])."""
+    if "cost" in spec:
+        return spec["cost"]
     config = spec["config"]
     return CELL_COST.get(spec["variant"], 1.5) * (config["stage1"]["steps"] + config["stage2"]["optim"]["steps"])
 
 
 def by_cost(tasks: list[tuple]) -> list[tuple]:
-    """The queue, costliest cell first (longest processing time first); a task that is not a cell (the
-    denoiser: spec without variant) stays ahead of them. Stable: equal costs keep their order."""
-    return sorted(tasks, key=lambda t: -cell_cost(t[2]) if "variant" in t[2] else -float("inf"))
+    """The queue, costliest task first (longest processing time first); the denoiser (no variant, no cost:
+    the cells that need T_g wait for it) stays ahead of them all. Stable: equal costs keep their order."""
+    return sorted(tasks, key=lambda t: -cell_cost(t[2]) if "variant" in t[2] or "cost" in t[2] else -float("inf"))
 
 
 def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, threads: int, done: dict, bar,
-                      progress: bool) -> dict | None:
+                      progress: bool, refs_job: dict | None = None) -> dict:
     """Run the cells in `jobs` worker processes (results into done[cell_dir]); with denoiser_job, train the
     denoiser first in one of them and start the cells that need T_g once it is saved. Each running task
-    shows its steps and ETA on a bar of its own. Returns the denoiser's report."""
+    shows its steps and ETA on a bar of its own. With refs_job, the reference rows are computed in a worker
+    too (once the denoiser is saved), beside the cells. Returns {"denoiser": its report, "references": ...}
+    for those that ran."""
     waits = [denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS for s in specs]
     waiting = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if w]
     tasks = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if not w]
+    if refs_job is not None:  # it needs both teachers
+        (waiting if denoiser_job is not None else tasks).append(("references", __name__ + ":references_job",
+                                                                 refs_job))
     tasks = by_cost(tasks)
     if denoiser_job is not None:
         tasks.insert(0, (None, "gdrd_fast.demo.teachers:train_denoiser_job", denoiser_job))
@@ -415,6 +451,9 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
         if key is None:
             report["denoiser"] = result
             return waiting
+        if key == "references":
+            report["references"] = result
+            return []
         done[key] = result
         bar.update()
         return []
@@ -425,7 +464,7 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
     finally:
         for line in bars:
             line.close()
-    return report.get("denoiser")
+    return report
 
 
 def machine_state() -> str:
