@@ -287,8 +287,11 @@ def default_jobs(threads: int) -> int:
 
 def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], resolutions: Sequence[int],
              seeds: int | Sequence[int], train_root: str | None = None, pairs: str | None = None, device: str = "cpu",
-             jobs: int = 0, threads: int = 1, progress: bool = True) -> dict:
-    """Run (or resume) the grid and write ablation.md, ablation.json and ablation.png; returns the summary."""
+             jobs: int = 0, threads: int = 1, progress: bool = True,
+             after_cell: dict[str, tuple[str, dict]] | None = None) -> dict:
+    """Run (or resume) the grid and write ablation.md, ablation.json and ablation.png; returns the summary.
+    after_cell: {cell_dir: ("module:function", spec)}, a task to run in a grid process once that cell is
+    trained (when the grid runs it in processes); its result is in the returned dict's "after_cell"."""
     start = time.perf_counter()
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -334,7 +337,7 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         if jobs > 1 and not teacher_paths(out)["denoiser"].is_file():
             denoiser_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
                             "device": device, "threads": threads, "resolutions": list(resolutions)}
-        refs = None
+        refs, reports = None, {}
         teachers = train_teachers(config, out, data["train"], runtime, progress,
                                   which=("hr",) if denoiser_job else ("hr", "denoiser"))
         if denoiser_job is None and specs:  # else the denoiser's process caches once it is trained
@@ -350,7 +353,8 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
             refs_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
                         "device": device, "resolutions": list(resolutions), "threads": torch.get_num_threads(),
                         "cost": REFERENCES_COST}
-            reports = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress, refs_job)
+            reports = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress, refs_job,
+                                        after_cell or {})
             denoiser, refs = reports.get("denoiser"), reports.get("references")
             if refs is not None:
                 log.info("reference rows (in a grid process): %.1fs", refs["seconds"])
@@ -387,7 +391,8 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         write_json(paths["json"], summary)
         plot_ablation(paths["figure"], summary, title)
         log.info("ablation\n%s", markdown)
-        return summary | {"markdown": markdown, "paths": paths, "histories": teachers["histories"]}
+        return summary | {"markdown": markdown, "paths": paths, "histories": teachers["histories"],
+                          "after_cell": reports.get("after_cell", {})}
     finally:
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)
@@ -418,7 +423,7 @@ def by_cost(tasks: list[tuple]) -> list[tuple]:
 
 
 def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, threads: int, done: dict, bar,
-                      progress: bool, refs_job: dict | None = None) -> dict:
+                      progress: bool, refs_job: dict | None = None, after_cell: dict | None = None) -> dict:
     """Run the cells in `jobs` worker processes (results into done[cell_dir]); with denoiser_job, train the
     denoiser first in one of them and start the cells that need T_g once it is saved. Each running task
     shows its steps and ETA on a bar of its own. With refs_job, the reference rows are computed in a worker
@@ -438,7 +443,8 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
     report, showing = {}, [None] * jobs
 
     def on_progress(worker: int, key, p: dict) -> None:
-        line, name = bars[worker], ("denoiser" if key is None else Path(key).name) + f" {p['stage']}"
+        label = "denoiser" if key is None else Path(key).name if isinstance(key, str) else key[0]
+        line, name = bars[worker], f"{label} {p['stage']}"
         if showing[worker] != (name, p["total"]):  # a new task or stage: its rate and ETA start afresh
             showing[worker] = (name, p["total"])
             line.set_description(name, refresh=False)
@@ -454,9 +460,12 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
         if key == "references":
             report["references"] = result
             return []
+        if isinstance(key, tuple):  # ("after", cell_dir)
+            report.setdefault("after_cell", {})[key[1]] = result
+            return []
         done[key] = result
         bar.update()
-        return []
+        return [(("after", key), *after_cell[key])] if after_cell and key in after_cell else []
 
     try:
         with Pool(jobs, threads) as pool:

@@ -73,3 +73,14 @@ def analyze_cell(run: str | Path, out_dir: str | Path | None = None, device: str
     pairs = {f"{s} vs {t}": (s, t) for s in students for t in teachers}
     title = f"{variant} at {r}x{r}, student seed {config.student_seed}"
     return analyze_features(features, labels, out_dir or run / "geometry", title, pairs, note=data_note(data))
+
+
+def analyze_job(spec: dict, report=None) -> dict:
+    """analyze_cell in a grid process, once its cell is trained (run_grid's after_cell), beside the other
+    cells: with the main process's thread count (spec["threads"]), so its numbers are those of analyze_cell."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec["threads"])
+    try:
+        return analyze_cell(spec["run"], spec["out_dir"], spec.get("device", "cpu"))
+    finally:
+        torch.set_num_threads(previous)

@@ -14,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ..data.images import atomic_write_bytes
 from ..eval import save_png, write_json
 from ..train import Runtime, log_to_file
@@ -62,13 +64,17 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
     try:
         log.info("gdrd-fast demo: a new run in %s", out)
         a = config.ablation
-        summary = run_grid(out, config, a.variants, [config.resolution], a.seeds, train_root, pairs, device, jobs,
-                           threads, progress)
         variant = next((v for v in ("gdrd", "gdrd-e2e", "gdrd-unfrozen") if v in a.variants), None)
+        cell = out / "cells" / f"{variant}-r{config.resolution}-s0"
+        # the geometry, in a grid process as soon as its cell is trained (at the main process's thread count)
+        after = {str(cell): ("gdrd_fast.demo.analyze:analyze_job", {
+            "run": str(cell), "out_dir": str(out / "geometry"), "device": device, "threads": torch.get_num_threads(),
+            "cost": 300.0})} if variant is not None and train_root is None else {}
+        summary = run_grid(out, config, a.variants, [config.resolution], a.seeds, train_root, pairs, device, jobs,
+                           threads, progress, after_cell=after)
         geometry = None
         if variant is not None and summary["note"] == SYNTHETIC_NOTE:  # needs labelled test images
-            geometry = analyze_cell(out / "cells" / f"{variant}-r{config.resolution}-s0", out / "geometry",
-                                    device=device)
+            geometry = summary["after_cell"].get(str(cell)) or analyze_cell(cell, out / "geometry", device=device)
         text = interpret(summary, geometry, config)
         note = f"{SMOKE_NOTE} {summary['note']}" if config.smoke else summary["note"]
         if config.smoke:
