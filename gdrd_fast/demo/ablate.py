@@ -368,10 +368,19 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                          for name, path in teacher_paths(out).items()}
         for name, entry in teacher_files.items():  # trained by this grid: allow_random_teachers says so
             log.info("teacher %s: %s sha256 %s", name, entry["weights"], entry["sha256"])
-        if refs is None:
-            refs = references(config, out, resolutions, data, runtime.device)
-        else:
+        # the reference rows depend on the recipe and the teachers only: a rerun reads them back
+        refs_key = {"spec_hash": spec_hash, "resolutions": list(resolutions),
+                    "teachers": {name: entry["sha256"] for name, entry in teacher_files.items()}}
+        saved_refs = out / "references.json"
+        if refs is not None:
             refs = refs["rows"]
+        elif saved_refs.is_file() and json.loads(saved_refs.read_text()).get("key") == refs_key:
+            refs = {name: {r if r == "hr" else int(r): m for r, m in rows.items()}
+                    for name, rows in json.loads(saved_refs.read_text())["rows"].items()}
+            log.info("reference rows: read back from %s", saved_refs)
+        else:
+            refs = references(config, out, resolutions, data, runtime.device)
+        write_json(saved_refs, {"key": refs_key, "rows": refs})
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
