@@ -59,6 +59,9 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     again = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
     assert (cell / "student.pt").stat().st_mtime_ns == student_mtime
     assert again["students"] == students
+    # the reference rows are read back, not computed again (same recipe, same teachers)
+    assert again["references"] == result["summary"]["references"]
+    assert "reference rows: read back" in (tmp_path / "ablate.log").read_text()
     (cell / "result.json").unlink()
     resumed = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
     assert resumed["students"]["gdrd@8"] == students["gdrd@8"]
