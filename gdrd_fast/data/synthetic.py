@@ -234,7 +234,7 @@ class SyntheticFaces(Dataset):
     """
 
     def __init__(self, num_identities: int, images_per_identity: int, seed: int = 0, image_size: int = 112,
-                 first_identity: int = 0, chunk: int = 64):
+                 first_identity: int = 0, chunk: int = 64, pixels: Tensor | None = None):
         for name, value in (("num_identities", num_identities), ("images_per_identity", images_per_identity),
                             ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -247,6 +247,12 @@ class SyntheticFaces(Dataset):
         self.targets = torch.arange(num_identities).repeat_interleave(images_per_identity)
         self.samples = [(f"{self.classes[int(t)]}/{i % images_per_identity:04d}.png", int(t))
                         for i, t in enumerate(self.targets)]
+        if pixels is not None:  # rendered before (by these arguments): gdrd_fast.demo.data's cache
+            if pixels.dtype != torch.uint8 or tuple(pixels.shape) != (len(self.targets), 3, image_size, image_size):
+                raise ValueError(f"pixels must be uint8 {(len(self.targets), 3, image_size, image_size)}, got "
+                                 f"{pixels.dtype} {tuple(pixels.shape)}")
+            self.pixels = pixels
+            return
         identities = [identity_parameters(seed, first_identity + k) for k in range(num_identities)]
         nuisances = [nuisance_parameters(seed, first_identity + k, images_per_identity) for k in range(num_identities)]
         per_image_identity = _stack([identities[int(t)] for t in self.targets])

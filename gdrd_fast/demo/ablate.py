@@ -31,7 +31,7 @@ from ..train.config import GENERATIVE_VARIANTS, VARIANTS, from_dict, to_dict
 from ..train.checks import file_sha256
 from ..train.pipeline import Parts, variant_plan
 from .config import DemoConfig
-from .data import data_note, load_cell_data
+from .data import data_cache_dir, data_note, load_cell_data
 from .nets import SmallFaceNet
 from .processes import Pool, step_reporter
 from .teachers import cache_path, cache_teacher_outputs, load_generative_teacher, load_hr_teacher, load_teachers, \
@@ -91,7 +91,7 @@ def run_cell(spec: dict, report: Callable[..., None] | None = None) -> dict:
     handler = log_to_file(out / "train.log", runtime)
     start = time.perf_counter()
     try:
-        data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))
+        data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"), data_cache_dir(grid))
         train_set = data["train"]
         num_classes = int(train_set.targets.max()) + 1
         teacher, teacher_head = load_hr_teacher(config, grid, num_classes)
@@ -172,6 +172,21 @@ def references(config: DemoConfig, grid: Path, resolutions: Sequence[int], data:
             else:
                 rows[name][r] = evaluate(model, data, lambda x, r=r: degrade(x, r), device, name)
     return rows
+
+
+def references_job(spec: dict, report: Callable[..., None] | None = None) -> dict:
+    """references() in a grid process, beside the last cells instead of after them: with the main process's
+    thread count (spec["threads"]), so its numbers are those the main process would compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec["threads"])
+    try:
+        config, grid = from_dict(DemoConfig, spec["config"]), Path(spec["grid_dir"])
+        start = time.perf_counter()
+        data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"), data_cache_dir(grid))
+        rows = references(config, grid, spec["resolutions"], data, Runtime.create(spec.get("device", "cpu")).device)
+        return {"rows": rows, "seconds": time.perf_counter() - start}
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -272,8 +287,11 @@ def default_jobs(threads: int) -> int:
 
 def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], resolutions: Sequence[int],
              seeds: int | Sequence[int], train_root: str | None = None, pairs: str | None = None, device: str = "cpu",
-             jobs: int = 0, threads: int = 1, progress: bool = True) -> dict:
-    """Run (or resume) the grid and write ablation.md, ablation.json and ablation.png; returns the summary."""
+             jobs: int = 0, threads: int = 1, progress: bool = True,
+             after_cell: dict[str, tuple[str, dict]] | None = None) -> dict:
+    """Run (or resume) the grid and write ablation.md, ablation.json and ablation.png; returns the summary.
+    after_cell: {cell_dir: ("module:function", spec)}, a task to run in a grid process once that cell is
+    trained (when the grid runs it in processes); its result is in the returned dict's "after_cell"."""
     start = time.perf_counter()
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -297,7 +315,7 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
             raise ValueError(f"{out} holds a grid of another recipe or data; choose another output folder")
         write_json(stamp, {"spec_hash": spec_hash, "config": base, "train_root": train_root, "pairs": pairs})
         seed_everything(config.seed)
-        data = load_cell_data(config, train_root, pairs)
+        data = load_cell_data(config, train_root, pairs, data_cache_dir(out))
         note = data_note(data)
         log.info("%s", note)
         specs, done, order = [], {}, []
@@ -319,6 +337,7 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         if jobs > 1 and not teacher_paths(out)["denoiser"].is_file():
             denoiser_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
                             "device": device, "threads": threads, "resolutions": list(resolutions)}
+        refs, reports = None, {}
         teachers = train_teachers(config, out, data["train"], runtime, progress,
                                   which=("hr",) if denoiser_job else ("hr", "denoiser"))
         if denoiser_job is None and specs:  # else the denoiser's process caches once it is trained
@@ -331,7 +350,14 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                 done[spec["cell_dir"]] = run_cell(spec | {"progress": progress})
                 bar.update()
         else:
-            denoiser = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress)
+            refs_job = {"config": base, "grid_dir": str(out), "train_root": train_root, "pairs": pairs,
+                        "device": device, "resolutions": list(resolutions), "threads": torch.get_num_threads(),
+                        "cost": REFERENCES_COST}
+            reports = _run_in_processes(specs, denoiser_job, jobs, threads, done, bar, progress, refs_job,
+                                        after_cell or {})
+            denoiser, refs = reports.get("denoiser"), reports.get("references")
+            if refs is not None:
+                log.info("reference rows (in a grid process): %.1fs", refs["seconds"])
             if denoiser is not None:
                 log.info("denoiser (in a grid process): %.1fs", denoiser["timings"]["denoiser"])
                 for key in ("histories", "timings"):
@@ -342,7 +368,19 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                          for name, path in teacher_paths(out).items()}
         for name, entry in teacher_files.items():  # trained by this grid: allow_random_teachers says so
             log.info("teacher %s: %s sha256 %s", name, entry["weights"], entry["sha256"])
-        refs = references(config, out, resolutions, data, runtime.device)
+        # the reference rows depend on the recipe and the teachers only: a rerun reads them back
+        refs_key = {"spec_hash": spec_hash, "resolutions": list(resolutions),
+                    "teachers": {name: entry["sha256"] for name, entry in teacher_files.items()}}
+        saved_refs = out / "references.json"
+        if refs is not None:
+            refs = refs["rows"]
+        elif saved_refs.is_file() and json.loads(saved_refs.read_text()).get("key") == refs_key:
+            refs = {name: {r if r == "hr" else int(r): m for r, m in rows.items()}
+                    for name, rows in json.loads(saved_refs.read_text())["rows"].items()}
+            log.info("reference rows: read back from %s", saved_refs)
+        else:
+            refs = references(config, out, resolutions, data, runtime.device)
+        write_json(saved_refs, {"key": refs_key, "rows": refs})
         summary = summarize(results, refs, variants, resolutions)
         elapsed = time.perf_counter() - start
         machine = machine_state()
@@ -362,20 +400,51 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         write_json(paths["json"], summary)
         plot_ablation(paths["figure"], summary, title)
         log.info("ablation\n%s", markdown)
-        return summary | {"markdown": markdown, "paths": paths, "histories": teachers["histories"]}
+        return summary | {"markdown": markdown, "paths": paths, "histories": teachers["histories"],
+                          "after_cell": reports.get("after_cell", {})}
     finally:
         if handler is not None:
             logging.getLogger("gdrd_fast").removeHandler(handler)
 
 
+# a cell's relative cost on CPU, per step (teacher cache on): the grid starts the costliest cells first, so
+# that no process is left alone with a long cell at the end (roughly, from the demo's cells on 2 x 1 thread)
+CELL_COST = {"baseline": 1.0, "stage1-probe": 0.5, "gdrd": 0.8, "gdrd-unfrozen": 1.2, "crd": 1.3, "crrcd": 1.5,
+             "gdrd-e2e": 1.5}
+
+
+REFERENCES_COST = 300.0  # the reference rows (references_job): about half a cell
+
+
+def cell_cost(spec: dict) -> float:
+    """A cell's expected time, in units of a baseline step: its steps x its variant's cost per step (a task
+    that is not a cell says its own: spec["cost"])."""
+    if "cost" in spec:
+        return spec["cost"]
+    config = spec["config"]
+    return CELL_COST.get(spec["variant"], 1.5) * (config["stage1"]["steps"] + config["stage2"]["optim"]["steps"])
+
+
+def by_cost(tasks: list[tuple]) -> list[tuple]:
+    """The queue, costliest task first (longest processing time first); the denoiser (no variant, no cost:
+    the cells that need T_g wait for it) stays ahead of them all. Stable: equal costs keep their order."""
+    return sorted(tasks, key=lambda t: -cell_cost(t[2]) if "variant" in t[2] or "cost" in t[2] else -float("inf"))
+
+
 def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, threads: int, done: dict, bar,
-                      progress: bool) -> dict | None:
+                      progress: bool, refs_job: dict | None = None, after_cell: dict | None = None) -> dict:
     """Run the cells in `jobs` worker processes (results into done[cell_dir]); with denoiser_job, train the
     denoiser first in one of them and start the cells that need T_g once it is saved. Each running task
-    shows its steps and ETA on a bar of its own. Returns the denoiser's report."""
+    shows its steps and ETA on a bar of its own. With refs_job, the reference rows are computed in a worker
+    too (once the denoiser is saved), beside the cells. Returns {"denoiser": its report, "references": ...}
+    for those that ran."""
     waits = [denoiser_job is not None and s["variant"] in GENERATIVE_VARIANTS for s in specs]
     waiting = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if w]
     tasks = [(s["cell_dir"], "gdrd_fast.demo.ablate:run_cell", s) for s, w in zip(specs, waits) if not w]
+    if refs_job is not None:  # it needs both teachers
+        (waiting if denoiser_job is not None else tasks).append(("references", __name__ + ":references_job",
+                                                                 refs_job))
+    tasks = by_cost(tasks)
     if denoiser_job is not None:
         tasks.insert(0, (None, "gdrd_fast.demo.teachers:train_denoiser_job", denoiser_job))
     bars = [tqdm(total=1, position=i + 1, leave=False, disable=not progress, dynamic_ncols=True, unit="step",
@@ -383,7 +452,8 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
     report, showing = {}, [None] * jobs
 
     def on_progress(worker: int, key, p: dict) -> None:
-        line, name = bars[worker], ("denoiser" if key is None else Path(key).name) + f" {p['stage']}"
+        label = "denoiser" if key is None else Path(key).name if isinstance(key, str) else key[0]
+        line, name = bars[worker], f"{label} {p['stage']}"
         if showing[worker] != (name, p["total"]):  # a new task or stage: its rate and ETA start afresh
             showing[worker] = (name, p["total"])
             line.set_description(name, refresh=False)
@@ -396,17 +466,23 @@ def _run_in_processes(specs: list[dict], denoiser_job: dict | None, jobs: int, t
         if key is None:
             report["denoiser"] = result
             return waiting
+        if key == "references":
+            report["references"] = result
+            return []
+        if isinstance(key, tuple):  # ("after", cell_dir)
+            report.setdefault("after_cell", {})[key[1]] = result
+            return []
         done[key] = result
         bar.update()
-        return []
+        return [(("after", key), *after_cell[key])] if after_cell and key in after_cell else []
 
     try:
         with Pool(jobs, threads) as pool:
-            pool.run(tasks, on_done, on_progress)
+            pool.run(tasks, on_done, on_progress, order=by_cost)
     finally:
         for line in bars:
             line.close()
-    return report.get("denoiser")
+    return report
 
 
 def machine_state() -> str:

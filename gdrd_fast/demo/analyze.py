@@ -17,7 +17,7 @@ from ..eval.geometry import analyze_features
 from ..train import checkpoint as ckpt
 from ..train.config import from_dict
 from .config import DemoConfig
-from .data import data_note, load_cell_data
+from .data import data_cache_dir, data_note, load_cell_data
 from .nets import SmallBackbone, SmallFaceNet
 from .teachers import load_teachers, teacher_feature
 
@@ -47,7 +47,8 @@ def analyze_cell(run: str | Path, out_dir: str | Path | None = None, device: str
     if not (run / "result.json").is_file():
         raise ValueError(f"{run} has not finished (no result.json): run or resume its grid first")
     config = from_dict(DemoConfig, spec["config"])
-    data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))
+    data = load_cell_data(config, spec.get("train_root"), spec.get("pairs"),
+                          data_cache_dir(spec["grid_dir"]))
     if data["probe_images"] is None:
         raise ValueError("analyze needs labelled test images: the synthetic data (real pairs files have no labels)")
     images, labels, r = data["probe_images"], data["probe_labels"], config.resolution
@@ -72,3 +73,14 @@ def analyze_cell(run: str | Path, out_dir: str | Path | None = None, device: str
     pairs = {f"{s} vs {t}": (s, t) for s in students for t in teachers}
     title = f"{variant} at {r}x{r}, student seed {config.student_seed}"
     return analyze_features(features, labels, out_dir or run / "geometry", title, pairs, note=data_note(data))
+
+
+def analyze_job(spec: dict, report=None) -> dict:
+    """analyze_cell in a grid process, once its cell is trained (run_grid's after_cell), beside the other
+    cells: with the main process's thread count (spec["threads"]), so its numbers are those of analyze_cell."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec["threads"])
+    try:
+        return analyze_cell(spec["run"], spec["out_dir"], spec.get("device", "cpu"))
+    finally:
+        torch.set_num_threads(previous)

@@ -46,10 +46,12 @@ class Pool:
         self.stop(kill=exc[0] is not None)
 
     def run(self, tasks: list[tuple], on_done: Callable[[object, object], list[tuple] | None],
-            on_progress: Callable[[int, object, dict], None] | None = None) -> None:
+            on_progress: Callable[[int, object, dict], None] | None = None,
+            order: Callable[[list[tuple]], list[tuple]] | None = None) -> None:
         """Run every (key, "module:function", spec); on_done(key, result) may return more tasks to queue.
-        on_progress(worker index, key, progress) is called with what a task reports. A task's exception
-        is raised here (the other workers are then stopped by the caller's `with`)."""
+        on_progress(worker index, key, progress) is called with what a task reports. order(queue), when
+        given, reorders the queue whenever tasks join it (the next free worker takes its first). A task's
+        exception is raised here (the other workers are then stopped by the caller's `with`)."""
         queue, busy = list(tasks), {}
         while queue or busy:
             for worker in self.workers:
@@ -73,7 +75,10 @@ class Pool:
                 key = busy.pop(worker)
                 if kind == "error":
                     raise payload
-                queue += on_done(key, payload) or []
+                more = on_done(key, payload) or []
+                queue += more
+                if more and order is not None:
+                    queue = order(queue)
 
     def stop(self, kill: bool = False) -> None:
         """End the workers: asked to finish (kill=False) or stopped by signal; none is left running."""

@@ -14,9 +14,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ..data.images import atomic_write_bytes
 from ..eval import save_png, write_json
 from ..train import Runtime, log_to_file
+from ..train.checks import file_sha256
 from ..train.config import to_dict
 from .ablate import run_grid
 from .analyze import analyze_cell
@@ -49,6 +52,31 @@ def plot_training(path: Path, histories: dict[str, list[dict]], title: str) -> P
     return save_png(fig, path)
 
 
+def _geometry_key(cell: Path) -> dict:
+    """What the geometry of a cell depends on: its trained student and the teachers."""
+    teachers = Path(json.loads((cell / "spec.json").read_text())["grid_dir"]) / "teachers"
+    files = [cell / "result.json", cell / "student.pt", cell / "stage1_backbone.pt", teachers / "hr_teacher.pt",
+             teachers / "denoiser.pt"]
+    return {str(f): file_sha256(f) if f.is_file() else None for f in files}
+
+
+def _saved_geometry(cell: Path, out: Path) -> dict | None:
+    """The geometry an earlier run of this demo wrote for the same cell and teachers (a rerun reads it back)."""
+    saved = out / "geometry_result.json"
+    if not saved.is_file():
+        return None
+    data = json.loads(saved.read_text())
+    if data.get("key") != _geometry_key(cell) or not all(Path(p).is_file() for p in data["result"]["paths"].values()):
+        return None
+    log.info("feature geometry: read back from %s", saved)
+    return data["result"] | {"paths": {k: Path(p) for k, p in data["result"]["paths"].items()}}
+
+
+def _save_geometry(cell: Path, out: Path, geometry: dict) -> None:
+    write_json(out / "geometry_result.json", {"key": _geometry_key(cell), "result": geometry | {
+        "paths": {k: str(p) for k, p in geometry["paths"].items()}}})
+
+
 def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None = None, pairs: str | None = None,
              device: str = "cpu", progress: bool = True, jobs: int = 0, threads: int = 1) -> dict:
     """The demo's ablation (config.ablation.variants at config.resolution over config.ablation.seeds seeds),
@@ -62,13 +90,19 @@ def run_demo(output_dir: str | Path, config: DemoConfig, train_root: str | None 
     try:
         log.info("gdrd-fast demo: a new run in %s", out)
         a = config.ablation
-        summary = run_grid(out, config, a.variants, [config.resolution], a.seeds, train_root, pairs, device, jobs,
-                           threads, progress)
         variant = next((v for v in ("gdrd", "gdrd-e2e", "gdrd-unfrozen") if v in a.variants), None)
+        cell = out / "cells" / f"{variant}-r{config.resolution}-s0"
+        # the geometry, in a grid process as soon as its cell is trained (at the main process's thread count)
+        after = {str(cell): ("gdrd_fast.demo.analyze:analyze_job", {
+            "run": str(cell), "out_dir": str(out / "geometry"), "device": device, "threads": torch.get_num_threads(),
+            "cost": 300.0})} if variant is not None and train_root is None else {}
+        summary = run_grid(out, config, a.variants, [config.resolution], a.seeds, train_root, pairs, device, jobs,
+                           threads, progress, after_cell=after)
         geometry = None
         if variant is not None and summary["note"] == SYNTHETIC_NOTE:  # needs labelled test images
-            geometry = analyze_cell(out / "cells" / f"{variant}-r{config.resolution}-s0", out / "geometry",
-                                    device=device)
+            geometry = summary["after_cell"].get(str(cell)) or _saved_geometry(cell, out / "geometry") \
+                or analyze_cell(cell, out / "geometry", device=device)
+            _save_geometry(cell, out / "geometry", geometry)
         text = interpret(summary, geometry, config)
         note = f"{SMOKE_NOTE} {summary['note']}" if config.smoke else summary["note"]
         if config.smoke:

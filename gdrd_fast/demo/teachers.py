@@ -19,7 +19,7 @@ from ..train import checkpoint as ckpt, teacher_cache
 from ..train.config import from_dict
 from ..train.stages import GenerativeTarget
 from .config import DemoConfig
-from .data import load_cell_data
+from .data import data_cache_dir, load_cell_data
 from .denoiser import DenoiserStage
 from .nets import SmallFaceNet
 from .processes import step_reporter
@@ -130,7 +130,7 @@ def train_denoiser_job(spec: dict, report: Callable[..., None] | None = None) ->
     grid = Path(spec["grid_dir"])
     handler = log_to_file(grid / "teachers" / "denoiser.log", runtime)
     try:
-        train_set = load_cell_data(config, spec.get("train_root"), spec.get("pairs"))["train"]
+        train_set = load_cell_data(config, spec.get("train_root"), spec.get("pairs"), data_cache_dir(grid))["train"]
         trained = train_teachers(config, grid, train_set, runtime, progress=False, which=("denoiser",),
                                  report=report)
         trained["timings"] |= cache_teacher_outputs(config, grid, train_set, spec["resolutions"])["timings"]

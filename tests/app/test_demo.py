@@ -59,6 +59,9 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     again = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
     assert (cell / "student.pt").stat().st_mtime_ns == student_mtime
     assert again["students"] == students
+    # the reference rows are read back, not computed again (same recipe, same teachers)
+    assert again["references"] == result["summary"]["references"]
+    assert "reference rows: read back" in (tmp_path / "ablate.log").read_text()
     (cell / "result.json").unlink()
     resumed = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
     assert resumed["students"]["gdrd@8"] == students["gdrd@8"]
@@ -168,3 +171,40 @@ def test_a_difference_smaller_than_the_build_spread_is_read_as_noise(spread, ver
     assert ("build spread" in line) == bool(spread)
     with pytest.raises(ValueError, match="build_spread >= 0"):
         load_demo_config(overrides=["ablation.build_spread=-1"])
+
+
+def test_the_grid_starts_the_costliest_cells_first_and_the_denoiser_before_them():
+    from gdrd_fast.demo.ablate import by_cost
+
+    def cell(variant, seed):
+        return (f"{variant}-s{seed}", "run_cell", {"variant": variant, "config": {
+            "stage1": {"steps": 200}, "stage2": {"optim": {"steps": 400}}}})
+    queue = [cell(v, s) for s in (0, 1) for v in ("baseline", "crd", "crrcd", "gdrd", "gdrd-e2e")]
+    queue.insert(3, (None, "train_denoiser_job", {"grid_dir": "x"}))
+    keys = [t[0] for t in by_cost(queue)]
+    assert keys[0] is None  # the denoiser gates the generative cells: it starts at once
+    # longest first; equal costs keep the grid's order (seed 0 before seed 1)
+    assert keys[1:] == ["crrcd-s0", "gdrd-e2e-s0", "crrcd-s1", "gdrd-e2e-s1", "crd-s0", "crd-s1", "baseline-s0",
+                        "baseline-s1", "gdrd-s0", "gdrd-s1"]
+
+
+def test_the_synthetic_sets_are_rendered_once_per_grid_and_read_back_identical(tmp_path, monkeypatch):
+    from gdrd_fast.data import SyntheticFaces
+    from gdrd_fast.demo import data as demo_data
+
+    first = demo_data.synthetic_faces(3, 2, 0, 16, 5, tmp_path)
+    (saved,) = tmp_path.glob("synthetic-*.pt")
+    fresh = SyntheticFaces(3, 2, 0, 16, first_identity=5)
+    assert first.pixels.equal(fresh.pixels) and first.targets.equal(fresh.targets)
+    assert first.samples == fresh.samples and first.name == fresh.name
+    monkeypatch.setattr(demo_data, "_RENDERED", {})  # another process of the grid: read from disk, not drawn
+    init = SyntheticFaces.__init__
+
+    def no_drawing(self, *args, pixels=None, **kwargs):
+        if pixels is None:
+            pytest.fail("the set was drawn again")
+        init(self, *args, pixels=pixels, **kwargs)
+    monkeypatch.setattr(SyntheticFaces, "__init__", no_drawing)
+    again = demo_data.synthetic_faces(3, 2, 0, 16, 5, tmp_path)
+    assert again.pixels.equal(fresh.pixels) and again[1][1] == fresh[1][1]
+    assert demo_data.synthetic_faces(3, 2, 0, 16, 5).pixels is again.pixels  # then from memory, without a folder
