@@ -317,8 +317,16 @@ def _crd_z_backend(device):
     return Call(lambda: (log_z(anchor.detach(), bank, idx, temperature=T, n_data=N),))
 
 
+def _one_block(table, device, dtype, **sizes):
+    """The C++ autograd node of the backend `table` resolves for these inputs, or None without one."""
+    return table[table.resolve("auto", torch.device(device), dtype, **sizes)].one_block
+
+
 def _infonce_backend(device):
     query, positive, bank, _, _ = _infonce_inputs(device)
+    node = _one_block(infonce.IMPLS, device, query.dtype, d=D)
+    if node is not None and node(query, positive, bank, T, "mean") is not None:
+        return Call(lambda: _grads(node(query, positive, bank, T, "mean"), [query]))
     rows = _backend(infonce.IMPLS, device, query.dtype, d=D)
     return Call(lambda: _grads(rows(query, positive, bank, temperature=T).mean(), [query]))
 
@@ -353,6 +361,9 @@ def _feature_regression_backend(device):
     student, teacher = _feature_inputs(device)
     weight = torch.randn(D, D, device=device, requires_grad=True)
     bias = torch.zeros(D, device=device, requires_grad=True)
+    node = _one_block(feature_regression.IMPLS, device, student.dtype)
+    if node is not None and node(student, teacher, weight, bias, "mean") is not None:
+        return Call(lambda: _grads(node(student, teacher, weight, bias, "mean"), [student, weight, bias]))
     rows = _backend(feature_regression.IMPLS, device, student.dtype)
     return Call(lambda: _grads(rows(student, teacher, weight, bias).mean(), [student, weight, bias]))
 
@@ -381,9 +392,9 @@ def _queue_sample_backend(device):
     return Call(lambda: (sample(queue_labels, QUEUE, labels, seed, K),))
 
 
-# a functional call -> its backend's function called directly on the same inputs, reduced as the functional
-# reduces them ('mean'): the host cost of a call's checks and dispatch is the functional call's time less
-# this one's
+# a functional call -> its backend's function (or C++ autograd node, where the call takes one) called directly
+# on the same inputs, reduced as the functional reduces them ('mean'): the host cost of a call's checks and
+# dispatch is the functional call's time less this one's
 BACKEND: dict[str, Callable[[str], Call]] = {
     "crd_nce_loss": _crd_backend,
     "crd_nce_pair_loss": _crd_pair_backend,

@@ -16,6 +16,13 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
   // crd_log_z's CPU kernel: logsumexp over the B(K+1) scores s[b, k] * inv_t, plus offset, as a 0-dim tensor
   // in the accumulation dtype (no gradient).
   m.def("crd_log_z(Tensor anchor, Tensor memory, Tensor idx, float inv_t, float offset) -> Tensor");
+  // The losses' one-block paths as single C++ autograd nodes for eager calls (csrc/autograd/one_block.cpp),
+  // the reduction folded in: 0 none (per-row losses in the input dtype), 1 mean, 2 sum.
+  // feature_regression: student [B, Cs, ...], teacher [B, Ct, ...], weight [Ct, Cs], bias [Ct] or none.
+  m.def("feature_regression_one_block(Tensor student, Tensor teacher, Tensor weight, Tensor? bias, int reduction) "
+        "-> Tensor");
+  // infonce_bank_loss: query, positive [B, D], bank [K, D] (K >= 1, no gradient), inv_t = 1 / temperature.
+  m.def("infonce_bank_one_block(Tensor query, Tensor positive, Tensor bank, float inv_t, int reduction) -> Tensor");
   // The value check of CPU tensors (gdrd_fast/validation.py): true when t holds no NaN and no Inf.
   m.def("all_finite(Tensor t) -> bool");
   // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "chunked", "torch")
 _KERNELS_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
@@ -124,12 +125,15 @@ class Backend:
     unavailable(device): None when its compiled parts are there and it runs on `device`, else why not.
     dtypes: the dtypes it computes itself. max_sizes(dtype): the largest size of each named dimension it
     takes. kernel: what the op's custom op calls for this backend (None for the reference).
+    one_block: the whole loss (reduction folded in) of an eager call small enough for one C++ autograd node,
+    taking the functional's arguments and returning None where it does not apply (csrc/autograd/).
     """
     load: Callable[[], Callable]
     unavailable: Callable[[torch.device], str | None]
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     max_sizes: Callable[[torch.dtype], dict[str, int]] | None = None
     kernel: Callable[[], Callable] | None = None
+    one_block: Callable[..., Tensor | None] | None = None
 
     def limits(self, dtype: torch.dtype) -> dict[str, int]:
         return self.max_sizes(dtype) if self.max_sizes is not None and dtype in self.dtypes else {}
@@ -277,6 +281,19 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
             op.refuse(backend, device, dtype, {})
         return op.exact, ()
     return backend, tuple(chosen.limits(dtype).items())
+
+
+@lru_cache(None)
+def eager_node(op: str):
+    """torch.ops.gdrd_fast_C.<op>, a C++ autograd node for eager CPU calls (csrc/autograd/), or None in a build
+    without it; looked up once: a small call pays one cached lookup, not an attribute walk."""
+    if cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, op):
+        return None
+    return getattr(torch.ops.gdrd_fast_C, op).default
+
+
+# the reduction codes of the C++ autograd nodes (csrc/ops.cpp)
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 def with_compiled_op(op: str, extension_check: Callable[[torch.device], str | None]):

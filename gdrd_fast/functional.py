@@ -195,11 +195,15 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
             query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
             bank_labels=bank_labels, normalize=normalize)
         return reduce_pairs(rows, pairs, reduction, query.dtype)
-    name = infonce.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
+    impl = infonce.IMPLS[infonce.IMPLS.resolve(backend, device, dtype, d=query.shape[1])]
     if return_rank:
-        rows, rank = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature, return_rank=True)
+        rows, rank = impl.load()(query, positive, bank, temperature=temperature, return_rank=True)
         return reduce_rows(rows, reduction, query.dtype), rank
-    rows = infonce.IMPLS[name].load()(query, positive, bank, temperature=temperature)
+    if impl.one_block is not None:
+        loss = impl.one_block(query, positive, bank, temperature, reduction)
+        if loss is not None:
+            return loss
+    rows = impl.load()(query, positive, bank, temperature=temperature)
     return reduce_rows(rows, reduction, query.dtype)
 
 
@@ -310,10 +314,16 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     if bias is not None and bias.shape[0] != weight.shape[0]:
         check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
     check.no_grad_input("teacher", teacher, "the teacher's features are the target")
-    for name, t in dict(student=student, teacher=teacher, weight=weight, bias=bias).items():
-        check.finite(name, t)
-    name = feature_regression.IMPLS.resolve(backend, device, student.dtype)
-    rows = feature_regression.IMPLS[name].load()(student, teacher, weight, bias)
+    check.finite("student", student)  # one call each: no dict built per call
+    check.finite("teacher", teacher)
+    check.finite("weight", weight)
+    check.finite("bias", bias)
+    impl = feature_regression.IMPLS[feature_regression.IMPLS.resolve(backend, device, student.dtype)]
+    if impl.one_block is not None:
+        loss = impl.one_block(student, teacher, weight, bias, reduction)
+        if loss is not None:
+            return loss
+    rows = impl.load()(student, teacher, weight, bias)
     return reduce_rows(rows, reduction, student.dtype, row_size=math.prod(teacher.shape[1:]))
 
 

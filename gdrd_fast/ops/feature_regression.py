@@ -191,6 +191,22 @@ class _FeatureRegression(torch.autograd.Function):
         return _backward(ctx, grad_rows, _backward_kernel)
 
 
+def one_block_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None,
+                   reduction: str) -> Tensor | None:
+    """The chunked backend's loss for an eager CPU call of one block through its C++ autograd node
+    (csrc/autograd/one_block.cpp: one node, the reduction folded in); None where that does not apply: under
+    torch.compile, off CPU, above one block, or in a build without the node. The teacher has no gradient
+    (the functional refuses one that has)."""
+    b = student.shape[0]
+    if (torch.compiler.is_compiling() or not student.is_cpu
+            or not _keeps_error(b, weight.shape[0], student.numel() // (b * student.shape[1]))):
+        return None
+    node = backends.eager_node("feature_regression_one_block")
+    if node is None:
+        return None
+    return node(student, teacher, weight, bias, backends.REDUCTION_CODES[reduction])
+
+
 def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, *,
                             kernel: str) -> Tensor:
     """Per-sample mean squared error [B] of conv1x1(student, weight, bias) against teacher (detached).
@@ -211,7 +227,7 @@ def feature_regression_rows(student: Tensor, teacher: Tensor, weight: Tensor, bi
 IMPLS = Op("feature_regression_loss", {
     "torch": Backend(lambda: reference.feature_regression_rows, backends.anywhere),
     "chunked": Backend(lambda: functools.partial(feature_regression_rows, kernel="chunked"), backends.anywhere,
-                       kernel=lambda: (chunked_forward, chunked_backward)),
+                       kernel=lambda: (chunked_forward, chunked_backward), one_block=one_block_loss),
     "triton": Backend(lambda: functools.partial(feature_regression_rows, kernel="triton"), backends.with_triton,
                       dtypes=(torch.float16, torch.bfloat16, torch.float32), kernel=_triton),
 }, exact="chunked", aliases={"cpu": "chunked"})

@@ -12,16 +12,34 @@ from ._twin import eager_twin
 from ..numerics import compute_dtype
 
 
+def default_chunk(batch: int) -> int:
+    """Bank rows per block: each score block near 2M elements (8 MB in fp32)."""
+    return min(16384, max(1024, (1 << 21) // batch))
+
+
+def one_block_loss(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
+                   reduction: str) -> Tensor | None:
+    """The chunked backend's loss for an eager CPU call whose bank is one block, through its C++ autograd node
+    (csrc/autograd/one_block.cpp: one node, the reduction folded in); None where that does not apply: under
+    torch.compile, off CPU, a larger bank, or a build without the node."""
+    if not query.is_cpu or bank.shape[0] > default_chunk(query.shape[0]) or torch.compiler.is_compiling():
+        return None
+    node = backends.eager_node("infonce_bank_one_block")
+    if node is None:
+        return None
+    return node(query, positive, bank, 1.0 / temperature, backends.REDUCTION_CODES[reduction])
+
+
 def infonce_bank_chunked(query: Tensor, positive: Tensor, bank: Tensor, temperature: float,
                          need_grad: bool, chunk: int | None = None, *, need_rank: bool = False):
     """Online log-sum-exp over bank chunks; dQuery (and, with need_rank, each row's rank: the bank rows
     scoring strictly above its positive) accumulated in the same pass. Never holds B x K.
 
-    The default chunk keeps each score block near 2M elements (8 MB in fp32): few enough ops that
+    The default chunk (default_chunk) keeps each score block near 2M elements: few enough ops that
     per-op threading overhead stays small on a busy CPU, small enough to stay far below B x K.
     """
     if chunk is None:
-        chunk = min(16384, max(1024, (1 << 21) // query.shape[0]))
+        chunk = default_chunk(query.shape[0])
     dt = compute_dtype(query)
     q, p = query.to(dt), positive.to(dt)
     inv_t = 1.0 / temperature
@@ -96,7 +114,7 @@ def infonce_bank_rows(query: Tensor, positive: Tensor, bank: Tensor, *, temperat
 IMPLS = Op("infonce_bank_loss", {
     "torch": Backend(lambda: reference.infonce_bank_rows, backends.anywhere),
     "chunked": Backend(lambda: functools.partial(infonce_bank_rows, kernel="chunked"), backends.anywhere,
-                       kernel=lambda: infonce_bank_chunked),
+                       kernel=lambda: infonce_bank_chunked, one_block=one_block_loss),
     "triton": Backend(lambda: functools.partial(infonce_bank_rows, kernel="triton"), backends.with_triton,
                       dtypes=(torch.float16, torch.bfloat16, torch.float32), max_sizes=_triton_max_sizes,
                       kernel=_triton),

@@ -23,10 +23,6 @@ from ..numerics import compute_dtype
 from . import infonce
 
 
-def _chunk(batch: int) -> int:
-    return min(16384, max(1024, (1 << 21) // batch))
-
-
 def _keys(bank: Tensor, start: int, stop: int, dt: torch.dtype, normalize: bool) -> Tensor:
     keys = bank[start:stop].to(dt)
     return F.normalize(keys, dim=1) if normalize else keys
@@ -41,7 +37,7 @@ class _MaskedBankLogSumExp(torch.autograd.Function):
         row_max = torch.full((b,), -math.inf, dtype=q.dtype, device=q.device)
         row_sum = torch.zeros_like(row_max)
         weighted = torch.zeros_like(q)
-        chunk = _chunk(b)
+        chunk = infonce.default_chunk(b)
         for start in range(0, bank.shape[0], chunk):
             keys = _keys(bank, start, start + chunk, q.dtype, normalize)
             s = torch.mm(q, keys.t()).mul_(inv_t)
@@ -75,7 +71,7 @@ class _BankPositivePairs(torch.autograd.Function):
         grad_lse = torch.zeros_like(total)
         grad_q = torch.zeros_like(q)
         count = torch.zeros(b, dtype=torch.long, device=q.device)
-        chunk = _chunk(b)
+        chunk = infonce.default_chunk(b)
         for start in range(0, bank.shape[0], chunk):
             keys = _keys(bank, start, start + chunk, q.dtype, normalize)
             same = labels[:, None] == bank_labels[None, start:start + chunk]

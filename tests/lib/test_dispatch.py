@@ -32,13 +32,22 @@ def test_the_registry_holds_every_op():
 
 
 def _record_runs(monkeypatch, table: backends.Op) -> list[str]:
-    """Every backend of `table` wrapped so that loading its per-row function records the backend's name."""
+    """Every backend of `table` wrapped so that loading its per-row function, or running its one-block node
+    (which returns None where it does not apply), records the backend's name."""
     ran = []
     for name, backend in table.backends.items():
         def load(name=name, inner=backend.load):
             ran.append(name)
             return inner()
-        monkeypatch.setitem(table.backends, name, dataclasses.replace(backend, load=load))
+
+        def one_block(*args, name=name, inner=backend.one_block):
+            loss = inner(*args)
+            if loss is not None:
+                ran.append(name)
+            return loss
+
+        replaced = dict(load=load) if backend.one_block is None else dict(load=load, one_block=one_block)
+        monkeypatch.setitem(table.backends, name, dataclasses.replace(backend, **replaced))
     return ran
 
 

@@ -1,0 +1,203 @@
+// Eager autograd nodes of the losses' one-block paths (docs/ops/host_cost.md).
+//
+// A small call's time is host time, and most of it is autograd: a Python autograd.Function costs about
+// 10 us a pass, and every op recorded inside a Python backward costs more than the same op outside. Here
+// the one-block math of the chunked backend (gdrd_fast/ops/feature_regression.py, gdrd_fast/ops/infonce.py)
+// runs as one C++ autograd node with the reduction folded in: its forward records nothing, and its backward
+// is a few ATen calls. torch.compile keeps tracing the Python custom ops; these nodes serve eager calls.
+//
+// Registered for the Autograd key (the node) and for CompositeExplicitAutograd (the forward alone, what
+// inference mode and no-grad calls reach), on every device. Sums accumulate in float32, float64 for
+// float64 inputs, as in the Python paths.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+at::ScalarType accumulation(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// t in dtype dt, without a call when it already is (each ATen call is host time here).
+Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The loss from per-row losses [B] in the accumulation dtype: 'none' in the input dtype, 'sum' scaled by
+// row_size (a row that is a mean over row_size elements sums back to the total), as reduce_rows does.
+Tensor reduce_rows(const Tensor& rows, int64_t reduction, at::ScalarType input_dtype, double row_size) {
+  if (reduction == kNone) return as_dtype(rows, input_dtype);
+  if (reduction == kMean) return rows.mean();
+  Tensor total = rows.sum();
+  return row_size != 1.0 ? total.mul_(row_size) : total;
+}
+
+// d loss / d row as a factor of each row's gradient, times scale: a 0-dim tensor for 'mean' and 'sum', [B]
+// for 'none'.
+Tensor row_factor(const Tensor& grad, int64_t reduction, int64_t rows, at::ScalarType dt, double row_size,
+                  double scale) {
+  if (reduction == kMean) scale /= static_cast<double>(rows);
+  if (reduction == kSum) scale *= row_size;
+  return as_dtype(grad, dt) * scale;
+}
+
+// --- feature regression: mean((weight @ x + bias - teacher)^2) per sample ------------------------------
+// student [B, Cs, ...], teacher [B, Ct, ...] (no gradient), weight [Ct, Cs], bias [Ct] or none; the
+// pixels are flattened here (views), so x is [B, Cs, P]. One batched product with the weight broadcast over
+// the batch (a view): at::matmul would copy both operands to fold them.
+Tensor columns(const Tensor& t) { return t.reshape({t.size(0), t.size(1), -1}); }
+
+Tensor regression_error(const Tensor& student, const Tensor& teacher, const Tensor& weight,
+                        const std::optional<Tensor>& bias) {
+  const auto dt = accumulation(student);
+  const Tensor x = as_dtype(columns(student), dt);
+  const Tensor w = as_dtype(weight, dt).expand({x.size(0), weight.size(0), weight.size(1)});
+  Tensor err = bias.has_value() && bias->defined()
+                   ? at::baddbmm(as_dtype(*bias, dt).view({1, -1, 1}), w, x)
+                   : at::bmm(w, x);
+  return err.sub_(as_dtype(columns(teacher), dt));
+}
+
+Tensor regression_loss(const Tensor& err, int64_t reduction, at::ScalarType input_dtype) {
+  const double row_size = static_cast<double>(err.size(1) * err.size(2));
+  if (reduction == kNone) return as_dtype(err.square().sum({1, 2}).div_(row_size), input_dtype);
+  const Tensor flat = err.view({-1});
+  Tensor total = at::dot(flat, flat);  // every sample has row_size elements: the mean of rows is the mean
+  return reduction == kMean ? total.div_(static_cast<double>(flat.numel())) : total;
+}
+
+struct FeatureRegressionNode : public torch::autograd::Function<FeatureRegressionNode> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& teacher, const Tensor& weight,
+                        const std::optional<Tensor>& bias, int64_t reduction) {
+    Tensor err = regression_error(x, teacher, weight, bias);
+    ctx->save_for_backward({x, weight, err});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["bias_dtype"] =
+        bias.has_value() && bias->defined() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    return regression_loss(err, reduction, x.scalar_type());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &student = saved[0], &weight = saved[1], &err = saved[2];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const auto dt = err.scalar_type();
+    const int64_t b = err.size(0), row = err.size(1) * err.size(2);
+    // d loss / d err = 2 err / row per sample, times the row's gradient. A scalar loss's gradient on CPU is
+    // read on the host (no sync there): one scalar product instead of two ops.
+    const Tensor& grad = grads[0];
+    Tensor grad_err;
+    if (grad.dim() == 0 && grad.is_cpu()) {
+      grad_err = err * (grad.item<double>() * 2.0 / row * (reduction == kMean ? 1.0 / b : static_cast<double>(row)));
+    } else {
+      Tensor factor = row_factor(grad, reduction, b, dt, static_cast<double>(row), 2.0 / row);
+      grad_err = err * (factor.dim() ? factor.view({b, 1, 1}) : factor);
+    }
+    Tensor grad_x, grad_w, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      const Tensor w_t = as_dtype(weight, dt).t().expand({b, weight.size(1), weight.size(0)});
+      grad_x = as_dtype(at::bmm(w_t, grad_err), student.scalar_type()).view(student.sizes());
+    }
+    if (ctx->needs_input_grad(2)) {  // at::addbmm would loop over the batch on CPU
+      const Tensor x_t = as_dtype(columns(student), dt).transpose(1, 2);
+      grad_w = as_dtype(at::bmm(grad_err, x_t).sum(0), weight.scalar_type());
+    }
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    if (bias_dtype >= 0 && ctx->needs_input_grad(3)) {
+      grad_bias = as_dtype(grad_err.sum({0, 2}), static_cast<at::ScalarType>(bias_dtype));
+    }
+    return {grad_x, Tensor(), grad_w, grad_bias, Tensor()};
+  }
+};
+
+Tensor feature_regression_one_block(const Tensor& x, const Tensor& teacher, const Tensor& weight,
+                                    const std::optional<Tensor>& bias, int64_t reduction) {
+  check_reduction(reduction);
+  return FeatureRegressionNode::apply(x, teacher, weight, bias, reduction);
+}
+
+Tensor feature_regression_one_block_forward(const Tensor& x, const Tensor& teacher, const Tensor& weight,
+                                            const std::optional<Tensor>& bias, int64_t reduction) {
+  check_reduction(reduction);
+  return regression_loss(regression_error(x, teacher, weight, bias), reduction, x.scalar_type());
+}
+
+// --- InfoNCE against a bank of one block: -log_softmax([<q,p>, <q,bank_k>...] / T)[0] per query ---------
+// Returns (rows [B], d row / d query, d row / d positive); the gradients are empty without need_grad.
+std::tuple<Tensor, Tensor, Tensor> infonce_rows(const Tensor& query, const Tensor& positive, const Tensor& bank,
+                                                double inv_t, bool need_grad) {
+  const auto dt = accumulation(query);
+  const Tensor p = as_dtype(positive, dt), keys = as_dtype(bank, dt);
+  const Tensor q_t = as_dtype(query, dt) * inv_t;  // q / T: every logit and d row / d positive in one pass
+  const int64_t b = q_t.size(0), d = q_t.size(1);
+  const Tensor pos = at::bmm(q_t.view({b, 1, d}), p.view({b, d, 1})).view({b, 1});
+  Tensor log_weight = at::log_softmax(at::cat({pos, at::mm(q_t, keys.t())}, 1), 1);
+  Tensor rows = log_weight.select(1, 0).neg();
+  if (!need_grad) return {rows, Tensor(), Tensor()};
+  Tensor weight = log_weight.exp_();
+  Tensor pos_weight_minus_one = weight.narrow(1, 0, 1) - 1.0;
+  Tensor grad_query = at::addmm(pos_weight_minus_one * p, weight.narrow(1, 1, keys.size(0)), keys, inv_t, inv_t);
+  return {rows, grad_query, pos_weight_minus_one * q_t};
+}
+
+struct InfoNCENode : public torch::autograd::Function<InfoNCENode> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& query, const Tensor& positive, const Tensor& bank,
+                        double inv_t, int64_t reduction, bool need_grad) {
+    auto [rows, grad_query, grad_positive] = infonce_rows(query, positive, bank, inv_t, need_grad);
+    ctx->save_for_backward({grad_query, grad_positive});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(query.scalar_type()),
+                                                     static_cast<int64_t>(positive.scalar_type())};
+    return reduce_rows(rows, reduction, query.scalar_type(), 1.0);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &grad_query = saved[0], &grad_positive = saved[1];
+    TORCH_CHECK(grad_query.defined(), "infonce_bank_one_block: backward through a forward run without grad");
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const int64_t b = grad_query.size(0);
+    Tensor factor = row_factor(grads[0], ctx->saved_data["reduction"].toInt(), b, grad_query.scalar_type(), 1.0, 1.0);
+    if (factor.dim()) factor = factor.unsqueeze(1);
+    Tensor gq, gp;
+    if (ctx->needs_input_grad(0)) gq = as_dtype(grad_query * factor, static_cast<at::ScalarType>(dtypes[0]));
+    if (ctx->needs_input_grad(1)) gp = as_dtype(grad_positive * factor, static_cast<at::ScalarType>(dtypes[1]));
+    return {gq, gp, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor infonce_bank_one_block(const Tensor& query, const Tensor& positive, const Tensor& bank, double inv_t,
+                              int64_t reduction) {
+  check_reduction(reduction);
+  const bool need_grad = at::GradMode::is_enabled() && (query.requires_grad() || positive.requires_grad());
+  return InfoNCENode::apply(query, positive, bank, inv_t, reduction, need_grad);
+}
+
+Tensor infonce_bank_one_block_forward(const Tensor& query, const Tensor& positive, const Tensor& bank,
+                                      double inv_t, int64_t reduction) {
+  check_reduction(reduction);
+  return reduce_rows(std::get<0>(infonce_rows(query, positive, bank, inv_t, false)), reduction,
+                     query.scalar_type(), 1.0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gdrd_fast_C, Autograd, m) {
+  m.impl("feature_regression_one_block", &feature_regression_one_block);
+  m.impl("infonce_bank_one_block", &infonce_bank_one_block);
+}
+
+TORCH_LIBRARY_IMPL(gdrd_fast_C, CompositeExplicitAutograd, m) {
+  m.impl("feature_regression_one_block", &feature_regression_one_block_forward);
+  m.impl("infonce_bank_one_block", &infonce_bank_one_block_forward);
+}
