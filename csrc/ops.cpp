@@ -18,7 +18,8 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
   m.def("crd_log_z(Tensor anchor, Tensor memory, Tensor idx, float inv_t, float offset) -> Tensor");
   // The losses' one-block paths as single C++ autograd nodes for eager calls (csrc/autograd/one_block.cpp),
   // the reduction folded in: 0 none (per-row losses in the input dtype), 1 mean, 2 sum.
-  // feature_regression: student [B, Cs, ...], teacher [B, Ct, ...], weight [Ct, Cs], bias [Ct] or none.
+  // feature_regression: student [B, Cs, ...], teacher [B, Ct, ...], weight [Ct, Cs] or [Ct, Cs, 1, 1],
+  // bias [Ct] or none.
   m.def("feature_regression_one_block(Tensor student, Tensor teacher, Tensor weight, Tensor? bias, int reduction) "
         "-> Tensor");
   // infonce_bank_loss: query, positive [B, D], bank [K, D] (K >= 1, no gradient), inv_t = 1 / temperature.

@@ -297,9 +297,9 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     check.reduction(reduction)
     check.tensor("student", student, (2, 4))
     check.tensor("teacher", teacher, (2, 4))
-    if isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
-        weight = weight.flatten(1)
-    check.tensor("weight", weight, 2)
+    # a 1x1 Conv2d's weight [Ct, Cs, 1, 1] is taken as it is: flattened only where a Python path runs
+    conv_weight = isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1)
+    check.tensor("weight", weight, 4 if conv_weight else 2)
     if bias is not None:
         check.tensor("bias", bias, 1)
     device = student.device
@@ -323,7 +323,7 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
         loss = impl.one_block(student, teacher, weight, bias, reduction)
         if loss is not None:
             return loss
-    rows = impl.load()(student, teacher, weight, bias)
+    rows = impl.load()(student, teacher, weight.flatten(1) if conv_weight else weight, bias)
     return reduce_rows(rows, reduction, student.dtype, row_size=math.prod(teacher.shape[1:]))
 
 

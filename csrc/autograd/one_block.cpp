@@ -57,11 +57,14 @@ Tensor row_factor(const Tensor& grad, int64_t reduction, int64_t rows, at::Scala
 // the batch (a view): at::matmul would copy both operands to fold them.
 Tensor columns(const Tensor& t) { return t.reshape({t.size(0), t.size(1), -1}); }
 
+// A 1x1 convolution's weight [Ct, Cs, 1, 1] as the matrix [Ct, Cs] (a view): Modules pass their own.
+Tensor matrix(const Tensor& weight) { return weight.dim() == 2 ? weight : weight.reshape({weight.size(0), -1}); }
+
 Tensor regression_error(const Tensor& student, const Tensor& teacher, const Tensor& weight,
                         const std::optional<Tensor>& bias) {
   const auto dt = accumulation(student);
   const Tensor x = as_dtype(columns(student), dt);
-  const Tensor w = as_dtype(weight, dt).expand({x.size(0), weight.size(0), weight.size(1)});
+  const Tensor w = as_dtype(matrix(weight), dt).expand({x.size(0), weight.size(0), x.size(1)});
   Tensor err = bias.has_value() && bias->defined()
                    ? at::baddbmm(as_dtype(*bias, dt).view({1, -1, 1}), w, x)
                    : at::bmm(w, x);
@@ -105,12 +108,13 @@ struct FeatureRegressionNode : public torch::autograd::Function<FeatureRegressio
     }
     Tensor grad_x, grad_w, grad_bias;
     if (ctx->needs_input_grad(0)) {
-      const Tensor w_t = as_dtype(weight, dt).t().expand({b, weight.size(1), weight.size(0)});
+      const Tensor w = as_dtype(matrix(weight), dt);
+      const Tensor w_t = w.t().expand({b, w.size(1), w.size(0)});
       grad_x = as_dtype(at::bmm(w_t, grad_err), student.scalar_type()).view(student.sizes());
     }
     if (ctx->needs_input_grad(2)) {  // at::addbmm would loop over the batch on CPU
       const Tensor x_t = as_dtype(columns(student), dt).transpose(1, 2);
-      grad_w = as_dtype(at::bmm(grad_err, x_t).sum(0), weight.scalar_type());
+      grad_w = as_dtype(at::bmm(grad_err, x_t).sum(0), weight.scalar_type()).view(weight.sizes());
     }
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     if (bias_dtype >= 0 && ctx->needs_input_grad(3)) {

@@ -101,3 +101,21 @@ def test_the_nodes_refuse_an_unknown_reduction_code():
     node = backends.eager_node("infonce_bank_one_block")
     with pytest.raises(RuntimeError, match="reduction code must be 0"):
         node(torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 3), 1.0, 7)
+
+
+def test_a_conv_weight_goes_to_the_node_as_it_is_and_gets_its_own_shape_back():
+    """FeatureRegressionLoss passes its 1x1 Conv2d weight [Ct, Cs, 1, 1]: no flatten node in the graph."""
+    torch.manual_seed(3)
+    module = gdrd_fast.FeatureRegressionLoss(6, 5).double()
+    student, teacher = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, 4, 4).double()
+    loss = module(student, teacher)
+    assert "FeatureRegressionNode" in loss.grad_fn.name()
+    grads = torch.autograd.grad(loss, [student, module.adapter.weight, module.adapter.bias])
+    w = module.adapter.weight.detach().flatten(1).requires_grad_()
+    s, b = student.detach().requires_grad_(), module.adapter.bias.detach().requires_grad_()
+    expected = reference.feature_regression_loss(s, teacher, w, b)
+    expected_grads = torch.autograd.grad(expected, [s, w, b])
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    assert grads[1].shape == module.adapter.weight.shape
+    for actual, wanted in zip(grads, expected_grads):
+        torch.testing.assert_close(actual.reshape(wanted.shape), wanted, rtol=1e-12, atol=1e-12)
