@@ -26,6 +26,8 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
   m.def("infonce_bank_one_block(Tensor query, Tensor positive, Tensor bank, float inv_t, int reduction) -> Tensor");
   // The value check of CPU tensors (gdrd_fast/validation.py): true when t holds no NaN and no Inf.
   m.def("all_finite(Tensor t) -> bool");
+  // The same for several tensors at once: the index of the first that is not all finite, or -1.
+  m.def("first_non_finite(Tensor[] tensors) -> int");
   // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last
   // duplicate of idx wins (docs/ops/memory.md). The pair form updates two banks with one idx.
   m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");

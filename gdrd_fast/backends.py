@@ -163,12 +163,17 @@ class Op:
     stream): it takes the inputs that the chosen backend does not support by dtype or size.
     `aliases`: old backend names still accepted, with a DeprecationWarning ('cpu' where it meant the
     chunked path).
+    `reference_below`: under 'auto' on the CPU, a call whose `work` (the elements of the dense block the
+    reference holds) is at most this runs the reference ('torch'): on a small call its native autograd costs
+    the host less than the fused path's Python autograd.Function (docs/performance, host cost), and the
+    block it holds is small. 0: never.
     """
 
     def __init__(self, name: str, backends: dict[str, Backend], exact: str = "torch",
-                 aliases: dict[str, str] | None = None):
+                 aliases: dict[str, str] | None = None, reference_below: int = 0):
         self.name, self.backends, self.exact = name, backends, exact
         self.aliases = aliases or {}
+        self.reference_below = reference_below
         self._loaded: dict[tuple, Callable] = {}
         _OPS[name] = self
 
@@ -191,11 +196,15 @@ class Op:
                              + ", ".join(repr(k) for k in self.backends) + ")")
         return backend
 
-    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> str:
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, work: int | None = None,
+                **sizes: int) -> str:
         """The backend that runs this call. `auto` takes its pick, or `exact` where the pick does not support
-        the dtype or sizes; a backend named explicitly runs, or raises ValueError with every reason it
-        cannot. Decided once per (op, backend, device type, dtype) outside torch.compile's graph, so a
-        compiled step neither imports nor breaks the graph; size limits are plain comparisons."""
+        the dtype or sizes, or the reference for a small CPU call (`reference_below`); a backend named
+        explicitly runs, or raises ValueError with every reason it cannot. Decided once per (op, backend,
+        device type, dtype) outside torch.compile's graph, so a compiled step neither imports nor breaks the
+        graph; size limits are plain comparisons."""
+        if work is not None and work <= self.reference_below and backend == "auto" and device.type == "cpu":
+            return "torch"
         chosen, limits = _choose(self.name, backend, device.type, dtype)
         for k, v in limits:
             if sizes.get(k, 0) > v:

@@ -190,7 +190,8 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
         return (infonce_bank_loss(query, positive, bank, temperature=temperature, reduction=reduction,
                                   backend=backend), torch.zeros(query.shape[0], dtype=torch.long, device=device))
     if extended:  # in-batch keys, labels or cosine scores: each (query, positive) pair is a row
-        name = infonce_pairs.IMPLS.resolve(backend, device, dtype, d=query.shape[1])
+        name = infonce_pairs.IMPLS.resolve(backend, device, dtype, d=query.shape[1],
+                                           work=query.shape[0] * (bank.shape[0] + query.shape[0]))
         rows, pairs = infonce_pairs.IMPLS[name].load()(
             query, positive, bank, temperature=temperature, batch_negatives=batch_negatives, labels=labels,
             bank_labels=bank_labels, normalize=normalize)
@@ -208,6 +209,18 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
 
 
 _PARAM_NAMES = tuple(f"params.{field}" for field in RelationalParams._fields)  # named once, not per call
+_RELATIONAL_NAMES = ("e_t", "e_s", "queue_t", "queue_s", *_PARAM_NAMES)
+
+
+_PARAM_SHAPES: dict[tuple[int, int], tuple[tuple[int, ...], ...]] = {}
+
+
+def _param_shapes(embed_dim: int, rel_dim: int) -> tuple[tuple[int, ...], ...]:
+    """relational_param_shapes in field order, made once per (embed_dim, rel_dim)."""
+    shapes = _PARAM_SHAPES.get((embed_dim, rel_dim))
+    if shapes is None:
+        shapes = _PARAM_SHAPES[(embed_dim, rel_dim)] = tuple(relational_param_shapes(embed_dim, rel_dim).values())
+    return shapes
 
 
 def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data) -> torch.device:
@@ -218,12 +231,18 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     check.tensor("neg_idx", neg_idx, 2, check.INDEX_DTYPES)
     if not isinstance(params, RelationalParams):
         raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
-    fields = dict(zip(_PARAM_NAMES, params))
-    for field, value in fields.items():
-        check.tensor(field, value, (1, 2))
+    # every field a floating tensor of its expected shape (the usual call): one pass, no message built
+    expected = (_param_shapes(e_t.shape[1], params.ft_w1.shape[0])
+                if isinstance(params.ft_w1, Tensor) and params.ft_w1.dim() == 2 and params.ft_w1.shape[0] else None)
+    shapes_hold = expected is not None and all(
+        isinstance(v, Tensor) and v.shape == s and v.dtype in check.FLOAT_DTYPES for v, s in zip(params, expected))
+    if not shapes_hold:
+        for field, value in zip(_PARAM_NAMES, params):
+            check.tensor(field, value, (1, 2))
     device = e_s.device
     if any(t.device != device for t in (e_t, queue_t, queue_s, neg_idx, *params)):
-        check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx, **fields)  # raises
+        check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx,
+                          **dict(zip(_PARAM_NAMES, params)))  # raises
     if e_t.shape != e_s.shape:
         raise ValueError(f"e_t and e_s must have the same shape, got {tuple(e_t.shape)} and {tuple(e_s.shape)}")
     if e_t.shape[0] < 2:
@@ -233,11 +252,12 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
                          f"and {tuple(queue_s.shape)}")
     if e_t.shape[1] != queue_t.shape[1]:
         check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
-    rel_dim = params.ft_w1.shape[0]
-    for field, expected in relational_param_shapes(e_t.shape[1], rel_dim).items():
-        if getattr(params, field).shape != expected:  # the message is built only on failure
-            check.shape(f"params.{field}", getattr(params, field), expected,
-                        f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
+    if not shapes_hold:
+        rel_dim = params.ft_w1.shape[0]
+        for field, shape in relational_param_shapes(e_t.shape[1], rel_dim).items():
+            if getattr(params, field).shape != shape:  # the message is built only on failure
+                check.shape(f"params.{field}", getattr(params, field), shape,
+                            f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
     if e_t.shape[0] != neg_idx.shape[0]:
         check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
     if neg_idx.shape[1] < 1:
@@ -247,8 +267,7 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
     check.positive("temperature", temperature)
     check.positive_int("n_data", n_data)
     check.index_in_range("neg_idx", neg_idx, queue_t.shape[0])
-    for name, t in dict(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, **fields).items():
-        check.finite(name, t)
+    check.finite_each(_RELATIONAL_NAMES, (e_t, e_s, queue_t, queue_s, *params))
     return device
 
 
@@ -270,7 +289,9 @@ def relational_contrastive_loss(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
     log_z_t = check.log_z_value("log_z_t", log_z_t, e_s)
     log_z_s = check.log_z_value("log_z_s", log_z_s, e_s)
-    name = relational.IMPLS.resolve(backend, device, _relational_dtype(e_s, params), relation_dim=params.ft_w1.shape[0])
+    rel_dim = params.ft_w1.shape[0]
+    name = relational.IMPLS.resolve(backend, device, _relational_dtype(e_s, params), relation_dim=rel_dim,
+                                    work=relational.small_call_work(e_s.shape[0], neg_idx.shape[1], rel_dim))
     rows = relational.IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                          log_z_t=log_z_t, log_z_s=log_z_s, n_data=n_data)
     return reduce_rows(rows, reduction, e_s.dtype)
@@ -281,10 +302,14 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
                      backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(log_z_t, log_z_s): each side's log(n_data * mean(exp(s / tau))) over its R(K+1) scores."""
     device = check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data)
-    name = relational.LOG_Z_IMPLS.resolve(backend, device, _relational_dtype(e_s, params),
-                                          relation_dim=params.ft_w1.shape[0])
+    rel_dim = params.ft_w1.shape[0]
+    name = relational.LOG_Z_IMPLS.resolve(backend, device, _relational_dtype(e_s, params), relation_dim=rel_dim,
+                                          work=relational.small_call_work(e_s.shape[0], neg_idx.shape[1], rel_dim))
     return relational.LOG_Z_IMPLS[name].load()(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=temperature,
                                                n_data=n_data)
+
+
+_REGRESSION_NAMES = ("student", "teacher", "weight", "bias")
 
 
 def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -314,10 +339,7 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     if bias is not None and bias.shape[0] != weight.shape[0]:
         check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
     check.no_grad_input("teacher", teacher, "the teacher's features are the target")
-    check.finite("student", student)  # one call each: no dict built per call
-    check.finite("teacher", teacher)
-    check.finite("weight", weight)
-    check.finite("bias", bias)
+    check.finite_each(_REGRESSION_NAMES, (student, teacher, weight, bias))
     impl = feature_regression.IMPLS[feature_regression.IMPLS.resolve(backend, device, student.dtype)]
     if impl.one_block is not None:
         loss = impl.one_block(student, teacher, weight, bias, reduction)

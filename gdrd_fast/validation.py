@@ -82,6 +82,29 @@ def finite(name: str, t: Tensor | None) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+@functools.cache
+def _cpu_first_non_finite():
+    """The C++ check of several CPU tensors in one call, or None without it."""
+    if backends.cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, "first_non_finite"):
+        return None
+    return torch.ops.gdrd_fast_C.first_non_finite.default
+
+
+def finite_each(names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> None:
+    """finite() of every tensor (None: absent), for tensors on one device: on the CPU one C++ call for all."""
+    present = [t for t in tensors if t is not None]
+    if not present or not value_checks(present[0]):
+        return
+    scan = _cpu_first_non_finite() if present[0].is_cpu else None
+    if scan is None:
+        for name, t in zip(names, tensors):
+            finite(name, t)
+        return
+    bad = scan(present)
+    if bad >= 0:
+        raise ValueError(f"{[n for n, t in zip(names, tensors) if t is not None][bad]} contains NaN or Inf")
+
+
 def no_grad_input(name: str, t: Tensor, why: str) -> None:
     """Tensors that never receive a gradient must not ask for one: silently detaching them would hide a bug."""
     if t.requires_grad and torch.is_grad_enabled():

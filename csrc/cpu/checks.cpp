@@ -49,6 +49,17 @@ bool all_finite(const at::Tensor& t) {
   }
 }
 
+// The index of the first tensor holding a NaN or an Inf, or -1: one call for all the tensors a loss reads.
+int64_t first_non_finite(at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!all_finite(tensors[i])) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gdrd_fast_C, CPU, m) { m.impl("all_finite", &all_finite); }
+TORCH_LIBRARY_IMPL(gdrd_fast_C, CPU, m) {
+  m.impl("all_finite", &all_finite);
+  m.impl("first_non_finite", &first_non_finite);
+}

@@ -18,9 +18,13 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.fixture
-def fresh_dispatch():
+def fresh_dispatch(monkeypatch):
     """Decisions are cached per (op, backend, device type, dtype): tests that change declarations start and
-    end with an empty cache."""
+    end with an empty cache. The small-call route to the reference (Op.reference_below) is off: these tests
+    are about the declared backends, and test_a_small_cpu_call_runs_the_reference is about that route."""
+    import gdrd_fast.functional  # noqa: F401  (registers every op)
+    for table in backends.ops().values():
+        monkeypatch.setattr(table, "reference_below", 0)
     backends.forget_decisions()
     yield
     backends.forget_decisions()
@@ -242,3 +246,34 @@ def test_eager_calls_skip_the_custom_ops(entry):
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.backward()
     assert "gdrd_fast" not in mode.seen, entry.name
+
+
+SMALL_ROUTED = [e for e in OPS if backends.op(e.name).reference_below]
+
+
+def test_some_ops_route_small_cpu_calls_to_the_reference():
+    import gdrd_fast.functional  # noqa: F401
+    assert sorted(e.name for e in SMALL_ROUTED) == ["infonce_bank_pairs_loss", "relational_contrastive_loss",
+                                                     "relational_log_z"]
+
+
+@pytest.mark.parametrize("entry", SMALL_ROUTED, ids=lambda e: e.name)
+def test_a_small_cpu_call_runs_the_reference(entry, monkeypatch):
+    """Under 'auto' on the CPU a call whose dense block is at most reference_below elements runs the
+    reference (cheaper on the host than the fused path's autograd.Function); a larger one, or a backend
+    named explicitly, runs as declared."""
+    table = entry.table
+    ran = _record_runs(monkeypatch, table)
+    entry.run("auto", torch.float32, CPU)
+    assert ran == ["torch"]
+    ran.clear()
+    monkeypatch.setattr(table, "reference_below", 1)  # the registry's small call is now above the bound
+    entry.run("auto", torch.float32, CPU)
+    assert ran == [table.resolve("auto", CPU, torch.float32, **entry.sizes)] != ["torch"]
+    monkeypatch.setattr(table, "reference_below", 1 << 30)
+    for named in table.available(CPU):
+        ran.clear()
+        entry.run(named, torch.float32, CPU)
+        assert ran == [named]
+    assert table.resolve("auto", CUDA, torch.float32, work=1, **entry.sizes) != "torch" or \
+        table.exact == "torch"  # the route is the CPU's alone

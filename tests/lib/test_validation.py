@@ -449,3 +449,12 @@ def test_log_z_on_a_meta_device_is_named():
     with pytest.raises(ValueError, match=r"^log_z_b is on meta"):
         Fn.crd_nce_pair_loss(anchor, memory, 1.0, anchor, memory, torch.tensor(1.0, device="meta"), idx,
                              names_b=dict(anchor="anchor", memory="memory", idx="idx", log_z="log_z_b"))
+
+
+def test_finite_each_names_the_first_bad_tensor_and_skips_absent_ones():
+    good, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    validation.finite_each(("a", "b", "c"), (good, None, good))
+    with pytest.raises(ValueError, match="^c contains NaN or Inf"):
+        validation.finite_each(("a", "b", "c"), (good, None, bad))
+    with pytest.raises(ValueError, match="^a contains NaN or Inf"):
+        validation.finite_each(("a", "b"), (bad.double().neg(), bad))
