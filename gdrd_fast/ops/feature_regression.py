@@ -19,6 +19,9 @@ from ..backends import Backend, Op
 from ..numerics import compute_dtype
 
 _CHUNK_ELEMENTS = 1 << 18  # projection elements per chunk of the chunked path (1 MiB in fp32)
+# the largest error [B, Ct, P] the C++ node takes: its batched product broadcasts the weight, which bmm copies
+# per sample (16 MiB at B = 16, Ct = Cs = 512); up to here that copy is small, and host time is what counts
+_NODE_ELEMENTS = 1 << 14
 
 
 def _chunks(b: int, ct: int, p: int):
@@ -195,11 +198,11 @@ def one_block_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tenso
                    reduction: str) -> Tensor | None:
     """The chunked backend's loss for an eager CPU call of one block through its C++ autograd node
     (csrc/autograd/one_block.cpp: one node, the reduction folded in); None where that does not apply: under
-    torch.compile, off CPU, above one block, or in a build without the node. The teacher has no gradient
+    torch.compile, off CPU, above _NODE_ELEMENTS, or in a build without the node. The teacher has no gradient
     (the functional refuses one that has)."""
     b = student.shape[0]
     if (torch.compiler.is_compiling() or not student.is_cpu
-            or not _keeps_error(b, weight.shape[0], student.numel() // (b * student.shape[1]))):
+            or b * weight.shape[0] * (student.numel() // (b * student.shape[1])) > _NODE_ELEMENTS):
         return None
     node = backends.eager_node("feature_regression_one_block")
     if node is None:
