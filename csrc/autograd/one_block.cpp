@@ -1,4 +1,4 @@
-// Eager autograd nodes of the losses' one-block paths (docs/ops/host_cost.md).
+// Eager autograd nodes of the losses' one-block paths (docs/ops/index.md, "Small CPU calls").
 //
 // A small call's time is host time, and most of it is autograd: a Python autograd.Function costs about
 // 10 us a pass, and every op recorded inside a Python backward costs more than the same op outside. Here
