@@ -286,9 +286,10 @@ CALLS: dict[str, Callable[[str], Call]] = {
 
 
 # --- each functional call's backend called directly: the call less its checks and dispatch -------------
-def _backend(table, device, dtype, **sizes):
-    """The backend function that `table` resolves for these inputs (the functional's own pick), loaded once."""
-    return table[table.resolve("auto", torch.device(device), dtype, **sizes)].load()
+def _backend(table, device, dtype, work=None, **sizes):
+    """The backend function that `table` resolves for these inputs (the functional's own pick, `work` as the
+    functional passes it), loaded once."""
+    return table[table.resolve("auto", torch.device(device), dtype, work=work, **sizes)].load()
 
 
 def _crd_backend(device):
@@ -333,7 +334,7 @@ def _infonce_backend(device):
 
 def _infonce_pairs_backend(device):
     query, positive, bank, labels, bank_labels = _infonce_inputs(device)
-    rows = _backend(infonce_pairs.IMPLS, device, query.dtype, d=D)
+    rows = _backend(infonce_pairs.IMPLS, device, query.dtype, d=D, work=B * (K + B))
 
     def run():
         losses, pairs = rows(query, None, bank, temperature=T, batch_negatives=positive, labels=labels,
@@ -345,7 +346,8 @@ def _infonce_pairs_backend(device):
 
 def _relational_backend(device):
     e_t, e_s, queue_t, queue_s, neg_idx, params = _relational_inputs(device)
-    rows = _backend(relational.IMPLS, device, e_s.dtype, relation_dim=REL)
+    rows = _backend(relational.IMPLS, device, e_s.dtype, relation_dim=REL,
+                    work=relational.small_call_work(B, REL_NEGATIVES, REL))
     log_z = _log_z(device)
     return Call(lambda: _grads(rows(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature=0.1, log_z_t=log_z,
                                     log_z_s=log_z, n_data=N).mean(), [e_s, *params]))
@@ -353,7 +355,8 @@ def _relational_backend(device):
 
 def _relational_z_backend(device):
     e_t, e_s, queue_t, queue_s, neg_idx, params = _relational_inputs(device)
-    log_z = _backend(relational.LOG_Z_IMPLS, device, e_s.dtype, relation_dim=REL)
+    log_z = _backend(relational.LOG_Z_IMPLS, device, e_s.dtype, relation_dim=REL,
+                     work=relational.small_call_work(B, REL_NEGATIVES, REL))
     return Call(lambda: log_z(e_t, e_s.detach(), queue_t, queue_s, neg_idx, params, temperature=0.1, n_data=N))
 
 
