@@ -21,6 +21,10 @@ using torch::autograd::variable_list;
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
+// dims of an error [B, Ct, P], named: a braced list is ambiguous between sum's overloads in older torch
+constexpr int64_t kChannelsAndPixels[] = {1, 2};
+constexpr int64_t kSamplesAndPixels[] = {0, 2};
+
 at::ScalarType accumulation(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -73,7 +77,9 @@ Tensor regression_error(const Tensor& student, const Tensor& teacher, const Tens
 
 Tensor regression_loss(const Tensor& err, int64_t reduction, at::ScalarType input_dtype) {
   const double row_size = static_cast<double>(err.size(1) * err.size(2));
-  if (reduction == kNone) return as_dtype(err.square().sum({1, 2}).div_(row_size), input_dtype);
+  if (reduction == kNone) {
+    return as_dtype(err.square().sum(at::IntArrayRef(kChannelsAndPixels)).div_(row_size), input_dtype);
+  }
   const Tensor flat = err.view({-1});
   Tensor total = at::dot(flat, flat);  // every sample has row_size elements: the mean of rows is the mean
   return reduction == kMean ? total.div_(static_cast<double>(flat.numel())) : total;
@@ -118,7 +124,8 @@ struct FeatureRegressionNode : public torch::autograd::Function<FeatureRegressio
     }
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     if (bias_dtype >= 0 && ctx->needs_input_grad(3)) {
-      grad_bias = as_dtype(grad_err.sum({0, 2}), static_cast<at::ScalarType>(bias_dtype));
+      grad_bias = as_dtype(grad_err.sum(at::IntArrayRef(kSamplesAndPixels)),
+                           static_cast<at::ScalarType>(bias_dtype));
     }
     return {grad_x, Tensor(), grad_w, grad_bias, Tensor()};
   }
