@@ -293,9 +293,9 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
 
 
 @lru_cache(None)
-def eager_node(op: str):
-    """torch.ops.gdrd_fast_C.<op>, a C++ autograd node for eager CPU calls (csrc/autograd/), or None in a build
-    without it; looked up once: a small call pays one cached lookup, not an attribute walk."""
+def compiled_op(op: str):
+    """torch.ops.gdrd_fast_C.<op>.default (a C++ value check, or an autograd node for eager CPU calls), or
+    None in a build without it; looked up once: a small call pays one cached lookup, not an attribute walk."""
     if cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, op):
         return None
     return getattr(torch.ops.gdrd_fast_C, op).default
@@ -303,6 +303,10 @@ def eager_node(op: str):
 
 # the reduction codes of the C++ autograd nodes (csrc/ops.cpp)
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+# the largest dense block (elements) a small CPU call computes through the reference (Op.reference_below): at
+# the host-cost benchmark's sizes the reference's native autograd costs the host about half the fused paths'
+# autograd.Functions, and a block this small costs nothing to hold
+SMALL_CALL_ELEMENTS = 1 << 14
 
 
 def with_compiled_op(op: str, extension_check: Callable[[torch.device], str | None]):

@@ -125,6 +125,9 @@ def crd_log_z(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float
     return crd_nce.LOG_Z_IMPLS[name].load()(anchor, memory, idx, temperature=temperature, n_data=n_data)
 
 
+_INFONCE_NAMES = ("query", "positive", "batch_negatives", "bank")
+
+
 def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, temperature: float = 0.07,
                       reduction: str = "mean", backend: str = "auto", batch_negatives: Tensor | None = None,
                       normalize: bool = False, labels: Tensor | None = None,
@@ -177,12 +180,7 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
         check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
     check.no_grad_input("bank", bank, "the bank holds constant negatives")
     check.positive("temperature", temperature)
-    check.finite("query", query)
-    if positive is not None:
-        check.finite("positive", positive)
-    if batch_negatives is not None:
-        check.finite("batch_negatives", batch_negatives)
-    check.finite("bank", bank)
+    check.finite_each(_INFONCE_NAMES, (query, positive, batch_negatives, bank))
     dtype = backends.dispatch_dtype(query, bank)
     if return_rank and (batch_negatives is not None or normalize or labels is not None):
         raise ValueError("return_rank needs a plain bank: no batch_negatives, normalize or labels")

@@ -14,7 +14,6 @@ it propagates into the loss, which is then NaN, never silently dropped.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -56,21 +55,13 @@ def tensor(name: str, t, ndim: int | tuple[int, ...], dtypes=FLOAT_DTYPES) -> Te
     return t
 
 
-@functools.cache
-def _cpu_all_finite():
-    """The C++ CPU check (csrc/cpu/checks.cpp), or None without the extension or in an older build of it."""
-    if backends.cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, "all_finite"):
-        return None
-    return torch.ops.gdrd_fast_C.all_finite.default
-
-
 def all_finite(t: Tensor) -> bool:
     """A CPU tensor: the C++ check, one read and a bool back (half the host time of a torch sum and its
     read-back on a small tensor, the same on a large one). Otherwise one reduction instead of an
     elementwise pass: a finite sum proves every element finite (NaN and Inf survive any order of
     additions); only a non-finite sum, which may be an overflow (more likely in a half-precision sum), pays
     the exact check."""
-    scan = _cpu_all_finite() if t.is_cpu else None
+    scan = backends.compiled_op("all_finite") if t.is_cpu else None  # csrc/cpu/checks.cpp
     if scan is not None:
         return scan(t)
     # .item() and math.isfinite: a third of the host time of torch.isfinite on a 0-dim tensor
@@ -82,20 +73,12 @@ def finite(name: str, t: Tensor | None) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-@functools.cache
-def _cpu_first_non_finite():
-    """The C++ check of several CPU tensors in one call, or None without it."""
-    if backends.cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, "first_non_finite"):
-        return None
-    return torch.ops.gdrd_fast_C.first_non_finite.default
-
-
 def finite_each(names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> None:
     """finite() of every tensor (None: absent), for tensors on one device: on the CPU one C++ call for all."""
     present = [t for t in tensors if t is not None]
     if not present or not value_checks(present[0]):
         return
-    scan = _cpu_first_non_finite() if present[0].is_cpu else None
+    scan = backends.compiled_op("first_non_finite") if present[0].is_cpu else None
     if scan is None:
         for name, t in zip(names, tensors):
             finite(name, t)

@@ -204,7 +204,7 @@ def one_block_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tenso
     if (torch.compiler.is_compiling() or not student.is_cpu
             or b * weight.shape[0] * (student.numel() // (b * student.shape[1])) > _NODE_ELEMENTS):
         return None
-    node = backends.eager_node("feature_regression_one_block")
+    node = backends.compiled_op("feature_regression_one_block")
     if node is None:
         return None
     return node(student, teacher, weight, bias, backends.REDUCTION_CODES[reduction])

@@ -24,7 +24,7 @@ def one_block_loss(query: Tensor, positive: Tensor, bank: Tensor, temperature: f
     torch.compile, off CPU, a larger bank, or a build without the node."""
     if not query.is_cpu or bank.shape[0] > default_chunk(query.shape[0]) or torch.compiler.is_compiling():
         return None
-    node = backends.eager_node("infonce_bank_one_block")
+    node = backends.compiled_op("infonce_bank_one_block")
     if node is None:
         return None
     return node(query, positive, bank, 1.0 / temperature, backends.REDUCTION_CODES[reduction])

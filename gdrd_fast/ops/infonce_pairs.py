@@ -23,11 +23,6 @@ from ..numerics import compute_dtype
 from . import infonce
 
 
-# the largest dense score block (B x (K + B)) a CPU call under 'auto' computes through the reference: at B = 4,
-# K = 16 the reference costs the host about half the chunked path's two autograd.Functions
-SMALL_CALL_WORK = 1 << 14
-
-
 def _keys(bank: Tensor, start: int, stop: int, dt: torch.dtype, normalize: bool) -> Tensor:
     keys = bank[start:stop].to(dt)
     return F.normalize(keys, dim=1) if normalize else keys
@@ -183,4 +178,4 @@ IMPLS = Op("infonce_bank_pairs_loss", {
     "torch": Backend(lambda: reference.infonce_bank_pairs_rows, backends.anywhere),
     **{name: dataclasses.replace(infonce.IMPLS[name], load=lambda name=name: functools.partial(_pair_rows, kernel=name))
        for name in ("chunked", "triton")},
-}, exact="chunked", aliases={"cpu": "chunked"}, reference_below=SMALL_CALL_WORK)
+}, exact="chunked", aliases={"cpu": "chunked"}, reference_below=backends.SMALL_CALL_ELEMENTS)

@@ -30,13 +30,9 @@ from ..params import RelationalParams
 EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_contrastive_loss
 
 
-# the largest relation block (R x (K + 1) x relation dim, R = B(B - 1)) a CPU call under 'auto' computes
-# through the reference: at B = 4, K = 4 its native autograd costs the host less than the fused path's
-SMALL_CALL_WORK = 1 << 14
-
-
 def small_call_work(batch: int, negatives: int, relation_dim: int) -> int:
-    """The elements of the reference's relation block for a call (what reference_below compares)."""
+    """The elements of the reference's relation block R x (K + 1) x relation dim, R = B(B - 1), for a call (what
+    reference_below compares)."""
     return batch * (batch - 1) * (negatives + 1) * relation_dim
 
 
@@ -98,10 +94,10 @@ _BACKENDS = {
 # `kernel` is what relational_negatives_op runs. The Triton kernel computes in float32 and has tiles up to
 # a relation dim: float64 and wider relations run the exact chunked path (any device)
 IMPLS = Op("relational_contrastive_loss", {k: v[0] for k, v in _BACKENDS.items()}, exact="chunked",
-           aliases={"cpu": "chunked"}, reference_below=SMALL_CALL_WORK)
+           aliases={"cpu": "chunked"}, reference_below=backends.SMALL_CALL_ELEMENTS)
 # backend -> (e_t, e_s, queue_t, queue_s, neg_idx, params, *, temperature, n_data) -> (log_z_t, log_z_s)
 LOG_Z_IMPLS = Op("relational_log_z", {k: v[1] for k, v in _BACKENDS.items()}, exact="chunked",
-                 aliases={"cpu": "chunked"}, reference_below=SMALL_CALL_WORK)
+                 aliases={"cpu": "chunked"}, reference_below=backends.SMALL_CALL_ELEMENTS)
 
 
 def _negatives_forward(anchors, projected, neg_idx, fold_weight, fold_bias, queries, offset, temperature, backend,

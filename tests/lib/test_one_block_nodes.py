@@ -7,7 +7,7 @@ import torch
 import gdrd_fast
 from gdrd_fast import backends, reference
 
-pytestmark = pytest.mark.skipif(backends.eager_node("feature_regression_one_block") is None,
+pytestmark = pytest.mark.skipif(backends.compiled_op("feature_regression_one_block") is None,
                                 reason="this build of gdrd_fast._C has no one-block nodes")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -98,7 +98,7 @@ def test_a_call_above_one_block_or_compiled_takes_the_python_path():
 
 
 def test_the_nodes_refuse_an_unknown_reduction_code():
-    node = backends.eager_node("infonce_bank_one_block")
+    node = backends.compiled_op("infonce_bank_one_block")
     with pytest.raises(RuntimeError, match="reduction code must be 0"):
         node(torch.randn(2, 3), torch.randn(2, 3), torch.randn(4, 3), 1.0, 7)
 
