@@ -1,7 +1,8 @@
 """Build of gdrd_fast: Python package + kernels/ (as gdrd_fast.kernels) + compiled extensions.
 
-- gdrd_fast._C: C++ CPU kernels and every op schema (csrc/ops.cpp, csrc/cpu/*.cpp, csrc/autograd/*.cpp), built whenever torch
-  and a C++ compiler are there (a failure warns; env_report() then says why it is missing).
+- gdrd_fast._C: C++ CPU kernels, every op schema and the Python layer's host helpers (csrc/ops.cpp,
+  csrc/cpu/*.cpp, csrc/autograd/*.cpp, csrc/python/*.cpp), built whenever torch and a C++ compiler are
+  there (a failure warns; env_report() then says why it is missing).
 - gdrd_fast._C_cuda: CUDA kernels (csrc/cuda/*.cu + their .cpp bindings).
   GDRD_BUILD_CUDA=1 (alias FORCE_CUDA=1): required, a failure stops the build.
   GDRD_BUILD_CUDA=auto (default): built when nvcc and a CUDA build of torch exist; a failure only warns.
@@ -109,7 +110,8 @@ def import_torch():
 def extensions():
     torch, cpp_extension = import_torch()
     cxx = ["-O3", "-fopenmp"] if sys.platform != "darwin" else ["-O3"]
-    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
+    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+                                           + glob.glob("csrc/python/*.cpp"))
     exts = [cpp_extension.CppExtension("gdrd_fast._C", cpu_sources, extra_compile_args={"cxx": cxx},
                                        extra_link_args=["-fopenmp"] if sys.platform != "darwin" else [])]
     mode = cuda_mode()

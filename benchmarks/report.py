@@ -6,7 +6,7 @@ Several JSON files (one run split into passes) are merged into one result, named
 
 For every op and size: median time per provider, speed-up against the eager reference, against
 torch.compile(reference) and against each installed peer, the time in bare torch ops and the host time
-per call on GPU (the host-cost benchmark's), effective TFLOP/s (from the benchmark's
+per call on GPU (the host-cost benchmark's) and each call's dispatch overhead, effective TFLOP/s (from the benchmark's
 `flop` extra info), effective GB/s (from `bytes`: the least traffic the op needs) and peak extra memory
 with its ratio to eager. The JSON is copied alongside.
 """
@@ -24,6 +24,8 @@ from .harness import MEMORY_RESOLUTION, median_seconds, memory_mb_text, memory_r
 BASELINES = ("eager", "compile")
 PEERS = ("flex_attention", "inf-cl")
 BARE_OP = "bare-op"  # benchmarks/test_bench_host_cost.py: one bare torch op, the unit of host cost
+# benchmarks/test_bench_host_cost.py: a functional call and its backend, both answering from memory
+DISPATCH, STUB = "gdrd_fast-dispatch", "backend-stub"
 
 
 def load(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -67,9 +69,14 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return _times(numerator / denominator if numerator and denominator else None)
 
 
+def _timed(benches: list[dict]) -> list[dict]:
+    """The cases that time a whole call (not the dispatch-only pair, which dispatch_table reports)."""
+    return [b for b in benches if b["extra_info"].get("provider") not in (DISPATCH, STUB)]
+
+
 def table(benches: list[dict]) -> list[str]:
     groups = defaultdict(dict)
-    for b in benches:
+    for b in _timed(benches):
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     peers = [p for p in PEERS if any(p in g for g in groups.values())]
     # the host-cost benchmark's unit (one bare torch op) and, on GPU, its host time per call
@@ -104,6 +111,21 @@ def table(benches: list[dict]) -> list[str]:
     return lines
 
 
+def dispatch_table(benches: list[dict]) -> list[str]:
+    """Each functional call's dispatch overhead: its time over a backend answering from memory less that
+    backend's called directly, in microseconds and in bare torch ops (the host-cost benchmark's)."""
+    groups = defaultdict(dict)
+    for b in benches:
+        groups[b["group"]][b["extra_info"].get("provider")] = median_seconds(b)
+    bare = next((g[BARE_OP] for g in groups.values() if BARE_OP in g), None)
+    rows = [(group, g[DISPATCH] - g[STUB]) for group, g in sorted(groups.items()) if DISPATCH in g and STUB in g]
+    if not rows or not bare:
+        return []
+    lines = ["", f"Dispatch overhead (`{DISPATCH}` less `{STUB}`; one bare op {bare * 1e6:.2f} us):", "",
+             "| case | us | bare ops |", "|---|---|---|"]
+    return lines + [f"| {group} | {overhead * 1e6:.1f} | {overhead / bare:.1f} |" for group, overhead in rows]
+
+
 def plot(benches: list[dict], path: str) -> None:
     """Horizontal bars, one block per case: speed-up (left) and peak-memory ratio (right) against eager."""
     import matplotlib
@@ -111,7 +133,7 @@ def plot(benches: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = defaultdict(dict)
-    for b in benches:
+    for b in _timed(benches):
         groups[b["group"]][b["extra_info"].get("provider", b["name"])] = b
     providers = sorted({p for g in groups.values() for p in g if p != "eager"})
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
@@ -168,7 +190,7 @@ def write(json_paths: list[str], out_dirs: list[str]) -> list[str]:
         text += [f"Correctness of the kernels benchmarked here (float64 reference, fp32/fp16/bf16): "
                  f"**{verdict['status']}** ({', '.join(f'{k} {v}' for k, v in sorted(verdict['counts'].items()))}).",
                  ""]
-    text += table(benches) + skipped_table(data.get("skipped", []))
+    text += table(benches) + dispatch_table(benches) + skipped_table(data.get("skipped", []))
     written = []
     for out in out_dirs:
         os.makedirs(out, exist_ok=True)

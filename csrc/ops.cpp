@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "python/host.h"
+
 TORCH_LIBRARY(gdrd_fast_C, m) {
   // CRD's NCE loss over gathered bank rows (docs/ops/crd.md). Returns per-row losses [B] and, when
   // need_grad, d row_b / d anchor_b [B, D] (else an empty tensor), both in the accumulation dtype.
@@ -44,6 +46,16 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
         "-> Tensor");
 }
 
-// A plain module object: importing gdrd_fast._C runs the static registrations above.
-static struct PyModuleDef gdrd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The module: importing gdrd_fast._C runs the static registrations above; its functions are
+// csrc/python/host.cpp's.
+#define GDRD_FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f))
+static PyMethodDef gdrd_methods[] = {
+    {"signature", GDRD_FASTCALL(gdrd_signature), METH_FASTCALL,
+     "signature(*tensors) -> bytes | None: the dtype, device, requires_grad and sizes of each argument"},
+    {"draw_seed", gdrd_draw_seed, METH_O,
+     "draw_seed(generator) -> Tensor | None: torch.randint(-2**63, 2**63 - 1, (1,)) from a CPU generator"},
+    {"partner_without_negative", GDRD_FASTCALL(gdrd_partner_without_negative), METH_FASTCALL,
+     "partner_without_negative(queue_labels, filled, partner_labels) -> int | None"},
+    {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef gdrd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gdrd_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&gdrd_module); }

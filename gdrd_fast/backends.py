@@ -301,6 +301,13 @@ def compiled_op(op: str):
     return getattr(torch.ops.gdrd_fast_C, op).default
 
 
+@lru_cache(None)
+def host_function(name: str):
+    """gdrd_fast._C.<name>, a CPython helper of the Python layer (csrc/python/host.cpp), or None in a build
+    without it: the caller then does the same in torch."""
+    return getattr(cpu_extension(), name, None)
+
+
 # the reduction codes of the C++ autograd nodes (csrc/ops.cpp)
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 # the largest dense block (elements) a small CPU call computes through the reference (Op.reference_below): at

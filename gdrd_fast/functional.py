@@ -44,6 +44,21 @@ CRD_NAMES = dict(anchor="anchor", memory="memory", idx="idx", log_z="log_z")
 
 def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NAMES) -> tuple[torch.device, int]:
     """Every check of crd_nce_loss / crd_log_z; `names` are the caller's own names for the tensors."""
+    device = check.structure_checked(_CRD_STRUCTURES, lambda: _check_crd_structure(anchor, memory, idx, names),
+                                     anchor, memory, idx)
+    check.positive("temperature", temperature)
+    check.non_negative("eps", eps)
+    n_data = memory.shape[0] if n_data is None else check.positive_int("n_data", n_data)
+    check.index_in_range(names["idx"], idx, memory.shape[0])
+    check.finite(names["anchor"], anchor)
+    check.finite(names["memory"], memory)
+    return device, n_data
+
+
+_CRD_STRUCTURES: dict = {}
+
+
+def _check_crd_structure(anchor, memory, idx, names) -> torch.device:
     a, m, i = names["anchor"], names["memory"], names["idx"]
     check.tensor(a, anchor, 2)
     check.tensor(m, memory, 2)
@@ -51,7 +66,6 @@ def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NA
     device = anchor.device
     if memory.device != device or idx.device != device:
         check.same_device(**{a: anchor, m: memory, i: idx})  # raises, naming each device
-    # compared first, the message built only on failure: these checks run on every step
     if anchor.shape[0] != idx.shape[0]:
         check.same_size("batch size", **{f"{a}.shape[0]": anchor.shape[0], f"{i}.shape[0]": idx.shape[0]})
     if anchor.shape[1] != memory.shape[1]:
@@ -60,13 +74,7 @@ def check_crd(anchor, memory, idx, temperature, n_data, eps=0.0, *, names=CRD_NA
         raise ValueError(f"{i} must be [B, K+1]: a positive and at least one negative per row, "
                          f"got shape {tuple(idx.shape)}")
     check.no_grad_input(m, memory, "a memory bank is updated, not trained")
-    check.positive("temperature", temperature)
-    check.non_negative("eps", eps)
-    n_data = memory.shape[0] if n_data is None else check.positive_int("n_data", n_data)
-    check.index_in_range(i, idx, memory.shape[0])
-    check.finite(a, anchor)
-    check.finite(m, memory)
-    return device, n_data
+    return device
 
 
 def crd_nce_loss(anchor: Tensor, memory: Tensor, idx: Tensor, *, temperature: float = 0.07, log_z,
@@ -148,37 +156,11 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
     above the positive's, counted in the same pass; MoCo's acc@k is (rank < k).float().mean().
     """
     check.reduction(reduction)
-    check.tensor("query", query, 2)
-    if positive is None and labels is None:
-        raise ValueError("positive is required unless labels are given (then same-label rows are the positives)")
-    if positive is not None:
-        check.tensor("positive", positive, 2)
-    if not isinstance(bank, Tensor) or bank.dim() != 2 or bank.dtype not in check.FLOAT_DTYPES:
-        check.tensor("bank", bank, 2)  # raises the usual message; an empty bank (0 rows) is allowed
+    device = check.structure_checked(
+        _INFONCE_STRUCTURES,
+        lambda: _check_infonce_structure(query, positive, bank, batch_negatives, labels, bank_labels),
+        query, positive, bank, batch_negatives, labels, bank_labels)
     extended = batch_negatives is not None or normalize or labels is not None or bank.shape[0] == 0
-    if batch_negatives is not None:
-        check.tensor("batch_negatives", batch_negatives, 2)
-    if labels is not None:
-        check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-        check.same_size("batch size", **{"query.shape[0]": query.shape[0], "labels.shape[0]": labels.shape[0]})
-        if bank.shape[0]:
-            if bank_labels is None:
-                raise ValueError("bank_labels is required with labels and a non-empty bank")
-            check.tensor("bank_labels", bank_labels, 1, check.INDEX_DTYPES)
-            check.same_size("bank rows", **{"bank.shape[0]": bank.shape[0], "bank_labels.shape[0]": bank_labels.shape[0]})
-    elif bank_labels is not None:
-        raise ValueError("bank_labels needs labels (the query labels) too")
-    device = query.device
-    others = (positive, bank, batch_negatives, labels, bank_labels if bank.shape[0] else None)
-    if any(t is not None and t.device != device for t in others):
-        check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
-                          labels=labels, bank_labels=bank_labels if bank.shape[0] else None)  # raises
-    for name, t in (("positive", positive), ("batch_negatives", batch_negatives)):
-        if t is not None and t.shape != query.shape:
-            raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
-    if query.shape[1] != bank.shape[1]:
-        check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
-    check.no_grad_input("bank", bank, "the bank holds constant negatives")
     check.positive("temperature", temperature)
     check.finite_each(_INFONCE_NAMES, (query, positive, batch_negatives, bank))
     dtype = backends.dispatch_dtype(query, bank)
@@ -206,37 +188,71 @@ def infonce_bank_loss(query: Tensor, positive: Tensor | None, bank: Tensor, *, t
     return reduce_rows(rows, reduction, query.dtype)
 
 
+_INFONCE_STRUCTURES: dict = {}
+
+
+def _check_infonce_structure(query, positive, bank, batch_negatives, labels, bank_labels) -> torch.device:
+    check.tensor("query", query, 2)
+    if positive is None and labels is None:
+        raise ValueError("positive is required unless labels are given (then same-label rows are the positives)")
+    if positive is not None:
+        check.tensor("positive", positive, 2)
+    if not isinstance(bank, Tensor) or bank.dim() != 2 or bank.dtype not in check.FLOAT_DTYPES:
+        check.tensor("bank", bank, 2)  # raises the usual message; an empty bank (0 rows) is allowed
+    if batch_negatives is not None:
+        check.tensor("batch_negatives", batch_negatives, 2)
+    if labels is not None:
+        check.tensor("labels", labels, 1, check.INDEX_DTYPES)
+        check.same_size("batch size", **{"query.shape[0]": query.shape[0], "labels.shape[0]": labels.shape[0]})
+        if bank.shape[0]:
+            if bank_labels is None:
+                raise ValueError("bank_labels is required with labels and a non-empty bank")
+            check.tensor("bank_labels", bank_labels, 1, check.INDEX_DTYPES)
+            check.same_size("bank rows", **{"bank.shape[0]": bank.shape[0], "bank_labels.shape[0]": bank_labels.shape[0]})
+    elif bank_labels is not None:
+        raise ValueError("bank_labels needs labels (the query labels) too")
+    device = query.device
+    others = (positive, bank, batch_negatives, labels, bank_labels if bank.shape[0] else None)
+    if any(t is not None and t.device != device for t in others):
+        check.same_device(query=query, positive=positive, bank=bank, batch_negatives=batch_negatives,
+                          labels=labels, bank_labels=bank_labels if bank.shape[0] else None)  # raises
+    for name, t in (("positive", positive), ("batch_negatives", batch_negatives)):
+        if t is not None and t.shape != query.shape:
+            raise ValueError(f"{name} must match query's shape {tuple(query.shape)}, got {tuple(t.shape)}")
+    if query.shape[1] != bank.shape[1]:
+        check.same_size("feature dim", **{"query.shape[1]": query.shape[1], "bank.shape[1]": bank.shape[1]})
+    check.no_grad_input("bank", bank, "the bank holds constant negatives")
+    return device
+
+
 _PARAM_NAMES = tuple(f"params.{field}" for field in RelationalParams._fields)  # named once, not per call
 _RELATIONAL_NAMES = ("e_t", "e_s", "queue_t", "queue_s", *_PARAM_NAMES)
 
 
-_PARAM_SHAPES: dict[tuple[int, int], tuple[tuple[int, ...], ...]] = {}
-
-
-def _param_shapes(embed_dim: int, rel_dim: int) -> tuple[tuple[int, ...], ...]:
-    """relational_param_shapes in field order, made once per (embed_dim, rel_dim)."""
-    shapes = _PARAM_SHAPES.get((embed_dim, rel_dim))
-    if shapes is None:
-        shapes = _PARAM_SHAPES[(embed_dim, rel_dim)] = tuple(relational_param_shapes(embed_dim, rel_dim).values())
-    return shapes
-
-
 def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n_data) -> torch.device:
+    if not isinstance(params, RelationalParams):
+        raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
+    device = check.structure_checked(_RELATIONAL_STRUCTURES,
+                                     lambda: _check_relational_structure(e_t, e_s, queue_t, queue_s, neg_idx, params),
+                                     e_t, e_s, queue_t, queue_s, neg_idx, *params)
+    check.positive("temperature", temperature)
+    check.positive_int("n_data", n_data)
+    check.index_in_range("neg_idx", neg_idx, queue_t.shape[0])
+    check.finite_each(_RELATIONAL_NAMES, (e_t, e_s, queue_t, queue_s, *params))
+    return device
+
+
+_RELATIONAL_STRUCTURES: dict = {}
+
+
+def _check_relational_structure(e_t, e_s, queue_t, queue_s, neg_idx, params) -> torch.device:
     check.tensor("e_t", e_t, 2)
     check.tensor("e_s", e_s, 2)
     check.tensor("queue_t", queue_t, 2)
     check.tensor("queue_s", queue_s, 2)
     check.tensor("neg_idx", neg_idx, 2, check.INDEX_DTYPES)
-    if not isinstance(params, RelationalParams):
-        raise TypeError(f"params must be a gdrd_fast.RelationalParams, got {type(params).__name__}")
-    # every field a floating tensor of its expected shape (the usual call): one pass, no message built
-    expected = (_param_shapes(e_t.shape[1], params.ft_w1.shape[0])
-                if isinstance(params.ft_w1, Tensor) and params.ft_w1.dim() == 2 and params.ft_w1.shape[0] else None)
-    shapes_hold = expected is not None and all(
-        isinstance(v, Tensor) and v.shape == s and v.dtype in check.FLOAT_DTYPES for v, s in zip(params, expected))
-    if not shapes_hold:
-        for field, value in zip(_PARAM_NAMES, params):
-            check.tensor(field, value, (1, 2))
+    for field, value in zip(_PARAM_NAMES, params):
+        check.tensor(field, value, (1, 2))
     device = e_s.device
     if any(t.device != device for t in (e_t, queue_t, queue_s, neg_idx, *params)):
         check.same_device(e_t=e_t, e_s=e_s, queue_t=queue_t, queue_s=queue_s, neg_idx=neg_idx,
@@ -250,22 +266,16 @@ def check_relational(e_t, e_s, queue_t, queue_s, neg_idx, params, temperature, n
                          f"and {tuple(queue_s.shape)}")
     if e_t.shape[1] != queue_t.shape[1]:
         check.same_size("embedding dim", **{"e_t.shape[1]": e_t.shape[1], "queue_t.shape[1]": queue_t.shape[1]})
-    if not shapes_hold:
-        rel_dim = params.ft_w1.shape[0]
-        for field, shape in relational_param_shapes(e_t.shape[1], rel_dim).items():
-            if getattr(params, field).shape != shape:  # the message is built only on failure
-                check.shape(f"params.{field}", getattr(params, field), shape,
-                            f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
+    rel_dim = params.ft_w1.shape[0]
+    for field, shape in relational_param_shapes(e_t.shape[1], rel_dim).items():
+        check.shape(f"params.{field}", getattr(params, field), shape,
+                    f"(embedding dim {e_t.shape[1]}, relation dim {rel_dim} = params.ft_w1.shape[0])")
     if e_t.shape[0] != neg_idx.shape[0]:
         check.same_size("batch size", **{"e_t.shape[0]": e_t.shape[0], "neg_idx.shape[0]": neg_idx.shape[0]})
     if neg_idx.shape[1] < 1:
         raise ValueError(f"neg_idx must hold at least one negative per partner, got shape {tuple(neg_idx.shape)}")
     check.no_grad_input("queue_t", queue_t, "queues hold constant keys")
     check.no_grad_input("queue_s", queue_s, "queues hold constant keys")
-    check.positive("temperature", temperature)
-    check.positive_int("n_data", n_data)
-    check.index_in_range("neg_idx", neg_idx, queue_t.shape[0])
-    check.finite_each(_RELATIONAL_NAMES, (e_t, e_s, queue_t, queue_s, *params))
     return device
 
 
@@ -348,19 +358,25 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
 
 
 # --- memory bank and queue: in-place updates, validated before anything is written ---------------------
-def check_bank_update(memory: Tensor, idx: Tensor, values: Tensor, n: int | None = None,
-                      idx_checked: bool = False) -> torch.device:
-    """idx [B] in [0, n) (n: the rows of the whole bank, memory's own by default), values [B, D] finite.
-    idx_checked: idx's values were already checked against a bank of as many rows (the pair's first)."""
+def check_bank_update(memory: Tensor, idx: Tensor, values: Tensor, n: int | None = None) -> torch.device:
+    """idx [B] in [0, n) (n: the rows of the whole bank, memory's own by default), values [B, D] finite."""
+    device = check.structure_checked(_BANK_UPDATE_STRUCTURES, lambda: _check_bank_update_structure(memory, idx, values),
+                                     memory, idx, values)
+    check.index_in_range("idx", idx, memory.shape[0] if n is None else n)
+    check.finite("values", values)
+    return device
+
+
+_BANK_UPDATE_STRUCTURES: dict = {}
+
+
+def _check_bank_update_structure(memory: Tensor, idx: Tensor, values: Tensor) -> torch.device:
     check.tensor("memory", memory, 2)
     check.tensor("idx", idx, 1, check.INDEX_DTYPES)
     check.tensor("values", values, 2)
     device = check.same_device(memory=memory, idx=idx, values=values)
     check.same_size("batch size", **{"idx.shape[0]": idx.shape[0], "values.shape[0]": values.shape[0]})
     check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "memory.shape[1]": memory.shape[1]})
-    if not idx_checked:
-        check.index_in_range("idx", idx, memory.shape[0] if n is None else n)
-    check.finite("values", values)
     return device
 
 
@@ -377,12 +393,26 @@ def bank_update_(memory: Tensor, idx: Tensor, values: Tensor, momentum: float, b
 def bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
                       momentum: float, backend: str = "auto") -> None:
     """bank_update_ of two banks that share idx (CRD's student and teacher banks), in one launch."""
-    device = check_bank_update(memory_a, idx, values_a)
-    check.same_size("bank rows", **{"memory_a.shape[0]": memory_a.shape[0], "memory_b.shape[0]": memory_b.shape[0]})
-    check_bank_update(memory_b, idx, values_b, idx_checked=True)
-    check.same_device(memory_a=memory_a, memory_b=memory_b)
+    device = check.structure_checked(_BANK_PAIR_STRUCTURES,
+                                     lambda: _check_bank_pair_structure(memory_a, values_a, memory_b, values_b, idx),
+                                     memory_a, values_a, memory_b, values_b, idx)
+    check.index_in_range("idx", idx, memory_a.shape[0])
+    check.finite("values", values_a)
+    check.finite("values", values_b)
     check.in_unit_interval("momentum", momentum)
     run_bank_update_pair_(memory_a, values_a, memory_b, values_b, idx, momentum, backend, device)
+
+
+_BANK_PAIR_STRUCTURES: dict = {}
+
+
+def _check_bank_pair_structure(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor,
+                               idx: Tensor) -> torch.device:
+    device = _check_bank_update_structure(memory_a, idx, values_a)
+    _check_bank_update_structure(memory_b, idx, values_b)
+    check.same_size("bank rows", **{"memory_a.shape[0]": memory_a.shape[0], "memory_b.shape[0]": memory_b.shape[0]})
+    check.same_device(memory_a=memory_a, memory_b=memory_b)
+    return device
 
 
 def run_bank_update_pair_(memory_a: Tensor, values_a: Tensor, memory_b: Tensor, values_b: Tensor, idx: Tensor,
@@ -397,8 +427,18 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, label
                 queue_labels: Tensor | None = None, backend: str = "auto") -> None:
     """Ring buffer: values (and labels) go to rows ptr, ptr + 1, ... (mod size), the newest `size` kept;
     ptr and count advance on the device (no host sync)."""
-    # a push costs the host about as much as MoCo's slice assignment: each check compares first and builds
-    # its message only on failure
+    device = check.structure_checked(
+        _QUEUE_PUSH_STRUCTURES, lambda: _check_queue_push_structure(queue, ptr, count, values, labels, queue_labels),
+        queue, ptr, count, values, labels, queue_labels)
+    check.finite("values", values)
+    run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
+
+
+_QUEUE_PUSH_STRUCTURES: dict = {}
+
+
+def _check_queue_push_structure(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None,
+                                queue_labels: Tensor | None) -> torch.device:
     check.tensor("queue", queue, 2)
     check.tensor("values", values, 2)
     if values.shape[1] != queue.shape[1]:
@@ -414,8 +454,7 @@ def queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, label
             or (labels is not None and (labels.device != device or queue_labels.device != device))):
         check.same_device(queue=queue, ptr=ptr, count=count, values=values, labels=labels,
                           queue_labels=queue_labels)  # raises, naming each device
-    check.finite("values", values)
-    run_queue_push_(queue, ptr, count, values, labels, queue_labels, backend, device)
+    return device
 
 
 def run_queue_push_(queue: Tensor, ptr: Tensor, count: Tensor, values: Tensor, labels: Tensor | None,

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import backends
 from . import collectives as comm
 from . import functional
 from . import validation as check
@@ -20,6 +21,16 @@ def default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator
+
+
+def draw_seed(generator: torch.Generator) -> Tensor:
+    """The sampler's seed: one int64 drawn from `generator` on its own device, torch.randint(-2**63, 2**63 - 1)
+    (for a CPU generator by gdrd_fast._C.draw_seed, the same draw at a fifth of the host time)."""
+    draw = backends.host_function("draw_seed")
+    seed = draw(generator) if draw is not None else None
+    if seed is None:
+        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator, device=generator.device)
+    return seed
 
 
 class MemoryBank(nn.Module):
@@ -88,21 +99,8 @@ class MemoryQueue(nn.Module):
         # buffers read once from the dict (nn.Module's __getattr__ costs more than the kernel on small pushes)
         buffers = self._buffers
         queue, queue_labels = buffers["values"], buffers["labels"]
-        check.tensor("values", values, 2)
-        if values.shape[1] != queue.shape[1]:
-            check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": queue.shape[1]})
-        if queue_labels is not None:
-            if labels is None:
-                raise ValueError("labels are required: this queue was built with_labels=True")
-            check.tensor("labels", labels, 1, check.INDEX_DTYPES)
-            if labels.shape[0] != values.shape[0]:
-                check.same_size("batch size", **{"values.shape[0]": values.shape[0],
-                                                 "labels.shape[0]": labels.shape[0]})
-        elif labels is not None:
-            raise ValueError("labels given, but this queue has none: build it with with_labels=True")
-        device = queue.device
-        if values.device != device or (labels is not None and labels.device != device):
-            check.same_device(queue=queue, values=values, labels=labels)  # raises, naming each device
+        device = check.structure_checked(_PUSH_STRUCTURES, lambda: _check_push(queue, queue_labels, values, labels),
+                                         queue, queue_labels, values, labels)
         check.finite("values", values)
         if self.gather:
             values, labels = self._gather(values, labels)
@@ -120,7 +118,7 @@ class MemoryQueue(nn.Module):
 
     def num_filled(self) -> int:
         """How many rows hold pushed values (reads the count once, until the queue is full)."""
-        return self.size if self.is_full() else int(self.count)
+        return self._buffers["values"].shape[0] if self.is_full() else int(self.count)
 
     def _filled_slice(self, buffer: Tensor, skip_newest: int) -> Tensor:
         if not isinstance(skip_newest, int) or not 0 <= skip_newest <= self.num_filled():
@@ -167,8 +165,7 @@ class MemoryQueue(nn.Module):
         if queue_labels is not None and check.value_checks(partner_labels):
             self._check_partners_have_negatives(queue_labels, partner_labels, filled)
         # drawn on the generator's own device: one CPU generator gives the same draws for a CPU or a GPU queue
-        generator_used = generator if generator is not None else default_generator(device)
-        seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=generator_used, device=generator_used.device)
+        seed = draw_seed(generator if generator is not None else default_generator(device))
         if seed.device != device:
             seed = seed.to(device, non_blocking=True)
         # every check of functional.queue_sample_negatives is made above (filled and the labels are the queue's own)
@@ -180,15 +177,40 @@ class MemoryQueue(nn.Module):
         """A value check (host reads), made before the seed is drawn so a refused call draws nothing: a
         partner has no negative of another class only when every filled row carries its label. Unchecked,
         the sampler gives such a partner a row of -1 indices."""
-        lo, hi = (queue_labels if filled == queue_labels.shape[0] else queue_labels[:filled]).aminmax()
-        if lo.item() != hi.item():  # two classes queued: every partner has a row of another class
-            return
-        missing = partner_labels == lo
-        if bool(missing.any()):
-            bad = int(torch.nonzero(missing)[0, 0])
+        scan = backends.host_function("partner_without_negative")  # csrc/python/host.cpp: one pass, no tensors
+        bad = scan(queue_labels, filled, partner_labels) if scan is not None else None
+        if bad is None:
+            lo, hi = (queue_labels if filled == queue_labels.shape[0] else queue_labels[:filled]).aminmax()
+            missing = partner_labels == lo
+            # two classes queued: every partner has a row of another class
+            bad = int(torch.nonzero(missing)[0, 0]) if lo.item() == hi.item() and bool(missing.any()) else -1
+        if bad >= 0:
             raise ValueError(f"partner_labels[{bad}] = {int(partner_labels[bad])}: every queued row has "
                              "this label, so no negative of another class exists")
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.values.shape[1]}, labels={self.labels is not None}, "
                 f"backend={self.backend!r}")
+
+
+_PUSH_STRUCTURES: dict = {}
+
+
+def _check_push(queue: Tensor, queue_labels: Tensor | None, values: Tensor, labels: Tensor | None) -> torch.device:
+    """MemoryQueue.push_'s shape, dtype and device checks (the queue's own buffers are right by construction)."""
+    check.tensor("values", values, 2)
+    if values.shape[1] != queue.shape[1]:
+        check.same_size("feature dim", **{"values.shape[1]": values.shape[1], "queue dim": queue.shape[1]})
+    if queue_labels is not None:
+        if labels is None:
+            raise ValueError("labels are required: this queue was built with_labels=True")
+        check.tensor("labels", labels, 1, check.INDEX_DTYPES)
+        if labels.shape[0] != values.shape[0]:
+            check.same_size("batch size", **{"values.shape[0]": values.shape[0],
+                                             "labels.shape[0]": labels.shape[0]})
+    elif labels is not None:
+        raise ValueError("labels given, but this queue has none: build it with with_labels=True")
+    device = queue.device
+    if values.device != device or (labels is not None and labels.device != device):
+        check.same_device(queue=queue, values=values, labels=labels)  # raises, naming each device
+    return device

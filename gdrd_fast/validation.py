@@ -3,7 +3,8 @@
 Every check runs before anything is computed, drawn or written, so a failed call changes nothing, and
 every message names the caller's own argument and what it must be.
 
-Shape, dtype, device and grad checks are free and always run. Value checks (index range, NaN/Inf, an
+Shape, dtype, device and grad checks are free and always run; a call whose tensors have the structure of
+one that passed them skips them (structure_checked). Value checks (index range, NaN/Inf, an
 unset log Z) read tensor values: they run on CPU tensors in eager mode and, on GPU, only after
 `set_checks(True)`, since each costs a host sync. Inside torch.compile they are skipped.
 
@@ -15,6 +16,7 @@ it propagates into the loss, which is then NaN, never silently dropped.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +33,34 @@ def set_checks(enabled: bool) -> None:
     """Also run value checks (index range, NaN/Inf) on GPU tensors; they cost a host sync."""
     global _checks_on_gpu
     _checks_on_gpu = bool(enabled)
+
+
+def structure_checked(cache: dict, checks: Callable[[], object], *tensors: Tensor | None):
+    """checks() (a call's shape, dtype, device and grad checks over `tensors`, which raises for a bad call),
+    or what it returned before for tensors of exactly this structure: each one's dtype, device,
+    requires_grad and sizes, or None (gdrd_fast._C.signature, csrc/python/host.cpp), and the grad mode.
+    A failing structure is never cached, so its error is raised each time. What the checks read besides
+    the tensors (scalars, value checks) must be checked outside. `cache`: one dict per check function."""
+    key = None
+    # compiled code runs the checks as traced Python (its guards then hold the structure)
+    signature = None if torch.compiler.is_compiling() else backends.host_function("signature")
+    if signature is not None:
+        packed = signature(*tensors)  # None where an argument is not a tensor: the checks then name it
+        if packed is not None:
+            key = (packed, torch.is_grad_enabled())
+            result = cache.get(key, _MISSING)
+            if result is not _MISSING:
+                return result
+    result = checks()
+    if key is not None:
+        if len(cache) >= _STRUCTURES_KEPT:
+            cache.clear()
+        cache[key] = result
+    return result
+
+
+_MISSING = object()
+_STRUCTURES_KEPT = 256  # per check function: a training loop repeats a handful of structures
 
 
 def value_checks(t: Tensor) -> bool:

@@ -76,6 +76,24 @@ def test_host_cost_cases_count_in_bare_ops_and_show_host_time(tmp_path):
     assert rows[("op A [cuda]", "eager")]["host us/call"] == "-"
 
 
+def test_dispatch_overhead_is_the_dispatch_case_less_the_stub_and_stays_out_of_the_timed_table(tmp_path):
+    cases = [bench("host cost f [cpu]", "eager", 40e-6, 0), bench("host cost f [cpu]", "gdrd_fast", 30e-6, 0),
+             bench("host cost f [cpu]", report.DISPATCH, 9e-6, 0), bench("host cost f [cpu]", report.STUB, 3e-6, 0),
+             bench("host cost g [cpu]", report.DISPATCH, 9e-6, 0),  # no stub: no overhead to report
+             bench("host cost one bare torch op [cpu]", "bare-op", 1.5e-6, 0)]
+    for case in cases:
+        case["extra_info"]["op"] = "host cost"
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps({"datetime": "2026-12-07T10:00:00", "benchmarks": cases}))
+    (base,) = report.write([str(path)], [str(tmp_path / "out")])
+    lines = open(base + ".md").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Dispatch overhead"))
+    assert "one bare op 1.50 us" in lines[start]
+    assert lines[start + 4:] == ["| host cost f [cpu] | 6.0 | 4.0 |"]
+    timed = [line for line in lines[:start] if line.startswith("| host cost")]
+    assert timed and not any(report.DISPATCH in line or report.STUB in line for line in timed)
+
+
 @pytest.mark.slow
 def test_ratio_summary_prints_after_the_benchmark_tables(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "test_bench_bank_update.py"),

@@ -1,0 +1,89 @@
+// Host-side helpers of the Python layer, as plain CPython functions of gdrd_fast._C rather than torch ops:
+// a torch op's dispatch costs the host about 1.5 us a call, these a few tenths. Each serves a check or a
+// draw that every small call makes (gdrd_fast/validation.py, gdrd_fast/memory.py).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
+#include <torch/csrc/Generator.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "host.h"
+
+// signature(*args): the exact structure of a call's tensor arguments, as bytes, for the argument checks to
+// cache by (validation.structure_checked). Per argument it packs what those checks read: None, or a
+// tensor's dtype, device, requires_grad, dim and sizes. Any other argument returns None, so that the full
+// checks run and name it.
+PyObject* gdrd_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  std::vector<int64_t> packed;
+  packed.reserve(static_cast<size_t>(nargs) * 8);
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    PyObject* arg = args[i];
+    if (arg == Py_None) {
+      packed.push_back(-1);
+      continue;
+    }
+    if (!THPVariable_Check(arg)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(arg);
+    packed.push_back(static_cast<int64_t>(t.scalar_type()));
+    packed.push_back(static_cast<int64_t>(t.device().type()));
+    packed.push_back(static_cast<int64_t>(t.device().index()));
+    packed.push_back(t.requires_grad());
+    packed.push_back(t.dim());
+    for (const int64_t size : t.sizes()) packed.push_back(size);
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(packed.data()),
+                                   static_cast<Py_ssize_t>(packed.size() * sizeof(int64_t)));
+}
+
+// draw_seed(generator): a CPU generator's next draw of torch.randint(-2**63, 2**63 - 1, (1,)), the same value
+// from the same state, as a one-element int64 CPU tensor (MemoryQueue's sampling seed). None for any other
+// argument: the caller then draws with torch.randint.
+PyObject* gdrd_draw_seed(PyObject* /*self*/, PyObject* generator) {
+  if (!THPGenerator_Check(generator)) Py_RETURN_NONE;
+  at::Generator gen = THPGenerator_Unwrap(generator);
+  if (gen.device().type() != at::kCPU) Py_RETURN_NONE;
+  const int64_t low = std::numeric_limits<int64_t>::min(), high = std::numeric_limits<int64_t>::max();
+  at::uniform_int_from_to_distribution<int64_t> draw(static_cast<uint64_t>(high) - static_cast<uint64_t>(low),
+                                                     low);
+  int64_t seed;
+  {
+    auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
+    std::lock_guard<std::mutex> lock(cpu->mutex_);
+    seed = draw(cpu);
+  }
+  at::Tensor out = at::empty({1}, at::kLong);
+  out.data_ptr<int64_t>()[0] = seed;
+  return THPVariable_Wrap(out);
+}
+
+// partner_without_negative(queue_labels, filled, partner_labels): the first b whose partner_labels[b] is the
+// label of every one of the first `filled` queued rows (that partner has no negative of another class), or
+// -1; None where it does not apply (not contiguous CPU int64 tensors), and the caller checks in torch.
+PyObject* gdrd_partner_without_negative(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[2]) || !PyLong_Check(args[1])) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor& queued = THPVariable_Unpack(args[0]);
+  const at::Tensor& partners = THPVariable_Unpack(args[2]);
+  const int64_t filled = PyLong_AsLongLong(args[1]);
+  for (const at::Tensor* t : {&queued, &partners}) {
+    if (!t->device().is_cpu() || t->scalar_type() != at::kLong || t->dim() != 1 || !t->is_contiguous()) {
+      Py_RETURN_NONE;
+    }
+  }
+  if (filled < 1 || filled > queued.size(0)) Py_RETURN_NONE;
+  const int64_t* labels = queued.data_ptr<int64_t>();
+  for (int64_t i = 1; i < filled; ++i) {
+    if (labels[i] != labels[0]) return PyLong_FromLongLong(-1);  // two classes: every partner has a negative
+  }
+  const int64_t* partner = partners.data_ptr<int64_t>();
+  for (int64_t b = 0; b < partners.size(0); ++b) {
+    if (partner[b] == labels[0]) return PyLong_FromLongLong(b);
+  }
+  return PyLong_FromLongLong(-1);
+}
