@@ -280,6 +280,17 @@ def plot_ablation(path: Path, summary: dict, title: str) -> Path:
     return save_png(fig, path)
 
 
+def recipe_hash(config: dict, train_root, pairs) -> str:
+    """What a grid's cells and reference rows are computed from: the recipe and the data. The recipe's
+    ablation.build_spread is left out: it says how the table is read, not how it is made."""
+    made = {**config, "ablation": {k: v for k, v in config.get("ablation", {}).items() if k != "build_spread"}}
+    return hashlib.sha256(json.dumps([made, train_root, pairs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _same_refs_key(saved: dict | None, key: dict, accepted: set[str]) -> bool:
+    return saved is not None and saved.get("spec_hash") in accepted and saved | {"spec_hash": key["spec_hash"]} == key
+
+
 def default_jobs(threads: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, threads))
@@ -308,11 +319,14 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
     handler = log_to_file(out / "ablate.log", runtime)
     try:
         base = to_dict(config)
-        spec_hash = hashlib.sha256(json.dumps([base, train_root, pairs], sort_keys=True, default=str)
-                                   .encode()).hexdigest()[:16]
+        spec_hash = recipe_hash(base, train_root, pairs)
+        accepted = {spec_hash}  # the hashes of cells and reference rows this grid reuses
         stamp = out / "grid.json"
-        if stamp.is_file() and json.loads(stamp.read_text())["spec_hash"] != spec_hash:
-            raise ValueError(f"{out} holds a grid of another recipe or data; choose another output folder")
+        if stamp.is_file():
+            stored = json.loads(stamp.read_text())
+            if recipe_hash(stored["config"], stored.get("train_root"), stored.get("pairs")) != spec_hash:
+                raise ValueError(f"{out} holds a grid of another recipe or data; choose another output folder")
+            accepted.add(stored["spec_hash"])  # stamped when the hash still covered ablation.build_spread
         write_json(stamp, {"spec_hash": spec_hash, "config": base, "train_root": train_root, "pairs": pairs})
         seed_everything(config.seed)
         data = load_cell_data(config, train_root, pairs, data_cache_dir(out))
@@ -325,8 +339,9 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                     cell = out / "cells" / cell_name(v, r, seed)
                     order.append(str(cell))
                     result = cell / "result.json"
-                    if result.is_file() and json.loads(result.read_text()).get("spec_hash") == spec_hash:
-                        done[str(cell)] = json.loads(result.read_text())
+                    if result.is_file() and json.loads(result.read_text()).get("spec_hash") in accepted:
+                        done[str(cell)] = json.loads(result.read_text()) | {"spec_hash": spec_hash}
+                        write_json(result, done[str(cell)])
                         continue
                     specs.append({"config": to_dict(cell_config(config, r, seed)), "variant": v, "cell_dir": str(cell),
                                   "grid_dir": str(out), "train_root": train_root, "pairs": pairs, "device": device,
@@ -374,7 +389,7 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
         saved_refs = out / "references.json"
         if refs is not None:
             refs = refs["rows"]
-        elif saved_refs.is_file() and json.loads(saved_refs.read_text()).get("key") == refs_key:
+        elif saved_refs.is_file() and _same_refs_key(json.loads(saved_refs.read_text()).get("key"), refs_key, accepted):
             refs = {name: {r if r == "hr" else int(r): m for r, m in rows.items()}
                     for name, rows in json.loads(saved_refs.read_text())["rows"].items()}
             log.info("reference rows: read back from %s", saved_refs)

@@ -38,8 +38,8 @@ class AblationConfig:
     variants: list[str] = field(default_factory=lambda: ["baseline", "crd", "crrcd", "gdrd", "gdrd-e2e"])
     seeds: int = 2
     checkpoint_every: int = 200  # steps between a cell's checkpoints (a stopped grid resumes from them)
-    # verification-accuracy points a row moved between torch builds and thread counts, same seeds (measured,
-    # README "The demo"): a smaller difference between two rows is reported as within the noise
+    # verification-accuracy points a difference between two rows moved between torch builds and thread counts,
+    # same seeds (measured, README "The demo"): a smaller difference is reported as within the noise
     build_spread: float = 0.0
 
     def __post_init__(self):

@@ -1,8 +1,8 @@
 """The demo's short text: what its measured numbers show and what they do not, generated from them.
 
 A difference between two students counts as shown only when it exceeds both their seed std's (a crude
-rule for 2..5 seeds, said as such) and the recipe's build spread: how far one row moved between torch
-builds and thread counts on the same seeds (ablation.build_spread, measured; README "The demo"). Everything
+rule for 2..5 seeds, said as such) and the recipe's build spread: how far a difference between two rows
+moved between torch builds and thread counts on the same seeds (ablation.build_spread, measured; README "The demo"). Everything
 else is reported as within the noise.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _entry(summary: dict, variant: str, r: int, metric: str = "accuracy"):
 
 def compare(summary: dict, a: str, b: str, r: int, metric: str = "accuracy", build_spread: float = 0.0) -> str | None:
     """'A is above/below/within the noise of B (x.xx vs y.yy, ...)' or None when either is missing;
-    build_spread: points a row moves across torch builds and thread counts."""
+    build_spread: points a difference between two rows moves across torch builds and thread counts."""
     ea, eb = _entry(summary, a, r, metric), _entry(summary, b, r, metric)
     if ea is None or eb is None:
         return None

@@ -1,5 +1,6 @@
 """The offline demo and `gdrd-fast ablate` / `analyze` at --quick scale: every output is written, says what
 data it measured, reports std over seeds, and a stopped grid resumes to the same numbers."""
+import hashlib
 import json
 
 import pytest
@@ -65,6 +66,23 @@ def test_quick_demo_ablation_geometry_resume_and_analyze(tmp_path, capsys):
     (cell / "result.json").unlink()
     resumed = run_grid(tmp_path, config, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
     assert resumed["students"]["gdrd@8"] == students["gdrd@8"]
+    # ablation.build_spread says how the table is read: another value reruns nothing, and neither does a grid
+    # stamped when the hash still covered it (its cells and reference rows are taken over)
+    reread = load_demo_config(quick=True, overrides=QUICK_VARIANTS + ["ablation.build_spread=1.5"])
+    student_mtime = (cell / "student.pt").stat().st_mtime_ns
+    stamp = json.loads((tmp_path / "grid.json").read_text())
+    legacy = hashlib.sha256(json.dumps([stamp["config"], stamp["train_root"], stamp["pairs"]], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    for path in [tmp_path / "grid.json", *tmp_path.glob("cells/*/result.json")]:
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"spec_hash": legacy}))
+    refs_file = tmp_path / "references.json"
+    saved_refs = json.loads(refs_file.read_text())
+    refs_file.write_text(json.dumps(saved_refs | {"key": saved_refs["key"] | {"spec_hash": legacy}}))
+    for _ in range(2):
+        again = run_grid(tmp_path, reread, ["baseline", "gdrd"], [8], 2, progress=False, jobs=1)
+        assert (cell / "student.pt").stat().st_mtime_ns == student_mtime and again["students"] == students
+        assert again["references"] == result["summary"]["references"]
+    assert legacy != json.loads((tmp_path / "grid.json").read_text())["spec_hash"]
     other = load_demo_config(quick=True, overrides=QUICK_VARIANTS + ["stage1.steps=2"])
     with pytest.raises(ValueError, match="another recipe"):
         run_grid(tmp_path, other, ["gdrd"], [8], 1, progress=False, jobs=1)
