@@ -26,10 +26,6 @@ TORCH_LIBRARY(gdrd_fast_C, m) {
         "-> Tensor");
   // infonce_bank_loss: query, positive [B, D], bank [K, D] (K >= 1, no gradient), inv_t = 1 / temperature.
   m.def("infonce_bank_one_block(Tensor query, Tensor positive, Tensor bank, float inv_t, int reduction) -> Tensor");
-  // The value check of CPU tensors (gdrd_fast/validation.py): true when t holds no NaN and no Inf.
-  m.def("all_finite(Tensor t) -> bool");
-  // The same for several tensors at once: the index of the first that is not all finite, or -1.
-  m.def("first_non_finite(Tensor[] tensors) -> int");
   // memory[idx] = normalize(m * memory[idx] + (1 - m) * values) from the rows before the call; the last
   // duplicate of idx wins (docs/ops/memory.md). The pair form updates two banks with one idx.
   m.def("bank_update_(Tensor(a!) memory, Tensor idx, Tensor values, float momentum) -> ()");
@@ -56,6 +52,8 @@ static PyMethodDef gdrd_methods[] = {
      "draw_seed(generator) -> Tensor | None: torch.randint(-2**63, 2**63 - 1, (1,)) from a CPU generator"},
     {"partner_without_negative", GDRD_FASTCALL(gdrd_partner_without_negative), METH_FASTCALL,
      "partner_without_negative(queue_labels, filled, partner_labels) -> int | None"},
+    {"first_non_finite", GDRD_FASTCALL(gdrd_first_non_finite), METH_FASTCALL,
+     "first_non_finite(*tensors) -> int | None: the index of the first holding a NaN or an Inf, or -1"},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef gdrd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gdrd_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&gdrd_module); }

@@ -294,7 +294,7 @@ def _choose_cached(op_name: str, backend: str, device_type: str, dtype: torch.dt
 
 @lru_cache(None)
 def compiled_op(op: str):
-    """torch.ops.gdrd_fast_C.<op>.default (a C++ value check, or an autograd node for eager CPU calls), or
+    """torch.ops.gdrd_fast_C.<op>.default (an autograd node for eager CPU calls), or
     None in a build without it; looked up once: a small call pays one cached lookup, not an attribute walk."""
     if cpu_extension() is None or not hasattr(torch.ops.gdrd_fast_C, op):
         return None

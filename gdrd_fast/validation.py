@@ -86,14 +86,14 @@ def tensor(name: str, t, ndim: int | tuple[int, ...], dtypes=FLOAT_DTYPES) -> Te
 
 
 def all_finite(t: Tensor) -> bool:
-    """A CPU tensor: the C++ check, one read and a bool back (half the host time of a torch sum and its
-    read-back on a small tensor, the same on a large one). Otherwise one reduction instead of an
-    elementwise pass: a finite sum proves every element finite (NaN and Inf survive any order of
+    """A CPU tensor: the C++ check, one read (gdrd_fast._C.first_non_finite). Otherwise one reduction instead
+    of an elementwise pass: a finite sum proves every element finite (NaN and Inf survive any order of
     additions); only a non-finite sum, which may be an overflow (more likely in a half-precision sum), pays
     the exact check."""
-    scan = backends.compiled_op("all_finite") if t.is_cpu else None  # csrc/cpu/checks.cpp
-    if scan is not None:
-        return scan(t)
+    scan = backends.host_function("first_non_finite") if t.is_cpu else None
+    bad = scan(t) if scan is not None else None
+    if bad is not None:
+        return bad < 0
     # .item() and math.isfinite: a third of the host time of torch.isfinite on a 0-dim tensor
     return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
@@ -104,17 +104,17 @@ def finite(name: str, t: Tensor | None) -> None:
 
 
 def finite_each(names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> None:
-    """finite() of every tensor (None: absent), for tensors on one device: on the CPU one C++ call for all."""
+    """finite() of every tensor (None: absent), for tensors on one device: on the CPU one C++ call for all
+    (gdrd_fast._C.first_non_finite, csrc/python/host.cpp)."""
     present = [t for t in tensors if t is not None]
     if not present or not value_checks(present[0]):
         return
-    scan = backends.compiled_op("first_non_finite") if present[0].is_cpu else None
-    if scan is None:
+    scan = backends.host_function("first_non_finite") if present[0].is_cpu else None
+    bad = scan(*present) if scan is not None else None
+    if bad is None:
         for name, t in zip(names, tensors):
             finite(name, t)
-        return
-    bad = scan(present)
-    if bad >= 0:
+    elif bad >= 0:
         raise ValueError(f"{[n for n, t in zip(names, tensors) if t is not None][bad]} contains NaN or Inf")
 
 

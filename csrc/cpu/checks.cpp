@@ -1,11 +1,12 @@
-// CPU kernel of the value check every call makes on CPU tensors (gdrd_fast/validation.py): whether a
-// tensor holds no NaN and no Inf. An element is one of those exactly when its exponent bits are all set,
+// CPU kernel of the value check every call makes on CPU tensors (gdrd_fast/validation.py, through
+// csrc/python/host.cpp's first_non_finite): whether a tensor holds no NaN and no Inf. An element is one of those exactly when its exponent bits are all set,
 // so the kernel ORs one integer compare per element, no arithmetic and no rounding, and returns a bool
 // rather than a tensor to read back. On x86-64 Linux the loop is also built for AVX2 and AVX-512 and the
 // widest the CPU runs is picked at load time (a portable build is otherwise limited to SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "checks.h"
 
 #include <atomic>
 #include <cstdint>
@@ -37,6 +38,10 @@ bool all_finite_bits(const at::Tensor& x, bits_t exponent) {
   return !special;
 }
 
+}  // namespace
+
+namespace gdrd {
+
 bool all_finite(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "all_finite: the CPU kernel needs a CPU tensor");
   const auto x = t.contiguous();
@@ -49,17 +54,4 @@ bool all_finite(const at::Tensor& t) {
   }
 }
 
-// The index of the first tensor holding a NaN or an Inf, or -1: one call for all the tensors a loss reads.
-int64_t first_non_finite(at::TensorList tensors) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!all_finite(tensors[i])) return static_cast<int64_t>(i);
-  }
-  return -1;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(gdrd_fast_C, CPU, m) {
-  m.impl("all_finite", &all_finite);
-  m.impl("first_non_finite", &first_non_finite);
-}
+}  // namespace gdrd

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../cpu/checks.h"
 #include "host.h"
 
 // signature(*args): the exact structure of a call's tensor arguments, as bytes, for the argument checks to
@@ -86,4 +87,26 @@ PyObject* gdrd_partner_without_negative(PyObject* /*self*/, PyObject* const* arg
     if (partner[b] == labels[0]) return PyLong_FromLongLong(b);
   }
   return PyLong_FromLongLong(-1);
+}
+
+// first_non_finite(*tensors): the index of the first tensor holding a NaN or an Inf, or -1: the value check
+// of every tensor a call reads, in one call (validation.finite_each; the scan is csrc/cpu/checks.cpp's).
+// None where an argument is not a floating-point CPU tensor: the caller then checks in torch. The GIL is
+// released while the tensors are read (a large bank takes milliseconds).
+PyObject* gdrd_first_non_finite(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(static_cast<size_t>(nargs));
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (!THPVariable_Check(args[i])) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(args[i]);
+    if (!t.device().is_cpu() || !at::isFloatingType(t.scalar_type())) Py_RETURN_NONE;
+    tensors.push_back(t);
+  }
+  int64_t first = -1;
+  Py_BEGIN_ALLOW_THREADS
+  for (size_t i = 0; i < tensors.size() && first < 0; ++i) {
+    if (!gdrd::all_finite(tensors[i])) first = static_cast<int64_t>(i);
+  }
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(first);
 }

@@ -142,3 +142,17 @@ def test_partner_without_negative_is_the_torch_check(trial):
         assert torch.equal(torch.get_rng_state(), state)  # refused before the seed is drawn
     else:
         assert queue.sample_negatives(partners, 3).shape == (len(partners), 3)
+
+
+def test_first_non_finite_names_the_first_bad_tensor_or_hands_back_what_it_cannot_read():
+    scan = backends.host_function("first_non_finite")
+    good, bad = torch.randn(3, 5), torch.randn(3, 5)
+    bad[2, 4] = float("nan")
+    assert scan(good, good.t(), good.half()) == -1 and scan() == -1
+    assert scan(good, bad, bad) == 1 and scan(bad.t()[1:]) == 0  # any strides
+    inf = torch.zeros(7, dtype=torch.bfloat16)
+    inf[6] = float("-inf")
+    assert scan(good, inf) == 1
+    # not a floating-point CPU tensor: None, and validation checks it in torch instead
+    assert scan(good, torch.arange(3)) is None and scan(good, 1.0) is None
+    assert scan(torch.empty(3, device="meta")) is None
