@@ -217,7 +217,8 @@ def infonce_module(device):
 def feature_regression_module(device):
     student, teacher = _feature_inputs(device)
     loss = FeatureRegressionLoss(D, D).to(device)
-    return Call(lambda: _grads(loss(student, teacher), [student, *loss.parameters()]))
+    leaves = [student, *loss.parameters()]
+    return Call(lambda: _grads(loss(student, teacher), leaves))
 
 
 def relational_module(device, supervised: bool = True):
@@ -533,7 +534,8 @@ def _eager_infonce(device):
 def _eager_feature_regression(device):
     student, teacher = _feature_inputs(device)
     conv = torch.nn.Conv2d(D, D, 1).to(device)
-    return Call(lambda: _grads(F.mse_loss(conv(student), teacher), [student, *conv.parameters()]))
+    leaves = [student, *conv.parameters()]  # gathered once, as a training step's optimizer holds them
+    return Call(lambda: _grads(F.mse_loss(conv(student), teacher), leaves))
 
 
 def _eager_bank_update(device, banks: int = 1):

@@ -364,13 +364,15 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
         self.generator: torch.Generator | None = None
 
     def params(self) -> RelationalParams:
-        """The parameters as the functional API takes them."""
-        t, x = self.teacher_relation, self.cross_relation
+        """The parameters as the functional API takes them (read from the registries: nn.Module's __getattr__
+        would cost the host more than the rest of a small step's bookkeeping)."""
+        modules = self._modules
+        t, x = modules["teacher_relation"]._parameters, modules["cross_relation"]._parameters
+        h1, h2 = modules["teacher_critic"]._parameters, modules["cross_critic"]._parameters
         return RelationalParams(
-            ft_w1=t.weight_in, ft_b1=t.bias_in, ft_w2=t.weight_out, ft_b2=t.bias_out,
-            fts_u=x.weight_teacher, fts_v=x.weight_student, fts_b1=x.bias_in, fts_w2=x.weight_out, fts_b2=x.bias_out,
-            h1_w=self.teacher_critic.weight, h1_b=self.teacher_critic.bias,
-            h2_w=self.cross_critic.weight, h2_b=self.cross_critic.bias)
+            ft_w1=t["weight_in"], ft_b1=t["bias_in"], ft_w2=t["weight_out"], ft_b2=t["bias_out"],
+            fts_u=x["weight_teacher"], fts_v=x["weight_student"], fts_b1=x["bias_in"], fts_w2=x["weight_out"],
+            fts_b2=x["bias_out"], h1_w=h1["weight"], h1_b=h1["bias"], h2_w=h2["weight"], h2_b=h2["bias"])
 
     def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool = True) -> None:
         """Every check of forward's arguments; pairs=False for one rank's part of a batch."""
