@@ -1,6 +1,9 @@
 // Host-side helpers of the Python layer, as plain CPython functions of gdrd_fast._C rather than torch ops:
 // a torch op's dispatch costs the host about 1.5 us a call, these a few tenths. Each serves a check or a
-// draw that every small call makes (gdrd_fast/validation.py, gdrd_fast/memory.py).
+// draw that every small call makes (gdrd_fast/validation.py, gdrd_fast/memory.py). None is every function's
+// answer for what it does not handle; no C++ exception may leave one (CPython would abort), so a tensor that
+// ATen refuses to read (nested, sparse, an unusual dtype) also gives None, and the caller's torch path then
+// decides.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
@@ -30,6 +33,7 @@ PyObject* gdrd_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
     }
     if (!THPVariable_Check(arg)) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(arg);
+    if (t.is_nested() || t.layout() != at::kStrided) Py_RETURN_NONE;  // sizes() may throw for these
     packed.push_back(static_cast<int64_t>(t.scalar_type()));
     packed.push_back(static_cast<int64_t>(t.device().type()));
     packed.push_back(static_cast<int64_t>(t.device().index()));
@@ -51,14 +55,15 @@ PyObject* gdrd_draw_seed(PyObject* /*self*/, PyObject* generator) {
   const int64_t low = std::numeric_limits<int64_t>::min(), high = std::numeric_limits<int64_t>::max();
   at::uniform_int_from_to_distribution<int64_t> draw(static_cast<uint64_t>(high) - static_cast<uint64_t>(low),
                                                      low);
-  int64_t seed;
-  {
+  at::Tensor out;
+  try {
+    out = at::empty({1}, at::kLong);  // before the draw: a failure here leaves the generator as it was
     auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
     std::lock_guard<std::mutex> lock(cpu->mutex_);
-    seed = draw(cpu);
+    out.data_ptr<int64_t>()[0] = draw(cpu);
+  } catch (...) {
+    Py_RETURN_NONE;
   }
-  at::Tensor out = at::empty({1}, at::kLong);
-  out.data_ptr<int64_t>()[0] = seed;
   return THPVariable_Wrap(out);
 }
 
@@ -72,6 +77,10 @@ PyObject* gdrd_partner_without_negative(PyObject* /*self*/, PyObject* const* arg
   const at::Tensor& queued = THPVariable_Unpack(args[0]);
   const at::Tensor& partners = THPVariable_Unpack(args[2]);
   const int64_t filled = PyLong_AsLongLong(args[1]);
+  if (filled == -1 && PyErr_Occurred()) {  // beyond int64: not ours to judge
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
   for (const at::Tensor* t : {&queued, &partners}) {
     if (!t->device().is_cpu() || t->scalar_type() != at::kLong || t->dim() != 1 || !t->is_contiguous()) {
       Py_RETURN_NONE;
@@ -99,14 +108,22 @@ PyObject* gdrd_first_non_finite(PyObject* /*self*/, PyObject* const* args, Py_ss
   for (Py_ssize_t i = 0; i < nargs; ++i) {
     if (!THPVariable_Check(args[i])) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(args[i]);
-    if (!t.device().is_cpu() || !at::isFloatingType(t.scalar_type())) Py_RETURN_NONE;
+    const auto dtype = t.scalar_type();
+    const bool scanned = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+    if (!scanned || !t.device().is_cpu() || t.is_nested() || t.layout() != at::kStrided) Py_RETURN_NONE;
     tensors.push_back(t);
   }
   int64_t first = -1;
+  bool failed = false;
   Py_BEGIN_ALLOW_THREADS
-  for (size_t i = 0; i < tensors.size() && first < 0; ++i) {
-    if (!gdrd::all_finite(tensors[i])) first = static_cast<int64_t>(i);
+  try {
+    for (size_t i = 0; i < tensors.size() && first < 0; ++i) {
+      if (!gdrd::all_finite(tensors[i])) first = static_cast<int64_t>(i);
+    }
+  } catch (...) {  // e.g. no memory for a contiguous copy
+    failed = true;
   }
   Py_END_ALLOW_THREADS
+  if (failed) Py_RETURN_NONE;
   return PyLong_FromLongLong(first);
 }

@@ -339,9 +339,12 @@ def run_grid(out_dir: str | Path, config: DemoConfig, variants: Sequence[str], r
                     cell = out / "cells" / cell_name(v, r, seed)
                     order.append(str(cell))
                     result = cell / "result.json"
-                    if result.is_file() and json.loads(result.read_text()).get("spec_hash") in accepted:
-                        done[str(cell)] = json.loads(result.read_text()) | {"spec_hash": spec_hash}
-                        write_json(result, done[str(cell)])
+                    reused = json.loads(result.read_text()) if result.is_file() else {}
+                    if reused.get("spec_hash") in accepted:
+                        if reused["spec_hash"] != spec_hash:  # a cell of a grid stamped under the old hash
+                            reused["spec_hash"] = spec_hash
+                            write_json(result, reused)
+                        done[str(cell)] = reused
                         continue
                     specs.append({"config": to_dict(cell_config(config, r, seed)), "variant": v, "cell_dir": str(cell),
                                   "grid_dir": str(out), "train_root": train_root, "pairs": pairs, "device": device,

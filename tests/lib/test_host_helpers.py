@@ -156,3 +156,16 @@ def test_first_non_finite_names_the_first_bad_tensor_or_hands_back_what_it_canno
     # not a floating-point CPU tensor: None, and validation checks it in torch instead
     assert scan(good, torch.arange(3)) is None and scan(good, 1.0) is None
     assert scan(torch.empty(3, device="meta")) is None
+
+
+def test_what_aten_cannot_read_is_handed_back_not_a_crash():
+    """No C++ exception may leave a CPython function: each of these would abort the interpreter."""
+    nested = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])
+    assert _signature(torch.randn(2), nested) is None
+    assert backends.host_function("first_non_finite")(nested) is None
+    if hasattr(torch, "float8_e4m3fn"):  # a floating dtype the scan does not read
+        assert backends.host_function("first_non_finite")(torch.zeros(3).to(torch.float8_e4m3fn)) is None
+    assert backends.host_function("first_non_finite")(torch.randn(4, 4).to_sparse()) is None
+    scan = backends.host_function("partner_without_negative")
+    assert scan(torch.tensor([1, 1]), 2 ** 70, torch.tensor([1])) is None
+    assert scan(torch.tensor([1, 1]), 2, torch.tensor([1])) == 0  # and it still answers afterwards
