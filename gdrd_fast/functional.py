@@ -320,6 +320,31 @@ def relational_log_z(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor,
 _REGRESSION_NAMES = ("student", "teacher", "weight", "bias")
 
 
+_REGRESSION_STRUCTURES: dict = {}
+
+
+def _check_regression_structure(student: Tensor, teacher: Tensor, weight: Tensor,
+                                bias: Tensor | None) -> tuple[torch.device, bool]:
+    """(device, whether weight is a 1x1 Conv2d's [Ct, Cs, 1, 1], taken as it is and flattened only where a
+    Python path runs)."""
+    check.tensor("student", student, (2, 4))
+    check.tensor("teacher", teacher, (2, 4))
+    conv_weight = isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1)
+    check.tensor("weight", weight, 4 if conv_weight else 2)
+    if bias is not None:
+        check.tensor("bias", bias, 1)
+    device = check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)
+    expected = (student.shape[0], weight.shape[0], *student.shape[2:])
+    if tuple(teacher.shape) != expected:
+        raise ValueError(f"teacher must have shape {expected} (B, Ct=weight.shape[0], spatial of student), "
+                         f"got {tuple(teacher.shape)}")
+    check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
+    if bias is not None:
+        check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
+    check.no_grad_input("teacher", teacher, "the teacher's features are the target")
+    return device, conv_weight
+
+
 def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
                             *, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """mean((conv1x1(student, weight, bias) - teacher)^2): GDRD's stage-1 loss with its adapter.
@@ -328,25 +353,9 @@ def feature_regression_loss(student: Tensor, teacher: Tensor, weight: Tensor, bi
     'none' gives the per-sample mean [B].
     """
     check.reduction(reduction)
-    check.tensor("student", student, (2, 4))
-    check.tensor("teacher", teacher, (2, 4))
-    # a 1x1 Conv2d's weight [Ct, Cs, 1, 1] is taken as it is: flattened only where a Python path runs
-    conv_weight = isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1)
-    check.tensor("weight", weight, 4 if conv_weight else 2)
-    if bias is not None:
-        check.tensor("bias", bias, 1)
-    device = student.device
-    if teacher.device != device or weight.device != device or (bias is not None and bias.device != device):
-        check.same_device(student=student, teacher=teacher, weight=weight, bias=bias)  # raises
-    expected = (student.shape[0], weight.shape[0], *student.shape[2:])
-    if tuple(teacher.shape) != expected:
-        raise ValueError(f"teacher must have shape {expected} (B, Ct=weight.shape[0], spatial of student), "
-                         f"got {tuple(teacher.shape)}")
-    if student.shape[1] != weight.shape[1]:
-        check.same_size("input channels", **{"student.shape[1]": student.shape[1], "weight.shape[1]": weight.shape[1]})
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        check.same_size("output channels", **{"weight.shape[0]": weight.shape[0], "bias.shape[0]": bias.shape[0]})
-    check.no_grad_input("teacher", teacher, "the teacher's features are the target")
+    device, conv_weight = check.structure_checked(
+        _REGRESSION_STRUCTURES, lambda: _check_regression_structure(student, teacher, weight, bias),
+        student, teacher, weight, bias)
     check.finite_each(_REGRESSION_NAMES, (student, teacher, weight, bias))
     impl = feature_regression.IMPLS[feature_regression.IMPLS.resolve(backend, device, student.dtype)]
     if impl.one_block is not None:

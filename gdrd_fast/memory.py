@@ -18,7 +18,7 @@ from . import validation as check
 
 def default_generator(device: torch.device) -> torch.Generator:
     """The generator torch draws from on `device` when none is given."""
-    if device.type == "cuda":
+    if backends.device_type(device) == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator
 

@@ -126,7 +126,7 @@ LOG_Z_IMPLS = Op("crd_log_z", {
 def dense_wins(idx: Tensor, memory: Tensor) -> bool:
     """On GPU memory traffic decides: the dense path reads the bank once, the gathered one B(K+1) rows.
     On CPU the per-score work does (B x N dense scores against B(K+1) gathered ones)."""
-    if memory.device.type == "cuda":
+    if memory.is_cuda:
         return idx.numel() >= 2 * memory.shape[0]
     return idx.shape[1] >= 2 * memory.shape[0]
 

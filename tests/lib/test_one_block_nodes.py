@@ -119,3 +119,54 @@ def test_a_conv_weight_goes_to_the_node_as_it_is_and_gets_its_own_shape_back():
     assert grads[1].shape == module.adapter.weight.shape
     for actual, wanted in zip(grads, expected_grads):
         torch.testing.assert_close(actual.reshape(wanted.shape), wanted, rtol=1e-12, atol=1e-12)
+
+
+def _node_losses():
+    """(loss, leaves) of each node, fresh: feature regression with bias, InfoNCE with a positive that learns."""
+    g = torch.Generator().manual_seed(5)
+    student, weight = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True), torch.randn(2, 4, generator=g, requires_grad=True)
+    bias = torch.randn(2, generator=g, requires_grad=True)
+    regression = gdrd_fast.feature_regression_loss(student, torch.randn(3, 2, 2, 2, generator=g), weight, bias)
+    query, positive = torch.randn(3, 4, generator=g, requires_grad=True), torch.randn(3, 4, generator=g, requires_grad=True)
+    infonce = gdrd_fast.infonce_bank_loss(query, positive, torch.randn(6, 4, generator=g))
+    return [(regression, [student, weight, bias]), (infonce, [query, positive])]
+
+
+def test_a_second_backward_needs_retain_graph_and_then_gives_the_same_gradients():
+    for loss, leaves in _node_losses():
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(loss, leaves)
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="already ran and freed its buffers"):
+            torch.autograd.grad(loss, leaves)
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    for loss, leaves in _node_losses():
+        with pytest.raises(RuntimeError, match="second derivative"):
+            torch.autograd.grad(loss, leaves, create_graph=True)
+
+
+def test_an_input_changed_in_place_before_the_backward_is_an_error():
+    """The node keeps the student and weight themselves (no copy): their version counters guard them."""
+    (loss, (student, weight, bias)), _ = _node_losses()
+    with torch.no_grad():
+        weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_node_links_only_what_needs_a_gradient_and_backward_fills_grad():
+    """Leaves that ask for no gradient get none, and .backward() accumulates into .grad as for any node."""
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g)
+    weight, bias = torch.randn(2, 4, generator=g, requires_grad=True), torch.randn(2, generator=g)
+    loss = gdrd_fast.feature_regression_loss(student, teacher, weight, bias)
+    assert "FeatureRegressionNode" in loss.grad_fn.name()
+    loss.backward()
+    loss2 = gdrd_fast.feature_regression_loss(student, teacher, weight, bias)
+    loss2.backward()
+    expected = torch.autograd.grad(reference.feature_regression_loss(student, teacher, weight, bias), weight)[0]
+    torch.testing.assert_close(weight.grad, 2 * expected, rtol=1e-6, atol=1e-6)
+    assert student.grad is None and bias.grad is None
