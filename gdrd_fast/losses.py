@@ -328,6 +328,9 @@ def _rename_old_relational_keys(state_dict, prefix, *args, **kwargs) -> None:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
+_RELATIONAL_INPUT_STRUCTURES: dict = {}
+
+
 class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
     """CRRCD's relational contrastive distillation: forward(e_t, e_s, labels) -> scalar.
 
@@ -377,6 +380,16 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
 
     def check_inputs(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool = True) -> None:
         """Every check of forward's arguments; pairs=False for one rank's part of a batch."""
+        queue_t = self._modules["queue_t"]
+        check.structure_checked(_RELATIONAL_INPUT_STRUCTURES,
+                                lambda: self._check_input_structure(e_t, e_s, labels, pairs),
+                                e_t, e_s, labels, self._buffers["log_z_t"], queue_t._buffers["values"],
+                                extra=(pairs, self.embed_dim, self.backend, queue_t.backend))
+        check.finite("e_t", e_t)
+        check.finite("e_s", e_s)
+        _module_finite(self, e_s, skip=("queue_",))  # the queues are checked where they are read
+
+    def _check_input_structure(self, e_t: Tensor, e_s: Tensor, labels: Tensor, pairs: bool) -> None:
         device = self.log_z_t.device
         check.tensor("e_t", e_t, 2)
         check.tensor("e_s", e_s, 2)
@@ -388,9 +401,6 @@ class RelationalContrastiveLoss(FrozenLogZ, nn.Module):
             check.shape(name, t, (labels.shape[0], self.embed_dim), "([B, embed_dim], B = labels.shape[0])")
         if pairs and labels.shape[0] < 2:
             raise ValueError(f"the batch needs at least 2 samples to form pairs (i != j), got {labels.shape[0]}")
-        check.finite("e_t", e_t)
-        check.finite("e_s", e_s)
-        _module_finite(self, e_s, skip=("queue_",))  # the queues are checked where they are read
         # an unavailable backend must fail here, before anything is drawn or written
         functional.check_backend("relational_contrastive_loss", self.backend, device, e_s.dtype)
         functional.check_backend("queue_push_", self.queue_t.backend, device, self.queue_t.values.dtype)

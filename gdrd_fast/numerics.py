@@ -10,6 +10,12 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without a call where it already is: a no-op Tensor.to still costs a small call's host
+    about a microsecond, and the relational paths cast some thirty tensors a step."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def reduce_rows(rows: Tensor, reduction: str, out_dtype: torch.dtype, row_size: int = 1) -> Tensor:
     """The one reduction of every loss, from per-row losses in the accumulation dtype.
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .numerics import compute_dtype, off_diagonal, pair_indices, reduce_pairs, reduce_rows
+from .numerics import as_dtype, compute_dtype, off_diagonal, pair_indices, reduce_pairs, reduce_rows
 from .params import RelationalParams
 
 
@@ -36,7 +36,7 @@ def log_z_like(log_z, s: Tensor) -> Tensor:
     """log Z (a float or a tensor) in the dtype and on the device of the scores (a float never passes
     through the default dtype, float32)."""
     if isinstance(log_z, Tensor):
-        return log_z.to(s.device, s.dtype)
+        return log_z if log_z.dtype == s.dtype and log_z.device == s.device else log_z.to(s.device, s.dtype)
     return torch.tensor(float(log_z), dtype=s.dtype, device=s.device)
 
 
@@ -178,11 +178,11 @@ def relational_scores(e_t: Tensor, e_s: Tensor, queue_t: Tensor, queue_s: Tensor
     Keys are stop-grad: they are built from key_params / key_e_s, by default detached copies of params / e_s.
     """
     dt = compute_dtype(e_s)
-    p = RelationalParams(*(t.to(dt) for t in params))
-    frozen = RelationalParams(*(t.detach().to(dt) for t in (key_params or params)))
-    e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
-    key_e_s = (e_s if key_e_s is None else key_e_s).detach().to(dt)
-    queue_t, queue_s = queue_t.detach().to(dt), queue_s.detach().to(dt)
+    p = RelationalParams(*(as_dtype(t, dt) for t in params))
+    frozen = RelationalParams(*(as_dtype(t.detach(), dt) for t in (key_params or params)))
+    e_t, e_s = as_dtype(e_t.detach(), dt), as_dtype(e_s, dt)
+    key_e_s = as_dtype((e_s if key_e_s is None else key_e_s).detach(), dt)
+    queue_t, queue_s = as_dtype(queue_t.detach(), dt), as_dtype(queue_s.detach(), dt)
     i, j = pair_indices(e_t.shape[0], e_t.device)
     neg = neg_idx.long()[j]                                   # [R, K]
     a = e_t[i]

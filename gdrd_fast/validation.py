@@ -35,19 +35,20 @@ def set_checks(enabled: bool) -> None:
     _checks_on_gpu = bool(enabled)
 
 
-def structure_checked(cache: dict, checks: Callable[[], object], *tensors: Tensor | None):
+def structure_checked(cache: dict, checks: Callable[[], object], *tensors: Tensor | None, extra: tuple = ()):
     """checks() (a call's shape, dtype, device and grad checks over `tensors`, which raises for a bad call),
     or what it returned before for tensors of exactly this structure: each one's dtype, device,
     requires_grad and sizes, or None (gdrd_fast._C.signature, csrc/python/host.cpp), and the grad mode.
     A failing structure is never cached, so its error is raised each time. What the checks read besides
-    the tensors (scalars, value checks) must be checked outside. `cache`: one dict per check function."""
+    the tensors must be in `extra` (hashable: a Module's sizes and backends) or checked outside (scalars,
+    value checks). `cache`: one dict per check function."""
     key = None
     # compiled code runs the checks as traced Python (its guards then hold the structure)
     signature = None if torch.compiler.is_compiling() else backends.host_function("signature")
     if signature is not None:
         packed = signature(*tensors)  # None where an argument is not a tensor: the checks then name it
         if packed is not None:
-            key = (packed, torch.is_grad_enabled())
+            key = (packed, torch.is_grad_enabled(), extra)
             result = cache.get(key, _MISSING)
             if result is not _MISSING:
                 return result

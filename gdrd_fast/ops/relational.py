@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import backends, reference
 from ..backends import Backend, Op
 from ._twin import eager_twin
-from ..numerics import compute_dtype, off_diagonal, pair_indices
+from ..numerics import as_dtype, compute_dtype, off_diagonal, pair_indices
 from ..params import RelationalParams
 
 EPS = 1e-7  # CRD's eps in log(K / n_data + eps), as in reference.relational_contrastive_loss
@@ -154,8 +154,8 @@ class _Side(NamedTuple):
 def _sides(e_t, e_s, queue_t, queue_s, params) -> tuple[_Side, _Side]:
     """(student side, teacher side) in the accumulation dtype; see docs/ops/relational.md."""
     dt = compute_dtype(e_s)
-    p = RelationalParams(*(t.to(dt) for t in params))
-    e_t, e_s = e_t.detach().to(dt), e_s.to(dt)
+    p = RelationalParams(*(as_dtype(t, dt) for t in params))
+    e_t, e_s = as_dtype(e_t.detach(), dt), as_dtype(e_s, dt)
     # relations from per-sample projections: W a - W b is projected once per sample, not per pair. The
     # pairs come from the broadcast B x B grid, not x[i] - x[j]: indexing's backward accumulates with
     # atomic adds, so gradients would differ from run to run in the last bits.

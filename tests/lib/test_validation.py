@@ -123,16 +123,41 @@ FEATURE_CASES = [
     (dict(weight=torch.randn(4, 6)), ValueError, "input channels"),
     (dict(bias=torch.randn(3)), ValueError, "output channels"),
     (dict(student=torch.randn(2, 5, 3)), ValueError, "student"),
+    (dict(weight=torch.randn(4, 5, 3, 3)), ValueError, "weight"),
+    (dict(teacher=torch.randn(2, 4, 3, 3, requires_grad=True)), ValueError, "teacher requires grad"),
+    (dict(student=torch.full((2, 5, 3, 3), float("inf"))), ValueError, "student contains NaN or Inf"),
 ]
 
 
 @pytest.mark.parametrize("over,exc,match", FEATURE_CASES)
 def test_feature_regression_rejects(over, exc, match):
-    args = dict(student=torch.randn(2, 5, 3, 3), teacher=torch.randn(2, 4, 3, 3), weight=torch.randn(4, 5),
+    good = dict(student=torch.randn(2, 5, 3, 3), teacher=torch.randn(2, 4, 3, 3), weight=torch.randn(4, 5),
                 bias=torch.randn(4))
-    args.update(over)
-    with pytest.raises(exc, match=match):
-        Fn.feature_regression_loss(**args)
+    args = {**good, **over}
+    for _ in range(2):  # after a call that passed (its structure cached), and again
+        Fn.feature_regression_loss(**good)
+        with pytest.raises(exc, match=match):
+            Fn.feature_regression_loss(**args)
+
+
+def test_relational_module_rejects_after_a_call_that_passed():
+    """The Module's own checks are cached by structure too: a bad batch, a one-sample batch and a backend
+    set after construction are each refused after a good call, every time, with the queues untouched."""
+    rc = gdrd_fast.RelationalContrastiveLoss(embed_dim=6, rel_dim=4, num_negatives=2, queue_size=4, n_data=50)
+    e_t, e_s, labels = torch.randn(4, 6), torch.randn(4, 6), torch.arange(4)
+    bad = [((torch.randn(4, 6), torch.randn(4, 5), labels), ValueError, "e_s must have shape"),
+           ((torch.randn(1, 6), torch.randn(1, 6), labels[:1]), ValueError, "at least 2"),
+           ((e_t, e_s, labels.float()), TypeError, "labels has unsupported dtype")]
+    for _ in range(2):
+        rc(e_t, e_s, labels)
+        queue = rc.queue_t.values.clone()
+        for args, exc, match in bad:
+            with pytest.raises(exc, match=match):
+                rc(*args)
+        assert torch.equal(rc.queue_t.values, queue)
+    rc.backend = "no-such-backend"
+    with pytest.raises(ValueError, match="no-such-backend"):
+        rc(e_t, e_s, labels)
 
 
 BANK_CASES = [
