@@ -42,9 +42,12 @@ void check_reduction(int64_t reduction) {
               "reduction code must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// The nodes' backwards are first derivatives only: with create_graph, a graph through them would miss
-// every term of the forward's saved results, so a second derivative would be silently wrong.
-void check_first_order(const char* op) {
+// A node's backward runs once (the engine frees its buffers unless retain_graph) and gives first derivatives
+// only: with create_graph, a graph through it would miss every term of the forward's saved results, so a
+// second derivative would be silently wrong.
+void check_backward_can_run(const char* op, bool buffers_kept) {
+  TORCH_CHECK(buffers_kept, op, ": the backward already ran and freed its buffers; pass retain_graph=True to "
+              "run it twice");
   TORCH_CHECK(!at::GradMode::is_enabled(), op, ": a second derivative (create_graph=True) is not supported "
               "by this eager node; backend='torch' computes one");
 }
@@ -114,9 +117,7 @@ struct FeatureRegressionNode : public torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    TORCH_CHECK(err.defined(), "feature_regression_one_block: the backward already ran and freed its buffers; "
-                               "pass retain_graph=True to run it twice");
-    check_first_order("feature_regression_one_block");
+    check_backward_can_run("feature_regression_one_block", err.defined());
     const Tensor student = x.unpack(), w_saved = weight.unpack();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto dt = err.scalar_type();
@@ -222,9 +223,7 @@ struct InfoNCENode : public torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    TORCH_CHECK(grad_query.defined(), "infonce_bank_one_block: the backward already ran and freed its buffers; "
-                                      "pass retain_graph=True to run it twice");
-    check_first_order("infonce_bank_one_block");
+    check_backward_can_run("infonce_bank_one_block", grad_query.defined());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t b = grad_query.size(0);
     Tensor factor = row_factor(grads[0], reduction, b, grad_query.scalar_type(), 1.0, 1.0);
