@@ -1,8 +1,9 @@
 // CPU kernel of the value check every call makes on CPU tensors (gdrd_fast/validation.py, through
 // csrc/python/host.cpp's first_non_finite): whether a tensor holds no NaN and no Inf. An element is one of
 // those exactly when its exponent bits are all set, so the kernel ORs one integer compare per element, no
-// arithmetic and no rounding, and returns a bool rather than a tensor to read back. On x86-64 Linux the loop is also built for AVX2 and AVX-512 and the
-// widest the CPU runs is picked at load time (a portable build is otherwise limited to SSE2).
+// arithmetic and no rounding, and returns a bool rather than a tensor to read back. On x86-64 Linux the
+// loop is also built for AVX2 and AVX-512 and the widest the CPU runs is picked at load time (a portable
+// build is otherwise limited to SSE2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
